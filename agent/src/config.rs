@@ -1,0 +1,190 @@
+//! The agent's one typed configuration: defaults, then a TOML file, then `MUSTER_*`
+//! environment variables, then flags. Validated before anything connects.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use serde::Deserialize;
+use shared::Labels;
+
+/// muster-agent: reports this terminal's health to a Muster server and runs its commands.
+#[derive(Debug, Parser)]
+#[command(name = "muster-agent", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Default, Args)]
+pub struct Settings {
+    /// TOML config file. [default: /etc/muster/agent.toml if it exists]
+    #[arg(long, env = "MUSTER_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Server URL: https://host:port (or wss://host:port).
+    #[arg(long, env = "MUSTER_SERVER")]
+    pub server: Option<String>,
+    /// CA certificate (PEM) to trust for the server. Without it, the system's roots are used.
+    #[arg(long, env = "MUSTER_CA")]
+    pub ca: Option<PathBuf>,
+    /// Where the agent keeps its credential. [default: /var/lib/muster-agent]
+    #[arg(long, env = "MUSTER_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Enrollment token, used once when the agent has no credential yet.
+    #[arg(long, env = "MUSTER_ENROLL_TOKEN", hide_env_values = true)]
+    pub enroll_token: Option<String>,
+    /// A label, key=value; repeat for more. Labels from the enrollment token win on conflict.
+    #[arg(long = "label", env = "MUSTER_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Time between heartbeats (±10% jitter). [default: 10s]
+    #[arg(long, env = "MUSTER_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// First reconnect delay. [default: 1s]
+    #[arg(long, env = "MUSTER_BACKOFF_INITIAL", value_parser = parse_duration)]
+    pub backoff_initial: Option<Duration>,
+    /// Longest reconnect delay. [default: 60s]
+    #[arg(long, env = "MUSTER_BACKOFF_MAX", value_parser = parse_duration)]
+    pub backoff_max: Option<Duration>,
+    /// Log filter. [default: info]
+    #[arg(long, env = "MUSTER_LOG")]
+    pub log: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    shared::duration::parse(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    server: Option<String>,
+    ca: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    enroll_token: Option<String>,
+    labels: Option<Labels>,
+    heartbeat_interval: Option<String>,
+    backoff_initial: Option<String>,
+    backoff_max: Option<String>,
+    log: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The agents' WebSocket endpoint, derived from the server URL.
+    pub connect_url: String,
+    pub server: String,
+    pub ca: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub enroll_token: Option<String>,
+    pub labels: Labels,
+    pub heartbeat_interval: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub log: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/muster/agent.toml";
+
+impl Config {
+    pub fn resolve(s: &Settings) -> Result<Config, ConfigError> {
+        let file = match &s.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG).exists() => read_file(Path::new(DEFAULT_CONFIG))?,
+            None => FileSettings::default(),
+        };
+        let invalid = |m: String| ConfigError::Invalid(m);
+        let dur = |flag: Option<Duration>, file: &Option<String>, key: &str, default: Duration| match (flag, file) {
+            (Some(d), _) => Ok(d),
+            (None, Some(v)) => shared::duration::parse(v).map_err(|e| invalid(format!("{key}: {e}"))),
+            (None, None) => Ok(default),
+        };
+        let server = s
+            .server
+            .clone()
+            .or(file.server)
+            .ok_or_else(|| invalid("no server: set --server, MUSTER_SERVER or `server` in the config file".into()))?;
+        let mut labels = file.labels.unwrap_or_default();
+        let flag_labels = Labels::from_pairs(s.labels.iter().filter(|l| !l.is_empty())).map_err(|e| invalid(e.to_string()))?;
+        labels = labels.overlaid_with(&flag_labels);
+        let config = Config {
+            connect_url: connect_url(&server).map_err(invalid)?,
+            server,
+            ca: s.ca.clone().or(file.ca),
+            state_dir: s.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/muster-agent")),
+            enroll_token: s.enroll_token.clone().or(file.enroll_token).filter(|t| !t.is_empty()),
+            labels,
+            heartbeat_interval: dur(s.heartbeat_interval, &file.heartbeat_interval, "heartbeat_interval", Duration::from_secs(10))?,
+            backoff_initial: dur(s.backoff_initial, &file.backoff_initial, "backoff_initial", Duration::from_secs(1))?,
+            backoff_max: dur(s.backoff_max, &file.backoff_max, "backoff_max", Duration::from_secs(60))?,
+            log: s.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
+        };
+        if !(Duration::from_millis(200)..=Duration::from_secs(3600)).contains(&config.heartbeat_interval) {
+            return Err(invalid("heartbeat_interval must be between 200ms and 1h".into()));
+        }
+        if config.backoff_initial.is_zero() || config.backoff_initial > config.backoff_max {
+            return Err(invalid("backoff_initial must be positive and no larger than backoff_max".into()));
+        }
+        if config.backoff_max > Duration::from_secs(3600) {
+            return Err(invalid("backoff_max must be at most 1h: an agent that waits longer is an agent nobody can reach".into()));
+        }
+        Ok(config)
+    }
+}
+
+/// `https://host:port[/]` or `wss://...` → `wss://host:port/api/v1/agent/connect`.
+pub fn connect_url(server: &str) -> Result<String, String> {
+    let rest = server
+        .strip_prefix("https://")
+        .or_else(|| server.strip_prefix("wss://"))
+        .ok_or_else(|| format!("server URL {server:?} must start with https:// (TLS is always on)"))?;
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('?') || authority.contains('@') {
+        return Err(format!("server URL {server:?} must be https://host[:port] with no path"));
+    }
+    Ok(format!("wss://{authority}{}", shared::protocol::CONNECT_PATH))
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.message().to_owned() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls_become_the_connect_endpoint() {
+        assert_eq!(connect_url("https://muster.example:8443").unwrap(), "wss://muster.example:8443/api/v1/agent/connect");
+        assert_eq!(connect_url("wss://127.0.0.1:8443/").unwrap(), "wss://127.0.0.1:8443/api/v1/agent/connect");
+        assert!(connect_url("http://muster.example").is_err());
+        assert!(connect_url("https://muster.example/other").is_err());
+    }
+
+    #[test]
+    fn flag_labels_overlay_file_labels_and_bad_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "server = \"https://h:1\"\nlabels = { site = \"lab\", role = \"pos\" }\n").unwrap();
+        let s = Settings { config: Some(path.clone()), labels: vec!["site=paris".into()], ..Settings::default() };
+        assert_eq!(Config::resolve(&s).unwrap().labels.to_string(), "role=pos,site=paris");
+        let s = Settings { config: Some(path), labels: vec!["bad label".into()], ..Settings::default() };
+        assert!(Config::resolve(&s).is_err());
+    }
+
+    #[test]
+    fn a_missing_server_is_a_clear_error() {
+        let err = Config::resolve(&Settings { config: Some("/dev/null".into()), ..Settings::default() }).unwrap_err();
+        assert!(err.to_string().contains("no server"), "{err}");
+    }
+}

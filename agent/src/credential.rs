@@ -1,0 +1,88 @@
+//! The agent's own credential, kept in its state directory with mode 0600 and written
+//! atomically: a crash leaves the old file or the new one, never half of one.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use shared::AgentId;
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Credential {
+    pub agent_id: AgentId,
+    /// `msa_<agent id>_<secret>`, presented as a bearer token in the handshake.
+    pub token: String,
+    /// The server this credential belongs to.
+    pub server: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credential({}, {})", self.agent_id, self.server)
+    }
+}
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("credential.json")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid credential file: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+pub fn load(state_dir: &Path) -> Result<Option<Credential>, CredentialError> {
+    let path = path(state_dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| CredentialError::Invalid { path, message: e.to_string() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(CredentialError::Io { path, source }),
+    }
+}
+
+pub fn store(state_dir: &Path, credential: &Credential) -> Result<(), CredentialError> {
+    let path = path(state_dir);
+    let io = |source| CredentialError::Io { path: path.clone(), source };
+    std::fs::create_dir_all(state_dir).map_err(io)?;
+    let tmp = path.with_extension("json.tmp");
+    let text =
+        serde_json::to_vec_pretty(credential).map_err(|e| CredentialError::Invalid { path: path.clone(), message: e.to_string() })?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+    f.write_all(&text).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    // The rename is durable only once the directory entry is.
+    if let Ok(dir) = std::fs::File::open(state_dir) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_stored_credential_loads_back_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(dir.path()).unwrap().is_none());
+        let c = Credential { agent_id: AgentId::from_bytes([1; 8]), token: "msa_x".into(), server: "https://h:1".into() };
+        store(dir.path(), &c).unwrap();
+        let back = load(dir.path()).unwrap().unwrap();
+        assert_eq!(back.agent_id, c.agent_id);
+        assert_eq!(back.token, "msa_x");
+        assert_eq!(std::fs::metadata(path(dir.path())).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_corrupt_credential_file_is_an_error_not_a_reenrollment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(path(dir.path()), "{").unwrap();
+        assert!(load(dir.path()).is_err());
+    }
+}

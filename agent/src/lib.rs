@@ -1,0 +1,59 @@
+//! muster-agent as a library: the reconnect loop around one session at a time.
+//!
+//! **Invariant:** the agent never gives up. Every failure (refused credential included) is
+//! followed by a jittered, capped backoff and another attempt, so an agent left alone recovers
+//! by itself when the server or the network comes back.
+
+pub mod backoff;
+pub mod config;
+pub mod credential;
+pub mod metrics;
+pub mod session;
+pub mod tls;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::{Backoff, HEALTHY_AFTER};
+use crate::config::Config;
+use crate::session::{Outcome, Presenting, Session};
+
+pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    let tls = tls::client_config(config.ca.as_deref()).context("TLS")?;
+    let mut collector = metrics::Collector::new();
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
+    tracing::info!(server = %config.server, state_dir = %config.state_dir.display(), "muster-agent starting");
+    loop {
+        // Re-read every time: the credential appears after the first successful enrollment.
+        let presenting = match credential::load(&config.state_dir)? {
+            Some(c) => Presenting::Credential(c),
+            None => match &config.enroll_token {
+                Some(t) => Presenting::EnrollToken(t.clone()),
+                None => anyhow::bail!(
+                    "no credential in {} and no enrollment token: pass --enroll-token or set MUSTER_ENROLL_TOKEN",
+                    config.state_dir.display()
+                ),
+            },
+        };
+        let outcome = Session { config: &config, tls: tls.clone(), collector: &mut collector, cancel: &cancel }.run(&presenting).await;
+        match outcome {
+            Outcome::Stopped => return Ok(()),
+            Outcome::Ended { healthy_for, reason } => {
+                if healthy_for >= HEALTHY_AFTER {
+                    backoff.reset();
+                }
+                tracing::warn!(%reason, "disconnected");
+            }
+            Outcome::Failed(reason) => tracing::warn!(%reason, "connection failed"),
+        }
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting after a delay");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = cancel.cancelled() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! One connection to the server: the handshake, `hello`/`welcome`, then heartbeats until the
+//! link drops, the server closes it, or the agent is told to stop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use shared::protocol::{self, AgentMessage, Heartbeat, Hello, ServerMessage, Welcome, close};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::credential::{self, Credential};
+use crate::metrics::{self, Collector};
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The agent was told to stop; it closed the connection cleanly.
+    Stopped,
+    /// The session was established and later ended; `healthy_for` is how long it lasted.
+    Ended { healthy_for: Duration, reason: String },
+    /// The connection or handshake failed before the session was established.
+    Failed(String),
+}
+
+/// The credential (or enrollment token) to present.
+pub enum Presenting {
+    Credential(Credential),
+    EnrollToken(String),
+}
+
+fn bearer(p: &Presenting) -> String {
+    match p {
+        Presenting::Credential(c) => format!("Bearer {}", c.token),
+        Presenting::EnrollToken(t) => format!("Bearer {t}"),
+    }
+}
+
+pub struct Session<'a> {
+    pub config: &'a Config,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub collector: &'a mut Collector,
+    pub cancel: &'a CancellationToken,
+}
+
+impl Session<'_> {
+    pub async fn run(self, presenting: &Presenting) -> Outcome {
+        let mut ws = match self.connect(presenting).await {
+            Ok(ws) => ws,
+            Err(e) => return Outcome::Failed(e),
+        };
+        let welcome = match self.open(&mut ws, presenting).await {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = ws.close(None).await;
+                return Outcome::Failed(e);
+            }
+        };
+        tracing::info!(agent = %welcome.agent_id, labels = %welcome.labels, "connected");
+        self.heartbeat_loop(ws, &welcome).await
+    }
+
+    async fn connect(&self, presenting: &Presenting) -> Result<Ws, String> {
+        let mut request = self.config.connect_url.as_str().into_client_request().map_err(|e| format!("bad server URL: {e}"))?;
+        let headers = request.headers_mut();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&bearer(presenting)).map_err(|_| "credential is not a valid header value")?,
+        );
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol::SUBPROTOCOL));
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(4 * 1024)
+            .write_buffer_size(4 * 1024)
+            .max_message_size(Some(protocol::MAX_MESSAGE_BYTES))
+            .max_frame_size(Some(protocol::MAX_MESSAGE_BYTES));
+        let connecting =
+            tokio_tungstenite::connect_async_tls_with_config(request, Some(ws_config), true, Some(Connector::Rustls(self.tls.clone())));
+        let result = tokio::select! {
+            r = tokio::time::timeout(CONNECT_TIMEOUT, connecting) => r,
+            _ = self.cancel.cancelled() => return Err("stopping".into()),
+        };
+        match result {
+            Err(_) => Err(format!("no answer from {} within {}s", self.config.server, CONNECT_TIMEOUT.as_secs())),
+            Ok(Ok((ws, _))) => Ok(ws),
+            Ok(Err(tungstenite::Error::Http(resp))) => {
+                let body = resp.body().as_deref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                let message = serde_json::from_str::<shared::api::ApiError>(&body).map(|e| e.message).unwrap_or(body);
+                if resp.status() == StatusCode::UNAUTHORIZED {
+                    Err(format!("the server refused this agent's credential: {message}"))
+                } else {
+                    Err(format!("the server answered {}: {message}", resp.status()))
+                }
+            }
+            Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", self.config.server)),
+        }
+    }
+
+    /// Sends `hello`, waits for `welcome`, and stores a credential handed out at enrollment
+    /// before anything else happens.
+    async fn open(&self, ws: &mut Ws, presenting: &Presenting) -> Result<Welcome, String> {
+        let hello = AgentMessage::Hello(Hello {
+            protocol: protocol::PROTOCOL_VERSION,
+            agent_version: shared::VERSION.into(),
+            hostname: metrics::hostname(),
+            labels: self.config.labels.clone(),
+            heartbeat_interval_ms: u64::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
+        });
+        send(ws, &hello).await?;
+        let deadline = Instant::now() + WELCOME_TIMEOUT;
+        let welcome = loop {
+            let frame = tokio::time::timeout_at(deadline, ws.next()).await.map_err(|_| "no welcome from the server".to_owned())?;
+            match frame {
+                Some(Ok(Message::Text(t))) => match ServerMessage::decode(t.as_str()) {
+                    Ok(ServerMessage::Welcome(w)) => break w,
+                    Err(e) => return Err(format!("unexpected message before welcome: {e}")),
+                },
+                Some(Ok(Message::Close(f))) => return Err(format!("server closed the connection: {}", describe_close(f.as_ref()))),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(format!("connection lost before welcome: {e}")),
+                None => return Err("connection closed before welcome".into()),
+            }
+        };
+        if let Presenting::EnrollToken(_) = presenting {
+            let token = welcome.credential.clone().ok_or("enrolled, but the server sent no credential")?;
+            let cred = Credential { agent_id: welcome.agent_id.clone(), token, server: self.config.server.clone() };
+            credential::store(&self.config.state_dir, &cred).map_err(|e| format!("cannot store the credential: {e}"))?;
+            tracing::info!(agent = %welcome.agent_id, path = %credential::path(&self.config.state_dir).display(), "enrolled; credential stored");
+        }
+        Ok(welcome)
+    }
+
+    async fn heartbeat_loop(self, mut ws: Ws, welcome: &Welcome) -> Outcome {
+        let started = Instant::now();
+        let ping_interval = Duration::from_millis(welcome.ping_interval_ms.max(100));
+        // Three missed pings and the server is gone, even if TCP has not noticed.
+        let dead_after = ping_interval * 3;
+        let mut last_heard = Instant::now();
+        let mut seq = 0u64;
+        let mut next_heartbeat = Instant::now();
+        let mut last_metrics = None;
+        let ended = |reason: String| Outcome::Ended { healthy_for: started.elapsed(), reason };
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => {
+                    let frame = CloseFrame { code: CloseCode::Normal, reason: "agent stopping".into() };
+                    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+                    return Outcome::Stopped;
+                }
+                _ = tokio::time::sleep_until(next_heartbeat) => {
+                    seq += 1;
+                    let metrics = collect(self.collector, &mut last_metrics).await;
+                    if let Err(e) = send(&mut ws, &AgentMessage::Heartbeat(Heartbeat { seq, metrics })).await {
+                        return ended(e);
+                    }
+                    next_heartbeat = Instant::now() + jittered(self.config.heartbeat_interval);
+                }
+                _ = tokio::time::sleep_until(last_heard + dead_after) => {
+                    return ended(format!("nothing heard from the server for {}s", dead_after.as_secs()));
+                }
+                frame = ws.next() => match frame {
+                    None => return ended("connection closed".into()),
+                    Some(Err(e)) => return ended(format!("connection lost: {e}")),
+                    Some(Ok(msg)) => {
+                        last_heard = Instant::now();
+                        match msg {
+                            Message::Text(t) => match ServerMessage::decode(t.as_str()) {
+                                Ok(ServerMessage::Welcome(_)) => tracing::debug!("ignoring a second welcome"),
+                                Err(e) => tracing::warn!(error = %e, "ignoring a message this agent does not understand"),
+                            },
+                            Message::Close(f) => {
+                                let why = describe_close(f.as_ref());
+                                if f.as_ref().is_some_and(|f| u16::from(f.code) == close::REVOKED) {
+                                    tracing::error!("the server revoked this agent's credential; re-enroll it");
+                                }
+                                return ended(format!("server closed the connection: {why}"));
+                            }
+                            // tungstenite answers pings by itself.
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Collects metrics off the async thread, within a time limit: a hung filesystem must not
+/// stop heartbeats. On timeout the previous metrics are sent again.
+async fn collect(collector: &mut Collector, last: &mut Option<shared::protocol::Metrics>) -> shared::protocol::Metrics {
+    let mut c = std::mem::take(collector);
+    let handle = tokio::task::spawn_blocking(move || {
+        let m = c.collect();
+        (c, m)
+    });
+    match tokio::time::timeout(METRICS_TIMEOUT, handle).await {
+        Ok(Ok((c, m))) => {
+            *collector = c;
+            *last = Some(m.clone());
+            m
+        }
+        _ => {
+            tracing::warn!("collecting metrics took too long; sending the previous ones");
+            *collector = Collector::new();
+            last.clone().unwrap_or_default()
+        }
+    }
+}
+
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + 0.2 * crate::backoff::random_fraction())
+}
+
+fn describe_close(f: Option<&CloseFrame>) -> String {
+    match f {
+        Some(f) => format!("{} {}", u16::from(f.code), f.reason),
+        None => "no reason given".into(),
+    }
+}
+
+async fn send(ws: &mut Ws, msg: &AgentMessage) -> Result<(), String> {
+    let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), ws.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("connection lost: {e}")),
+        Err(_) => Err("the server stopped reading".into()),
+    }
+}

@@ -1,0 +1,178 @@
+//! The command line, parsed and validated into typed values before any request is sent.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use shared::api::{AgentStatus, Role};
+use shared::{AgentId, Selector};
+
+/// muster: watch a fleet of terminals and manage access to it.
+#[derive(Debug, Parser)]
+#[command(name = "muster", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: Connection,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Server URL, https://host:port.
+    #[arg(long, env = "MUSTER_SERVER", global = true)]
+    pub server: Option<String>,
+    /// Operator token.
+    #[arg(long, env = "MUSTER_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate (PEM) to trust for the server; without it, the system's roots.
+    #[arg(long, env = "MUSTER_CA", global = true)]
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List agents with their status and latest health.
+    Agents(AgentsArgs),
+    /// Show one agent, or revoke it.
+    #[command(args_conflicts_with_subcommands = true)]
+    Agent(AgentArgs),
+    /// Counts of agents by status.
+    Fleet {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enrollment tokens, which let new agents join.
+    #[command(subcommand)]
+    EnrollToken(EnrollTokenCommand),
+    /// Operator tokens, for people and scripts.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Show the token in use: its name and role.
+    Whoami,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentsArgs {
+    /// Only agents with this status: online, stale or offline.
+    #[arg(long)]
+    pub status: Option<AgentStatus>,
+    /// Only agents matching this label selector, e.g. 'site=paris,role in (pos,kiosk),!canary'.
+    #[arg(long, short = 'l')]
+    pub label: Option<Selector>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The agent's id.
+    pub id: Option<AgentId>,
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: Option<AgentAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentAction {
+    /// Revoke the agent's credential and disconnect it. It must enroll again to come back.
+    Revoke { id: AgentId },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnrollTokenCommand {
+    /// Create an enrollment token; it is shown only once.
+    Create {
+        /// How long the token works, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        uses: u32,
+        /// A label every agent enrolled with it gets (key=value); repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List enrollment tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an enrollment token so no more agents can use it.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create an operator token; it is shown only once.
+    Create {
+        /// A name for the token: who or what uses it.
+        #[arg(long)]
+        name: String,
+        /// viewer (read), operator (also run commands) or admin (also manage tokens and agents).
+        #[arg(long, default_value = "viewer")]
+        role: Role,
+        /// Expire after this long; without it the token lasts until revoked.
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List operator tokens (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an operator token.
+    Revoke { id: String },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = shared::duration::parse(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    shared::Labels::parse_pair(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_before_any_request() {
+        for args in [
+            vec!["muster", "agents", "--status", "up"],
+            vec!["muster", "agents", "--label", "role in (pos"],
+            vec!["muster", "agent", "not-an-id"],
+            vec!["muster", "enroll-token", "create", "--ttl", "soon"],
+            vec!["muster", "enroll-token", "create", "--uses", "0"],
+            vec!["muster", "enroll-token", "create", "--label", "no-equals"],
+            vec!["muster", "token", "create", "--name", "x", "--role", "root"],
+        ] {
+            assert!(Cli::try_parse_from(&args).is_err(), "{args:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn agent_shows_by_id_or_revokes() {
+        let cli = Cli::try_parse_from(["muster", "agent", "0123456789abcdef"]).unwrap();
+        assert!(matches!(cli.command, Command::Agent(AgentArgs { id: Some(_), action: None, .. })));
+        let cli = Cli::try_parse_from(["muster", "agent", "revoke", "0123456789abcdef"]).unwrap();
+        assert!(matches!(cli.command, Command::Agent(AgentArgs { action: Some(AgentAction::Revoke { .. }), .. })));
+    }
+}

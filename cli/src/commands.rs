@@ -1,0 +1,274 @@
+//! One function per command: a request, then output for a person or, with `--json`, a script.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::bail;
+use serde::Serialize;
+use shared::api::{
+    AgentDetail, AgentSummary, CreateEnrollToken, CreateToken, EnrollTokenCreated, EnrollTokenInfo, FleetCounts, TokenCreated, TokenInfo,
+    WhoAmI,
+};
+use shared::{Labels, Timestamp};
+
+use crate::args::{AgentAction, AgentArgs, AgentsArgs, EnrollTokenCommand, TokenCommand};
+use crate::client::Client;
+use crate::output::{age, bytes, percent, table};
+
+type Out<'a> = &'a mut dyn Write;
+
+fn json<T: Serialize>(out: Out<'_>, value: &T) -> anyhow::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn ago(t: Option<Timestamp>, now: Timestamp) -> String {
+    t.map_or_else(|| "never".into(), |t| age(t.age(now)))
+}
+
+pub async fn agents(client: &Client, args: &AgentsArgs, out: Out<'_>) -> anyhow::Result<()> {
+    let mut query: Vec<(&str, String)> = Vec::new();
+    if let Some(s) = args.status {
+        query.push(("status", s.to_string()));
+    }
+    if let Some(l) = &args.label {
+        query.push(("label", l.to_string()));
+    }
+    let agents: Vec<AgentSummary> = client.get_query("/agents", &query).await?;
+    if args.json {
+        return json(out, &agents);
+    }
+    if agents.is_empty() {
+        writeln!(out, "No agents match.")?;
+        return Ok(());
+    }
+    let now = Timestamp::now();
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            let (cpu, mem, disk) = match &a.metrics {
+                Some(m) => {
+                    let (du, dt) = m.disk_totals();
+                    (format!("{:.0}%", m.cpu_percent), percent(m.mem_used_bytes, m.mem_total_bytes), percent(du, dt))
+                }
+                None => ("-".into(), "-".into(), "-".into()),
+            };
+            vec![
+                a.status.to_string(),
+                a.hostname.clone(),
+                a.id.to_string(),
+                ago(a.last_heartbeat_at, now),
+                cpu,
+                mem,
+                disk,
+                if a.labels.is_empty() { "-".into() } else { a.labels.to_string() },
+            ]
+        })
+        .collect();
+    write!(out, "{}", table(&["STATUS", "HOSTNAME", "ID", "HEARTBEAT", "CPU", "MEM", "DISK", "LABELS"], &rows))?;
+    Ok(())
+}
+
+pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::Result<()> {
+    if let Some(AgentAction::Revoke { id }) = &args.action {
+        client.delete(&format!("/agents/{id}")).await?;
+        writeln!(out, "Agent {id} revoked and disconnected.")?;
+        return Ok(());
+    }
+    let Some(id) = &args.id else { bail!("name an agent: muster agent <ID>") };
+    let a: AgentDetail = client.get(&format!("/agents/{id}")).await?;
+    if args.json {
+        return json(out, &a);
+    }
+    let now = Timestamp::now();
+    let s = &a.summary;
+    writeln!(out, "Agent      {}", s.id)?;
+    writeln!(out, "Hostname   {}", s.hostname)?;
+    writeln!(out, "Status     {} (since {}, {})", s.status, s.status_since, age(s.status_since.age(now)))?;
+    writeln!(out, "Labels     {}", if s.labels.is_empty() { "-".to_string() } else { s.labels.to_string() })?;
+    writeln!(out, "Enrolled   {}", a.enrolled_at)?;
+    writeln!(out, "Version    {}", a.agent_version.as_deref().unwrap_or("-"))?;
+    writeln!(
+        out,
+        "Heartbeat  {} (every {})",
+        ago(s.last_heartbeat_at, now),
+        a.heartbeat_interval_ms.map_or("-".into(), |ms| shared::duration::format(Duration::from_millis(ms)))
+    )?;
+    if let Some(c) = &a.connection {
+        let state = if c.connected { "connected".to_string() } else { format!("disconnected {}", ago(c.disconnected_at, now)) };
+        writeln!(out, "Connection {state} from {} to node {} since {}", c.remote_addr, c.node, c.connected_at)?;
+    }
+    if let Some(m) = &s.metrics {
+        writeln!(
+            out,
+            "System     {} {} ({}), up {}",
+            m.os,
+            m.kernel,
+            m.arch,
+            shared::duration::format(Duration::from_secs(m.uptime_secs))
+        )?;
+        writeln!(
+            out,
+            "CPU        {:.1}%  load {:.2} {:.2} {:.2}  {} processes",
+            m.cpu_percent, m.load_avg[0], m.load_avg[1], m.load_avg[2], m.process_count
+        )?;
+        writeln!(
+            out,
+            "Memory     {} of {} ({})",
+            bytes(m.mem_used_bytes),
+            bytes(m.mem_total_bytes),
+            percent(m.mem_used_bytes, m.mem_total_bytes)
+        )?;
+        for d in &m.disks {
+            writeln!(
+                out,
+                "Disk       {} ({}) {} of {} ({})",
+                d.mount,
+                d.fs_type,
+                bytes(d.used_bytes),
+                bytes(d.total_bytes),
+                percent(d.used_bytes, d.total_bytes)
+            )?;
+        }
+    }
+    if !a.transitions.is_empty() {
+        writeln!(out, "\nRecent status changes:")?;
+        let rows: Vec<Vec<String>> = a
+            .transitions
+            .iter()
+            .map(|t| vec![t.at.to_string(), t.from.map_or("-".into(), |f| f.to_string()), t.to.to_string(), t.reason.clone()])
+            .collect();
+        write!(out, "{}", table(&["AT", "FROM", "TO", "REASON"], &rows))?;
+    }
+    Ok(())
+}
+
+pub async fn fleet(client: &Client, as_json: bool, out: Out<'_>) -> anyhow::Result<()> {
+    let c: FleetCounts = client.get("/fleet").await?;
+    if as_json {
+        return json(out, &c);
+    }
+    writeln!(out, "{} agents: {} online, {} stale, {} offline", c.total, c.online, c.stale, c.offline)?;
+    Ok(())
+}
+
+pub async fn whoami(client: &Client, out: Out<'_>) -> anyhow::Result<()> {
+    let w: WhoAmI = client.get("/whoami").await?;
+    writeln!(out, "{} ({}), role {}", w.name, w.token_id, w.role)?;
+    Ok(())
+}
+
+pub async fn enroll_token(client: &Client, cmd: &EnrollTokenCommand, out: Out<'_>) -> anyhow::Result<()> {
+    match cmd {
+        EnrollTokenCommand::Create { ttl, uses, labels, json: as_json } => {
+            let mut l = Labels::new();
+            for (k, v) in labels {
+                l.insert(k, v)?;
+            }
+            let created: EnrollTokenCreated =
+                client.post("/enroll-tokens", &CreateEnrollToken { ttl_secs: ttl.as_secs().max(1), uses: *uses, labels: l }).await?;
+            if *as_json {
+                return json(out, &created);
+            }
+            writeln!(out, "{}", created.token)?;
+            let i = &created.info;
+            writeln!(
+                out,
+                "\nEnrollment token {}: {} use(s), expires {}{}.",
+                i.id,
+                i.uses_total,
+                i.expires_at,
+                if i.labels.is_empty() { String::new() } else { format!(", labels {}", i.labels) }
+            )?;
+            writeln!(
+                out,
+                "It is shown only this once. Start an agent with:\n\n    muster-agent --server {} --enroll-token <TOKEN>",
+                client_server_hint()
+            )?;
+            Ok(())
+        }
+        EnrollTokenCommand::List { json: as_json } => {
+            let tokens: Vec<EnrollTokenInfo> = client.get("/enroll-tokens").await?;
+            if *as_json {
+                return json(out, &tokens);
+            }
+            let now = Timestamp::now();
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    let state = if t.revoked {
+                        "revoked"
+                    } else if t.expires_at <= now {
+                        "expired"
+                    } else if t.uses_left == 0 {
+                        "used up"
+                    } else {
+                        "active"
+                    };
+                    vec![
+                        t.id.clone(),
+                        state.into(),
+                        format!("{}/{}", t.uses_left, t.uses_total),
+                        t.expires_at.to_string(),
+                        t.labels.to_string(),
+                        t.created_by.clone(),
+                    ]
+                })
+                .collect();
+            write!(out, "{}", table(&["ID", "STATE", "USES LEFT", "EXPIRES", "LABELS", "CREATED BY"], &rows))?;
+            Ok(())
+        }
+        EnrollTokenCommand::Revoke { id } => {
+            client.delete(&format!("/enroll-tokens/{id}")).await?;
+            writeln!(out, "Enrollment token {id} revoked.")?;
+            Ok(())
+        }
+    }
+}
+
+fn client_server_hint() -> String {
+    std::env::var("MUSTER_SERVER").unwrap_or_else(|_| "https://<server>:8443".into())
+}
+
+pub async fn token(client: &Client, cmd: &TokenCommand, out: Out<'_>) -> anyhow::Result<()> {
+    match cmd {
+        TokenCommand::Create { name, role, ttl, json: as_json } => {
+            let created: TokenCreated =
+                client.post("/tokens", &CreateToken { name: name.clone(), role: *role, ttl_secs: ttl.map(|d| d.as_secs().max(1)) }).await?;
+            if *as_json {
+                return json(out, &created);
+            }
+            writeln!(out, "{}", created.token)?;
+            writeln!(out, "\nToken {} ({}), role {}. It is shown only this once.", created.info.id, created.info.name, created.info.role)?;
+            Ok(())
+        }
+        TokenCommand::List { json: as_json } => {
+            let tokens: Vec<TokenInfo> = client.get("/tokens").await?;
+            if *as_json {
+                return json(out, &tokens);
+            }
+            let now = Timestamp::now();
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    let state = if t.revoked {
+                        "revoked"
+                    } else if t.expires_at.is_some_and(|e| e <= now) {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    vec![t.id.clone(), t.name.clone(), t.role.to_string(), state.into(), ago(t.last_used_at, now), t.created_by.clone()]
+                })
+                .collect();
+            write!(out, "{}", table(&["ID", "NAME", "ROLE", "STATE", "LAST USED", "CREATED BY"], &rows))?;
+            Ok(())
+        }
+        TokenCommand::Revoke { id } => {
+            client.delete(&format!("/tokens/{id}")).await?;
+            writeln!(out, "Token {id} revoked.")?;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! muster: the operator's command line. `main` maps the outcome to an exit status; `run`
+//! does the work.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+mod args;
+mod client;
+mod commands;
+mod output;
+
+use args::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "muster: {e:#}");
+    ExitCode::FAILURE
+}
+
+/// `muster agents | head` closing the pipe early is not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let server = cli.conn.server.as_deref().context("no server: set MUSTER_SERVER or pass --server https://host:port")?;
+    let token = cli.conn.token.as_deref().context("no token: set MUSTER_TOKEN or pass --token")?;
+    let client = client::Client::new(server, token, cli.conn.ca.as_deref())?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match &cli.command {
+        Command::Agents(a) => commands::agents(&client, a, &mut out).await,
+        Command::Agent(a) => commands::agent(&client, a, &mut out).await,
+        Command::Fleet { json } => commands::fleet(&client, *json, &mut out).await,
+        Command::EnrollToken(c) => commands::enroll_token(&client, c, &mut out).await,
+        Command::Token(c) => commands::token(&client, c, &mut out).await,
+        Command::Whoami => commands::whoami(&client, &mut out).await,
+    }?;
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,144 @@
+//! Fleet state: agents, their heartbeats, and fleet counts.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use shared::api::{AgentDetail, AgentStatus, AgentSummary, ConnectionInfo, FleetCounts, HeartbeatSample, Role};
+use shared::protocol::close;
+use shared::{AgentId, Selector, Timestamp};
+
+use super::caller::Caller;
+use super::error::{Error, Result};
+use crate::app::AppState;
+use crate::store::{AgentRow, AuditEntry};
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+    /// A label selector: `site=paris,role in (pos,kiosk),!canary`.
+    label: Option<String>,
+}
+
+pub fn summary(row: &AgentRow) -> AgentSummary {
+    AgentSummary {
+        id: row.id.clone(),
+        hostname: row.hostname.clone(),
+        status: row.status,
+        status_since: row.status_since,
+        labels: row.labels.clone(),
+        last_heartbeat_at: row.last_heartbeat_at,
+        metrics: row.last_metrics.clone(),
+    }
+}
+
+fn parse_id(id: &str) -> Result<AgentId> {
+    AgentId::parse(id).map_err(|e| Error::BadRequest(e.to_string()))
+}
+
+pub async fn list(
+    State(app): State<AppState>,
+    caller: Caller,
+    query: std::result::Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<AgentSummary>>> {
+    caller.require(Role::Viewer)?;
+    let Query(q) = query?;
+    let status = q.status.as_deref().map(str::parse::<AgentStatus>).transpose().map_err(|e| Error::BadRequest(e.to_string()))?;
+    let selector = q.label.as_deref().map(Selector::parse).transpose().map_err(|e| Error::BadRequest(e.to_string()))?;
+    let rows = app.store.list_agents(status).await?;
+    Ok(Json(
+        rows.iter()
+            .filter(|r| r.revoked_at.is_none())
+            .filter(|r| selector.as_ref().is_none_or(|s| s.matches(&r.labels)))
+            .map(summary)
+            .collect(),
+    ))
+}
+
+pub async fn get(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<AgentDetail>> {
+    caller.require(Role::Viewer)?;
+    let id = parse_id(&id)?;
+    let row = app.store.agent(&id).await?.ok_or_else(|| Error::NotFound(format!("no agent {id}")))?;
+    let transitions = app.store.transitions(&id, 20).await?;
+    let connection = match (&row.remote_addr, row.connected_at, &row.node) {
+        (Some(addr), Some(at), Some(node)) => Some(ConnectionInfo {
+            connected: row.connected,
+            remote_addr: addr.clone(),
+            connected_at: at,
+            disconnected_at: row.disconnected_at,
+            node: node.clone(),
+        }),
+        _ => None,
+    };
+    Ok(Json(AgentDetail {
+        summary: summary(&row),
+        enrolled_at: row.enrolled_at,
+        heartbeat_interval_ms: row.heartbeat_interval_ms,
+        agent_version: row.agent_version.clone(),
+        connection,
+        transitions,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct HeartbeatQuery {
+    /// RFC 3339 time, or a duration back from now (`1h`). Default: one hour back.
+    since: Option<String>,
+    /// At most this many samples, oldest first. Default 1000, at most 10000.
+    limit: Option<u32>,
+}
+
+pub async fn heartbeats(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: std::result::Result<Query<HeartbeatQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<HeartbeatSample>>> {
+    caller.require(Role::Viewer)?;
+    let Query(q) = query?;
+    let id = parse_id(&id)?;
+    let now = Timestamp::now();
+    let since = match q.since.as_deref() {
+        None => now.saturating_sub(std::time::Duration::from_secs(3600)),
+        Some(s) => match Timestamp::parse_rfc3339(s) {
+            Ok(t) => t,
+            Err(_) => now.saturating_sub(
+                shared::duration::parse(s)
+                    .map_err(|_| Error::BadRequest(format!("since: {s:?} is neither an RFC 3339 time nor a duration")))?,
+            ),
+        },
+    };
+    let limit = q.limit.unwrap_or(1000);
+    if limit == 0 || limit > 10_000 {
+        return Err(Error::BadRequest("limit must be between 1 and 10000".into()));
+    }
+    if app.store.agent(&id).await?.is_none() {
+        return Err(Error::NotFound(format!("no agent {id}")));
+    }
+    Ok(Json(app.store.heartbeats(&id, since, limit).await?))
+}
+
+pub async fn fleet(State(app): State<AppState>, caller: Caller) -> Result<Json<FleetCounts>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(app.store.fleet_counts().await?))
+}
+
+/// `DELETE /api/v1/agents/{id}`: revokes the agent's credential and closes its connection.
+pub async fn revoke(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode> {
+    caller.require(Role::Admin)?;
+    let id = parse_id(&id)?;
+    let now = Timestamp::now();
+    if !app.store.revoke_agent(&id, now).await? {
+        return Err(Error::NotFound(format!("no agent {id}, or it is already revoked")));
+    }
+    app.registry.close(&id, close::REVOKED, "credential revoked");
+    app.audit(AuditEntry {
+        at: now,
+        actor: caller.actor(),
+        action: "agent.revoke".into(),
+        target: Some(id.to_string()),
+        detail: serde_json::json!({}),
+    })
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,76 @@
+//! The API's one error type, and the one place errors become HTTP statuses. SQL text and other
+//! internals are logged, never sent.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use shared::api::ApiError;
+
+use crate::auth::AuthError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    #[error("this token's role ({have}) may not do that; it needs {need}")]
+    Forbidden { have: shared::api::Role, need: shared::api::Role },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<JsonRejection> for Error {
+    fn from(r: JsonRejection) -> Self {
+        Error::BadRequest(r.body_text())
+    }
+}
+
+impl From<QueryRejection> for Error {
+    fn from(r: QueryRejection) -> Self {
+        Error::BadRequest(r.body_text())
+    }
+}
+
+impl From<PathRejection> for Error {
+    fn from(r: PathRejection) -> Self {
+        Error::BadRequest(r.body_text())
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, kind, message) = match &self {
+            Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", self.to_string()),
+            Error::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", self.to_string()),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", self.to_string()),
+            Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", self.to_string()),
+            Error::Store(StoreError::Full) => {
+                tracing::error!("database disk full");
+                (StatusCode::INSUFFICIENT_STORAGE, "unavailable", "the server's disk is full; nothing was changed".into())
+            }
+            Error::Store(StoreError::Busy) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database is busy; try again".into()),
+            Error::Store(e) => {
+                tracing::error!(error = %e, "store error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log".into())
+            }
+            Error::Internal(e) => {
+                tracing::error!(error = %e, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log".into())
+            }
+        };
+        let mut resp = (status, Json(ApiError { error: kind.into(), message })).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,182 @@
+//! Operator tokens and enrollment tokens: created (secret shown once), listed, revoked.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use shared::Timestamp;
+use shared::api::{CreateEnrollToken, CreateToken, EnrollTokenCreated, EnrollTokenInfo, Role, TokenCreated, TokenInfo, WhoAmI};
+
+use super::caller::Caller;
+use super::error::{Error, Result};
+use crate::app::AppState;
+use crate::auth::{self, Kind};
+use crate::store::{ApiTokenRow, AuditEntry, EnrollTokenRow, Store};
+
+const MAX_ENROLL_TTL: Duration = Duration::from_secs(365 * 86_400);
+const MAX_ENROLL_USES: u32 = 1_000_000;
+
+fn enroll_info(r: &EnrollTokenRow) -> EnrollTokenInfo {
+    EnrollTokenInfo {
+        id: r.id.clone(),
+        created_by: r.created_by.clone(),
+        created_at: r.created_at,
+        expires_at: r.expires_at,
+        uses_total: r.uses_total,
+        uses_left: r.uses_left,
+        labels: r.labels.clone(),
+        revoked: r.revoked_at.is_some(),
+    }
+}
+
+fn token_info(r: &ApiTokenRow) -> TokenInfo {
+    TokenInfo {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        role: r.role,
+        created_by: r.created_by.clone(),
+        created_at: r.created_at,
+        expires_at: r.expires_at,
+        last_used_at: r.last_used_at,
+        revoked: r.revoked_at.is_some(),
+    }
+}
+
+fn issue(kind: Kind) -> Result<auth::Issued> {
+    auth::issue(kind, None).map_err(|e| Error::Internal(format!("no randomness: {e}")))
+}
+
+pub async fn whoami(caller: Caller) -> Json<WhoAmI> {
+    Json(WhoAmI { token_id: caller.token_id, name: caller.name, role: caller.role })
+}
+
+pub async fn create_enroll(
+    State(app): State<AppState>,
+    caller: Caller,
+    body: std::result::Result<Json<CreateEnrollToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<EnrollTokenCreated>)> {
+    caller.require(Role::Admin)?;
+    let Json(req) = body?;
+    let ttl = Duration::from_secs(req.ttl_secs);
+    if ttl.is_zero() || ttl > MAX_ENROLL_TTL {
+        return Err(Error::BadRequest("ttl_secs must be between 1 and 31536000 (one year)".into()));
+    }
+    if req.uses == 0 || req.uses > MAX_ENROLL_USES {
+        return Err(Error::BadRequest(format!("uses must be between 1 and {MAX_ENROLL_USES}")));
+    }
+    let issued = issue(Kind::Enroll)?;
+    let now = Timestamp::now();
+    let row = EnrollTokenRow {
+        id: issued.id,
+        secret_hash: issued.hash,
+        created_by: caller.actor(),
+        created_at: now,
+        expires_at: now.saturating_add(ttl),
+        uses_total: req.uses,
+        uses_left: req.uses,
+        labels: req.labels,
+        revoked_at: None,
+    };
+    app.store.insert_enroll_token(&row).await?;
+    app.audit(AuditEntry {
+        at: now,
+        actor: caller.actor(),
+        action: "enroll_token.create".into(),
+        target: Some(row.id.clone()),
+        detail: serde_json::json!({ "ttl_secs": req.ttl_secs, "uses": req.uses, "labels": row.labels }),
+    })
+    .await;
+    Ok((StatusCode::CREATED, Json(EnrollTokenCreated { info: enroll_info(&row), token: issued.token })))
+}
+
+pub async fn list_enroll(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<EnrollTokenInfo>>> {
+    caller.require(Role::Admin)?;
+    Ok(Json(app.store.list_enroll_tokens().await?.iter().map(enroll_info).collect()))
+}
+
+pub async fn revoke_enroll(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode> {
+    caller.require(Role::Admin)?;
+    let now = Timestamp::now();
+    if !app.store.revoke_enroll_token(&id, now).await? {
+        return Err(Error::NotFound(format!("no enrollment token {id}, or it is already revoked")));
+    }
+    app.audit(AuditEntry {
+        at: now,
+        actor: caller.actor(),
+        action: "enroll_token.revoke".into(),
+        target: Some(id),
+        detail: serde_json::json!({}),
+    })
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Creates an operator token. Used by the API and by `muster-server bootstrap`.
+pub async fn create_token_row(store: &dyn Store, req: &CreateToken, created_by: &str) -> Result<TokenCreated> {
+    let name = req.name.trim();
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        return Err(Error::BadRequest("name must be 1 to 64 printable characters".into()));
+    }
+    let issued = issue(Kind::Operator)?;
+    let now = Timestamp::now();
+    let row = ApiTokenRow {
+        id: issued.id,
+        name: name.to_owned(),
+        role: req.role,
+        secret_hash: issued.hash,
+        created_by: created_by.to_owned(),
+        created_at: now,
+        expires_at: req.ttl_secs.map(|s| now.saturating_add(Duration::from_secs(s))),
+        revoked_at: None,
+        last_used_at: None,
+    };
+    store.insert_api_token(&row).await?;
+    crate::store::audit_or_log(
+        store,
+        AuditEntry {
+            at: now,
+            actor: created_by.to_owned(),
+            action: "token.create".into(),
+            target: Some(row.id.clone()),
+            detail: serde_json::json!({ "name": row.name, "role": row.role, "ttl_secs": req.ttl_secs }),
+        },
+    )
+    .await;
+    Ok(TokenCreated { info: token_info(&row), token: issued.token })
+}
+
+pub async fn create_token(
+    State(app): State<AppState>,
+    caller: Caller,
+    body: std::result::Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<TokenCreated>)> {
+    caller.require(Role::Admin)?;
+    let Json(req) = body?;
+    if req.ttl_secs == Some(0) {
+        return Err(Error::BadRequest("ttl_secs must be positive; leave it out for a token that lasts until revoked".into()));
+    }
+    Ok((StatusCode::CREATED, Json(create_token_row(app.store.as_ref(), &req, &caller.actor()).await?)))
+}
+
+pub async fn list_tokens(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<TokenInfo>>> {
+    caller.require(Role::Admin)?;
+    Ok(Json(app.store.list_api_tokens().await?.iter().map(token_info).collect()))
+}
+
+pub async fn revoke_token(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode> {
+    caller.require(Role::Admin)?;
+    let now = Timestamp::now();
+    if !app.store.revoke_api_token(&id, now).await? {
+        return Err(Error::NotFound(format!("no token {id}, or it is already revoked")));
+    }
+    app.audit(AuditEntry {
+        at: now,
+        actor: caller.actor(),
+        action: "token.revoke".into(),
+        target: Some(id),
+        detail: serde_json::json!({}),
+    })
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}

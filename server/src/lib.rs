@@ -1,0 +1,48 @@
+//! muster-server as a library: `main.rs` parses the config and calls [`run`]; tests build an
+//! [`app::Application`] directly.
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod dev;
+pub mod gateway;
+pub mod health;
+pub mod recorder;
+pub mod registry;
+pub mod shutdown;
+pub mod store;
+pub mod tls;
+
+pub use app::Application;
+pub use config::{Cli, Command, Config};
+
+use std::io::Write;
+
+use anyhow::Context;
+use shared::api::{CreateToken, Role};
+use tokio_util::sync::CancellationToken;
+
+/// Runs what the command line asked for.
+pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    shutdown::cancel_on_signal(cancel.clone()).context("installing signal handlers")?;
+    match (cli.command, cli.dev) {
+        (Some(Command::Bootstrap { name }), _) => bootstrap(&config, &name).await,
+        (_, true) => dev::run(config, cancel).await,
+        (None | Some(Command::Serve), false) => Application::build(config, cancel).await?.run().await,
+    }
+}
+
+/// `muster-server bootstrap`: an admin token straight into the database, printed once.
+async fn bootstrap(config: &Config, name: &str) -> anyhow::Result<()> {
+    let store = app::open_store(config).await?;
+    let req = CreateToken { name: name.to_owned(), role: Role::Admin, ttl_secs: None };
+    let created = api::create_token_row(&store, &req, "muster-server bootstrap").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    store.close().await;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", created.token)?;
+    let mut err = std::io::stderr().lock();
+    writeln!(err, "Created admin token {:?} ({}). It is shown only this once; store it safely.", created.info.name, created.info.id)?;
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! The one writer for live session records: connections, heartbeats and status transitions.
+//! Sessions hand records to a bounded queue; one task drains it in batches of whatever has
+//! arrived and commits each batch as one transaction, so SQLite's single-writer lock is taken
+//! once per batch rather than once per heartbeat.
+//!
+//! **Invariant:** records are written in the order they were queued, so an agent's
+//! `Connected`, transitions and `Disconnected` land in the order they happened.
+//!
+//! Heartbeats are queued with `try_send` and dropped (and counted) when the queue is full: a
+//! stalled database must not stop sessions from answering pings. Connection and transition
+//! records wait for room, because losing one would leave a wrong status behind.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::store::{Record, Store, StoreError};
+
+const QUEUE: usize = 65_536;
+const MAX_BATCH: usize = 8_192;
+
+#[derive(Clone)]
+pub struct Recorder {
+    tx: mpsc::Sender<Record>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub written: AtomicU64,
+    pub dropped_heartbeats: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+impl Recorder {
+    /// Starts the writer. It runs until every `Recorder` clone is dropped, then writes what is
+    /// left and ends; await the handle to know everything queued is on disk.
+    pub fn spawn(store: Arc<dyn Store>) -> (Recorder, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let stats = Arc::new(Stats::default());
+        let handle = tokio::spawn(run(store, rx, stats.clone()));
+        (Recorder { tx, stats }, handle)
+    }
+
+    /// Queues a record that must not be lost, waiting for room if the queue is full.
+    pub async fn send(&self, record: Record) {
+        if self.tx.send(record).await.is_err() {
+            tracing::error!("recorder stopped; a session record was not written");
+        }
+    }
+
+    /// Queues a heartbeat if there is room; drops it otherwise.
+    pub fn heartbeat(&self, record: Record) {
+        if self.tx.try_send(record).is_err() {
+            let n = self.stats.dropped_heartbeats.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n + 1, "recorder queue full: heartbeats dropped");
+            }
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+}
+
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<Stats>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        write_with_retry(store.as_ref(), &batch).await;
+        stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        batch.clear();
+    }
+}
+
+/// Retries a failed batch until it is written: a full disk or a busy database is a pause, not
+/// a loss. Each failure is logged with its cause.
+async fn write_with_retry(store: &dyn Store, batch: &[Record]) {
+    let mut delay = Duration::from_millis(100);
+    let mut attempts = 0u32;
+    loop {
+        match store.record(batch).await {
+            Ok(()) => {
+                if attempts > 0 {
+                    tracing::info!(attempts, records = batch.len(), "recorder caught up");
+                }
+                return;
+            }
+            Err(e) => {
+                attempts += 1;
+                match e {
+                    StoreError::Full | StoreError::Busy => {
+                        tracing::warn!(error = %e, records = batch.len(), "cannot write session records; retrying")
+                    }
+                    _ => tracing::error!(error = %e, records = batch.len(), "cannot write session records; retrying"),
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,757 @@
+//! The embedded store: one SQLite file in WAL mode through sqlx.
+//!
+//! Durability: `synchronous = FULL`, so a committed transaction survives a power cut as well
+//! as a crash. Throughput comes from batching, not from weaker syncs: the recorder commits many
+//! heartbeats per transaction with multi-row statements.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, FromRow, QueryBuilder, Sqlite, SqlitePool};
+
+use shared::api::{AgentStatus, FleetCounts, HeartbeatSample, Role, Transition};
+use shared::protocol::Metrics;
+use shared::{AgentId, Labels, Timestamp};
+
+use super::*;
+
+/// Rows per multi-row statement: 10 columns each stays far below SQLite's variable limit.
+const ROWS_PER_STATEMENT: usize = 500;
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+fn db_err(e: sqlx::Error) -> StoreError {
+    if let sqlx::Error::Database(d) = &e {
+        // Primary result code is the low byte of the extended one.
+        let code = d.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
+        match code {
+            Some(13) => return StoreError::Full,    // SQLITE_FULL
+            Some(5 | 6) => return StoreError::Busy, // SQLITE_BUSY, SQLITE_LOCKED
+            _ => {}
+        }
+    }
+    StoreError::Database(e.to_string())
+}
+
+fn ts(ms: i64) -> Timestamp {
+    Timestamp::from_unix_millis(ms)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn parse_labels(json: &str) -> Result<Labels> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
+}
+
+fn labels_json(labels: &Labels) -> String {
+    serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
+}
+
+fn parse_status(s: &str) -> Result<AgentStatus> {
+    AgentStatus::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn parse_agent_id(s: &str) -> Result<AgentId> {
+    AgentId::parse(s).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5))
+            .pragma("temp_store", "memory");
+        let pool = SqlitePoolOptions::new().max_connections(8).min_connections(1).connect_with(options).await.map_err(db_err)?;
+        sqlx::migrate!("../migrations").run(&pool).await.map_err(|e| StoreError::Migrate(e.to_string()))?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[derive(FromRow)]
+struct ApiTokenDb {
+    id: String,
+    name: String,
+    role: String,
+    secret_hash: Vec<u8>,
+    created_by: String,
+    created_at: i64,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+    last_used_at: Option<i64>,
+}
+
+impl TryFrom<ApiTokenDb> for ApiTokenRow {
+    type Error = StoreError;
+    fn try_from(r: ApiTokenDb) -> Result<Self> {
+        Ok(ApiTokenRow {
+            role: Role::from_str(&r.role).map_err(StoreError::Corrupt)?,
+            id: r.id,
+            name: r.name,
+            secret_hash: r.secret_hash,
+            created_by: r.created_by,
+            created_at: ts(r.created_at),
+            expires_at: r.expires_at.map(ts),
+            revoked_at: r.revoked_at.map(ts),
+            last_used_at: r.last_used_at.map(ts),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct EnrollTokenDb {
+    id: String,
+    secret_hash: Vec<u8>,
+    created_by: String,
+    created_at: i64,
+    expires_at: i64,
+    uses_total: i64,
+    uses_left: i64,
+    labels: String,
+    revoked_at: Option<i64>,
+}
+
+impl TryFrom<EnrollTokenDb> for EnrollTokenRow {
+    type Error = StoreError;
+    fn try_from(r: EnrollTokenDb) -> Result<Self> {
+        Ok(EnrollTokenRow {
+            labels: parse_labels(&r.labels)?,
+            id: r.id,
+            secret_hash: r.secret_hash,
+            created_by: r.created_by,
+            created_at: ts(r.created_at),
+            expires_at: ts(r.expires_at),
+            uses_total: u32::try_from(r.uses_total).unwrap_or(0),
+            uses_left: u32::try_from(r.uses_left).unwrap_or(0),
+            revoked_at: r.revoked_at.map(ts),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct AgentDb {
+    id: String,
+    hostname: String,
+    labels: String,
+    status: String,
+    status_since: i64,
+    enrolled_at: i64,
+    revoked_at: Option<i64>,
+    heartbeat_interval_ms: Option<i64>,
+    agent_version: Option<String>,
+    last_heartbeat_at: Option<i64>,
+    last_metrics: Option<String>,
+    connected: bool,
+    node: Option<String>,
+    remote_addr: Option<String>,
+    connected_at: Option<i64>,
+    disconnected_at: Option<i64>,
+}
+
+const AGENT_COLUMNS: &str = "id, hostname, labels, status, status_since, enrolled_at, revoked_at, heartbeat_interval_ms, \
+     agent_version, last_heartbeat_at, last_metrics, connected, node, remote_addr, connected_at, disconnected_at";
+
+impl TryFrom<AgentDb> for AgentRow {
+    type Error = StoreError;
+    fn try_from(r: AgentDb) -> Result<Self> {
+        let last_metrics = match r.last_metrics {
+            Some(m) => Some(serde_json::from_str::<Metrics>(&m).map_err(|e| StoreError::Corrupt(format!("metrics: {e}")))?),
+            None => None,
+        };
+        Ok(AgentRow {
+            id: parse_agent_id(&r.id)?,
+            hostname: r.hostname,
+            labels: parse_labels(&r.labels)?,
+            status: parse_status(&r.status)?,
+            status_since: ts(r.status_since),
+            enrolled_at: ts(r.enrolled_at),
+            revoked_at: r.revoked_at.map(ts),
+            heartbeat_interval_ms: r.heartbeat_interval_ms.map(to_u64),
+            agent_version: r.agent_version,
+            last_heartbeat_at: r.last_heartbeat_at.map(ts),
+            last_metrics,
+            connected: r.connected,
+            node: r.node,
+            remote_addr: r.remote_addr,
+            connected_at: r.connected_at.map(ts),
+            disconnected_at: r.disconnected_at.map(ts),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct TransitionDb {
+    at: i64,
+    from_status: Option<String>,
+    to_status: String,
+    reason: String,
+}
+
+#[derive(FromRow)]
+struct HeartbeatDb {
+    at: i64,
+    seq: i64,
+    cpu_percent: f64,
+    load1: f64,
+    mem_used: i64,
+    mem_total: i64,
+    disk_used: i64,
+    disk_total: i64,
+    process_count: i64,
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert_api_token(&self, r: &ApiTokenRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, name, role, secret_hash, created_by, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.name)
+        .bind(r.role.as_str())
+        .bind(&r.secret_hash)
+        .bind(&r.created_by)
+        .bind(r.created_at.unix_millis())
+        .bind(r.expires_at.map(Timestamp::unix_millis))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn api_token(&self, id: &str) -> Result<Option<ApiTokenRow>> {
+        let row: Option<ApiTokenDb> =
+            sqlx::query_as("SELECT * FROM api_tokens WHERE id = ?").bind(id).fetch_optional(&self.pool).await.map_err(db_err)?;
+        row.map(ApiTokenRow::try_from).transpose()
+    }
+
+    async fn list_api_tokens(&self) -> Result<Vec<ApiTokenRow>> {
+        let rows: Vec<ApiTokenDb> =
+            sqlx::query_as("SELECT * FROM api_tokens ORDER BY created_at").fetch_all(&self.pool).await.map_err(db_err)?;
+        rows.into_iter().map(ApiTokenRow::try_from).collect()
+    }
+
+    async fn revoke_api_token(&self, id: &str, at: Timestamp) -> Result<bool> {
+        let done = sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(at.unix_millis())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn touch_api_token(&self, id: &str, at: Timestamp) -> Result<()> {
+        sqlx::query("UPDATE api_tokens SET last_used_at = ? WHERE id = ?")
+            .bind(at.unix_millis())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn insert_enroll_token(&self, r: &EnrollTokenRow) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO enroll_tokens (id, secret_hash, created_by, created_at, expires_at, uses_total, uses_left, labels) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.secret_hash)
+        .bind(&r.created_by)
+        .bind(r.created_at.unix_millis())
+        .bind(r.expires_at.unix_millis())
+        .bind(i64::from(r.uses_total))
+        .bind(i64::from(r.uses_left))
+        .bind(labels_json(&r.labels))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn enroll_token(&self, id: &str) -> Result<Option<EnrollTokenRow>> {
+        let row: Option<EnrollTokenDb> =
+            sqlx::query_as("SELECT * FROM enroll_tokens WHERE id = ?").bind(id).fetch_optional(&self.pool).await.map_err(db_err)?;
+        row.map(EnrollTokenRow::try_from).transpose()
+    }
+
+    async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRow>> {
+        let rows: Vec<EnrollTokenDb> =
+            sqlx::query_as("SELECT * FROM enroll_tokens ORDER BY created_at").fetch_all(&self.pool).await.map_err(db_err)?;
+        rows.into_iter().map(EnrollTokenRow::try_from).collect()
+    }
+
+    async fn revoke_enroll_token(&self, id: &str, at: Timestamp) -> Result<bool> {
+        let done = sqlx::query("UPDATE enroll_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(at.unix_millis())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn enroll_agent(&self, token_id: &str, agent: &NewAgent) -> Result<bool> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let taken = sqlx::query(
+            "UPDATE enroll_tokens SET uses_left = uses_left - 1 \
+             WHERE id = ? AND uses_left > 0 AND revoked_at IS NULL AND expires_at > ?",
+        )
+        .bind(token_id)
+        .bind(agent.at.unix_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        if taken.rows_affected() != 1 {
+            return Ok(false);
+        }
+        let labels = labels_json(&agent.token_labels);
+        sqlx::query(
+            "INSERT INTO agents (id, secret_hash, enroll_token_id, enrolled_at, hostname, token_labels, labels, status, status_since) \
+             VALUES (?, ?, ?, ?, '', ?, ?, 'offline', ?)",
+        )
+        .bind(agent.id.as_str())
+        .bind(&agent.secret_hash)
+        .bind(token_id)
+        .bind(agent.at.unix_millis())
+        .bind(&labels)
+        .bind(&labels)
+        .bind(agent.at.unix_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(true)
+    }
+
+    async fn agent_credential(&self, id: &AgentId) -> Result<Option<AgentCredentialRow>> {
+        let row: Option<(Vec<u8>, Option<i64>, String)> =
+            sqlx::query_as("SELECT secret_hash, revoked_at, token_labels FROM agents WHERE id = ?")
+                .bind(id.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        row.map(|(secret_hash, revoked_at, token_labels)| {
+            Ok(AgentCredentialRow {
+                id: id.clone(),
+                secret_hash,
+                revoked: revoked_at.is_some(),
+                token_labels: parse_labels(&token_labels)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn agent(&self, id: &AgentId) -> Result<Option<AgentRow>> {
+        let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?");
+        let row: Option<AgentDb> = sqlx::query_as(AssertSqlSafe(sql)).bind(id.as_str()).fetch_optional(&self.pool).await.map_err(db_err)?;
+        row.map(AgentRow::try_from).transpose()
+    }
+
+    async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<AgentRow>> {
+        let rows: Vec<AgentDb> = match status {
+            Some(s) => {
+                let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE status = ? ORDER BY hostname, id");
+                sqlx::query_as(AssertSqlSafe(sql)).bind(s.as_str()).fetch_all(&self.pool).await
+            }
+            None => {
+                let sql = format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY hostname, id");
+                sqlx::query_as(AssertSqlSafe(sql)).fetch_all(&self.pool).await
+            }
+        }
+        .map_err(db_err)?;
+        rows.into_iter().map(AgentRow::try_from).collect()
+    }
+
+    async fn transitions(&self, id: &AgentId, limit: u32) -> Result<Vec<Transition>> {
+        let rows: Vec<TransitionDb> =
+            sqlx::query_as("SELECT at, from_status, to_status, reason FROM agent_transitions WHERE agent_id = ? ORDER BY id DESC LIMIT ?")
+                .bind(id.as_str())
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Transition {
+                    at: ts(r.at),
+                    from: r.from_status.as_deref().map(parse_status).transpose()?,
+                    to: parse_status(&r.to_status)?,
+                    reason: r.reason,
+                })
+            })
+            .collect()
+    }
+
+    async fn heartbeats(&self, id: &AgentId, since: Timestamp, limit: u32) -> Result<Vec<HeartbeatSample>> {
+        let rows: Vec<HeartbeatDb> = sqlx::query_as(
+            "SELECT at, seq, cpu_percent, load1, mem_used, mem_total, disk_used, disk_total, process_count \
+             FROM heartbeats WHERE agent_id = ? AND at >= ? ORDER BY at LIMIT ?",
+        )
+        .bind(id.as_str())
+        .bind(since.unix_millis())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| HeartbeatSample {
+                at: ts(r.at),
+                seq: to_u64(r.seq),
+                cpu_percent: r.cpu_percent,
+                load1: r.load1,
+                mem_used_bytes: to_u64(r.mem_used),
+                mem_total_bytes: to_u64(r.mem_total),
+                disk_used_bytes: to_u64(r.disk_used),
+                disk_total_bytes: to_u64(r.disk_total),
+                process_count: to_u64(r.process_count),
+            })
+            .collect())
+    }
+
+    async fn fleet_counts(&self) -> Result<FleetCounts> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, COUNT(*) FROM agents WHERE revoked_at IS NULL GROUP BY status")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let mut counts = FleetCounts::default();
+        for (status, n) in rows {
+            let n = to_u64(n);
+            match parse_status(&status)? {
+                AgentStatus::Online => counts.online = n,
+                AgentStatus::Stale => counts.stale = n,
+                AgentStatus::Offline => counts.offline = n,
+            }
+            counts.total += n;
+        }
+        Ok(counts)
+    }
+
+    async fn revoke_agent(&self, id: &AgentId, at: Timestamp) -> Result<bool> {
+        let done = sqlx::query("UPDATE agents SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(at.unix_millis())
+            .bind(id.as_str())
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn record(&self, batch: &[Record]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Session records change different columns from heartbeats, so applying them in order
+        // and the heartbeats in bulk afterwards gives the same result as strict arrival order.
+        let mut heartbeats = Vec::new();
+        for r in batch {
+            match r {
+                Record::Heartbeat { .. } => heartbeats.push(r),
+                Record::Connected { agent_id, at, hostname, labels, heartbeat_interval_ms, agent_version, node, remote_addr } => {
+                    sqlx::query(
+                        "UPDATE agents SET hostname = ?, labels = ?, heartbeat_interval_ms = ?, agent_version = ?, connected = 1, \
+                         node = ?, remote_addr = ?, connected_at = ?, disconnected_at = NULL WHERE id = ?",
+                    )
+                    .bind(hostname)
+                    .bind(labels_json(labels))
+                    .bind(to_i64(*heartbeat_interval_ms))
+                    .bind(agent_version)
+                    .bind(node)
+                    .bind(remote_addr)
+                    .bind(at.unix_millis())
+                    .bind(agent_id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                }
+                Record::Transition { agent_id, at, from, to, reason } => {
+                    sqlx::query("INSERT INTO agent_transitions (agent_id, at, from_status, to_status, reason) VALUES (?, ?, ?, ?, ?)")
+                        .bind(agent_id.as_str())
+                        .bind(at.unix_millis())
+                        .bind(from.map(AgentStatus::as_str))
+                        .bind(to.as_str())
+                        .bind(reason)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                    sqlx::query("UPDATE agents SET status = ?, status_since = ? WHERE id = ?")
+                        .bind(to.as_str())
+                        .bind(at.unix_millis())
+                        .bind(agent_id.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                }
+                Record::Disconnected { agent_id, at } => {
+                    sqlx::query("UPDATE agents SET connected = 0, disconnected_at = ? WHERE id = ?")
+                        .bind(at.unix_millis())
+                        .bind(agent_id.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err)?;
+                }
+            }
+        }
+        insert_heartbeats(&mut tx, &heartbeats).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn mark_node_offline(&self, node: &str, at: Timestamp, reason: &str) -> Result<u64> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO agent_transitions (agent_id, at, from_status, to_status, reason) \
+             SELECT id, ?, status, 'offline', ? FROM agents WHERE node = ? AND status != 'offline'",
+        )
+        .bind(at.unix_millis())
+        .bind(reason)
+        .bind(node)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let done = sqlx::query(
+            "UPDATE agents SET status = 'offline', status_since = CASE WHEN status = 'offline' THEN status_since ELSE ? END, \
+             connected = 0, disconnected_at = COALESCE(disconnected_at, ?) \
+             WHERE node = ? AND (status != 'offline' OR connected = 1)",
+        )
+        .bind(at.unix_millis())
+        .bind(at.unix_millis())
+        .bind(node)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn prune_heartbeats(&self, before: Timestamp, max_rows: u32) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM heartbeats WHERE rowid IN (SELECT rowid FROM heartbeats WHERE at < ? LIMIT ?)")
+            .bind(before.unix_millis())
+            .bind(i64::from(max_rows))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn audit(&self, e: &AuditEntry) -> Result<()> {
+        sqlx::query("INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)")
+            .bind(e.at.unix_millis())
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.target)
+            .bind(e.detail.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+/// Appends heartbeat history and updates each agent's latest metrics, with a few multi-row
+/// statements however large the batch.
+async fn insert_heartbeats(tx: &mut sqlx::Transaction<'_, Sqlite>, records: &[&Record]) -> Result<()> {
+    struct Row<'a> {
+        agent_id: &'a str,
+        at: i64,
+        seq: i64,
+        metrics: &'a Metrics,
+    }
+    let rows: Vec<Row<'_>> = records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Heartbeat { agent_id, at, seq, metrics } => {
+                Some(Row { agent_id: agent_id.as_str(), at: at.unix_millis(), seq: to_i64(*seq), metrics })
+            }
+            _ => None,
+        })
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO heartbeats (agent_id, at, seq, cpu_percent, load1, mem_used, mem_total, disk_used, disk_total, process_count) ",
+        );
+        q.push_values(chunk, |mut b, r| {
+            let (disk_used, disk_total) = r.metrics.disk_totals();
+            b.push_bind(r.agent_id.to_owned())
+                .push_bind(r.at)
+                .push_bind(r.seq)
+                .push_bind(r.metrics.cpu_percent)
+                .push_bind(r.metrics.load_avg[0])
+                .push_bind(to_i64(r.metrics.mem_used_bytes))
+                .push_bind(to_i64(r.metrics.mem_total_bytes))
+                .push_bind(to_i64(disk_used))
+                .push_bind(to_i64(disk_total))
+                .push_bind(to_i64(r.metrics.process_count));
+        });
+        q.build().execute(&mut **tx).await.map_err(db_err)?;
+    }
+
+    // Only the newest heartbeat of each agent in the batch sets its latest metrics.
+    let mut latest: HashMap<&str, &Row<'_>> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        latest
+            .entry(r.agent_id)
+            .and_modify(|cur| {
+                if r.at >= cur.at {
+                    *cur = r
+                }
+            })
+            .or_insert(r);
+    }
+    let latest: Vec<&Row<'_>> = latest.into_values().collect();
+    for chunk in latest.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("UPDATE agents SET last_heartbeat_at = v.column2, last_metrics = v.column3, hostname = v.column4 FROM (");
+        q.push_values(chunk, |mut b, r| {
+            b.push_bind(r.agent_id.to_owned())
+                .push_bind(r.at)
+                .push_bind(serde_json::to_string(r.metrics).unwrap_or_default())
+                .push_bind(r.metrics.hostname.clone());
+        });
+        q.push(") AS v WHERE agents.id = v.column1");
+        q.build().execute(&mut **tx).await.map_err(db_err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        (dir, store)
+    }
+
+    fn agent(n: u8) -> NewAgent {
+        NewAgent {
+            id: AgentId::from_bytes([n; 8]),
+            secret_hash: vec![n; 32],
+            token_labels: Labels::from_pairs(["site=lab"]).unwrap(),
+            at: Timestamp::from_unix_millis(1_000),
+        }
+    }
+
+    fn enroll_token(uses: u32, expires_at: i64) -> EnrollTokenRow {
+        EnrollTokenRow {
+            id: "00000000000000aa".into(),
+            secret_hash: vec![1; 32],
+            created_by: "test".into(),
+            created_at: Timestamp::from_unix_millis(0),
+            expires_at: Timestamp::from_unix_millis(expires_at),
+            uses_total: uses,
+            uses_left: uses,
+            labels: Labels::new(),
+            revoked_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn enrollment_takes_one_use_per_agent_and_stops_at_zero() {
+        let (_dir, store) = open().await;
+        store.insert_enroll_token(&enroll_token(2, 10_000)).await.unwrap();
+        assert!(store.enroll_agent("00000000000000aa", &agent(1)).await.unwrap());
+        assert!(store.enroll_agent("00000000000000aa", &agent(2)).await.unwrap());
+        assert!(!store.enroll_agent("00000000000000aa", &agent(3)).await.unwrap());
+        assert!(store.agent_credential(&agent(3).id).await.unwrap().is_none());
+        assert_eq!(store.enroll_token("00000000000000aa").await.unwrap().unwrap().uses_left, 0);
+    }
+
+    #[tokio::test]
+    async fn an_expired_enrollment_token_enrolls_nobody() {
+        let (_dir, store) = open().await;
+        store.insert_enroll_token(&enroll_token(5, 500)).await.unwrap();
+        assert!(!store.enroll_agent("00000000000000aa", &agent(1)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_heartbeats_keeps_history_and_the_newest_metrics() {
+        let (_dir, store) = open().await;
+        store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
+        let a = agent(1);
+        store.enroll_agent("00000000000000aa", &a).await.unwrap();
+        let hb = |seq: u64, at: i64, cpu: f64| Record::Heartbeat {
+            agent_id: a.id.clone(),
+            at: Timestamp::from_unix_millis(at),
+            seq,
+            metrics: Box::new(Metrics { hostname: "h1".into(), cpu_percent: cpu, ..Metrics::default() }),
+        };
+        let batch: Vec<Record> = (0..1200).map(|i| hb(i, 2_000 + i as i64, i as f64 / 100.0)).collect();
+        store.record(&batch).await.unwrap();
+        let row = store.agent(&a.id).await.unwrap().unwrap();
+        assert_eq!(row.last_heartbeat_at, Some(Timestamp::from_unix_millis(3_199)));
+        assert_eq!(row.hostname, "h1");
+        assert_eq!(row.last_metrics.unwrap().cpu_percent, 11.99);
+        let hist = store.heartbeats(&a.id, Timestamp::from_unix_millis(3_000), 1000).await.unwrap();
+        assert_eq!(hist.len(), 200);
+        assert_eq!(store.prune_heartbeats(Timestamp::from_unix_millis(3_000), 10_000).await.unwrap(), 1000);
+    }
+
+    #[tokio::test]
+    async fn transitions_set_status_and_restart_marks_the_nodes_agents_offline() {
+        let (_dir, store) = open().await;
+        store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
+        let a = agent(1);
+        store.enroll_agent("00000000000000aa", &a).await.unwrap();
+        let at = Timestamp::from_unix_millis(5_000);
+        store
+            .record(&[
+                Record::Connected {
+                    agent_id: a.id.clone(),
+                    at,
+                    hostname: "h".into(),
+                    labels: Labels::new(),
+                    heartbeat_interval_ms: 1000,
+                    agent_version: "0".into(),
+                    node: "n1".into(),
+                    remote_addr: "127.0.0.1:1".into(),
+                },
+                Record::Transition {
+                    agent_id: a.id.clone(),
+                    at,
+                    from: Some(AgentStatus::Offline),
+                    to: AgentStatus::Online,
+                    reason: "connected".into(),
+                },
+            ])
+            .await
+            .unwrap();
+        assert_eq!(store.fleet_counts().await.unwrap(), FleetCounts { total: 1, online: 1, stale: 0, offline: 0 });
+        assert_eq!(store.mark_node_offline("other", at, "restart").await.unwrap(), 0);
+        assert_eq!(store.mark_node_offline("n1", at, "restart").await.unwrap(), 1);
+        let row = store.agent(&a.id).await.unwrap().unwrap();
+        assert_eq!(row.status, AgentStatus::Offline);
+        assert!(!row.connected);
+        let t = store.transitions(&a.id, 10).await.unwrap();
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].from, t[0].to, t[0].reason.as_str()), (Some(AgentStatus::Online), AgentStatus::Offline, "restart"));
+    }
+}

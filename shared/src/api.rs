@@ -1,0 +1,295 @@
+//! Request and response bodies of the operators' HTTP API (`/api/v1/...`).
+//! Database rows are separate types in the server; these are the public contract.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::Metrics;
+use crate::{AgentId, Labels, Timestamp};
+
+/// Path prefix of every API route.
+pub const PREFIX: &str = "/api/v1";
+
+/// What the server believes about an agent. See docs/protocol.md for the thresholds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    /// Connected, and the last heartbeat is fresh.
+    Online,
+    /// Connected, but no heartbeat for more than three heartbeat intervals.
+    Stale,
+    /// Not connected, or silent past the offline threshold.
+    Offline,
+}
+
+impl AgentStatus {
+    pub const ALL: [AgentStatus; 3] = [AgentStatus::Online, AgentStatus::Stale, AgentStatus::Offline];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentStatus::Online => "online",
+            AgentStatus::Stale => "stale",
+            AgentStatus::Offline => "offline",
+        }
+    }
+}
+
+impl fmt::Display for AgentStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown status {0:?}: expected online, stale or offline")]
+pub struct UnknownStatus(pub String);
+
+impl std::str::FromStr for AgentStatus {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        AgentStatus::ALL.into_iter().find(|st| st.as_str() == s).ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+/// One agent as listed by `GET /api/v1/agents`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentSummary {
+    pub id: AgentId,
+    pub hostname: String,
+    pub status: AgentStatus,
+    pub status_since: Timestamp,
+    pub labels: Labels,
+    pub last_heartbeat_at: Option<Timestamp>,
+    /// Metrics from the last heartbeat, if any arrived.
+    pub metrics: Option<Metrics>,
+}
+
+/// `GET /api/v1/agents/{id}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentDetail {
+    #[serde(flatten)]
+    pub summary: AgentSummary,
+    pub enrolled_at: Timestamp,
+    pub heartbeat_interval_ms: Option<u64>,
+    pub agent_version: Option<String>,
+    /// The current connection, or the last one if the agent is offline.
+    pub connection: Option<ConnectionInfo>,
+    /// Most recent status transitions, newest first.
+    pub transitions: Vec<Transition>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionInfo {
+    pub connected: bool,
+    pub remote_addr: String,
+    pub connected_at: Timestamp,
+    pub disconnected_at: Option<Timestamp>,
+    /// Which server process holds (or last held) the connection.
+    pub node: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Transition {
+    pub at: Timestamp,
+    pub from: Option<AgentStatus>,
+    pub to: AgentStatus,
+    pub reason: String,
+}
+
+/// One stored heartbeat, as `GET /api/v1/agents/{id}/heartbeats` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatSample {
+    pub at: Timestamp,
+    pub seq: u64,
+    pub cpu_percent: f64,
+    pub load1: f64,
+    pub mem_used_bytes: u64,
+    pub mem_total_bytes: u64,
+    pub disk_used_bytes: u64,
+    pub disk_total_bytes: u64,
+    pub process_count: u64,
+}
+
+/// `GET /api/v1/fleet`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetCounts {
+    pub total: u64,
+    pub online: u64,
+    pub stale: u64,
+    pub offline: u64,
+}
+
+/// What an operator token may do. Each role includes the ones below it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read fleet state, jobs and results.
+    Viewer,
+    /// Also run and cancel commands.
+    Operator,
+    /// Also manage tokens, enrollment tokens and agents.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Role::Viewer, Role::Operator, Role::Admin]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role {s:?}: expected viewer, operator or admin"))
+    }
+}
+
+/// `POST /api/v1/enroll-tokens`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateEnrollToken {
+    /// Seconds until the token stops working.
+    pub ttl_secs: u64,
+    /// How many agents may enroll with it.
+    pub uses: u32,
+    /// Labels every agent enrolled with this token gets. They win over the agent's own.
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+/// An enrollment token as listed; the secret is never shown again after creation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnrollTokenInfo {
+    pub id: String,
+    pub created_by: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub uses_total: u32,
+    pub uses_left: u32,
+    pub labels: Labels,
+    pub revoked: bool,
+}
+
+/// The answer to creating an enrollment token: the only time its secret is shown.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnrollTokenCreated {
+    #[serde(flatten)]
+    pub info: EnrollTokenInfo,
+    pub token: String,
+}
+
+/// `POST /api/v1/tokens`: a new operator token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateToken {
+    pub name: String,
+    pub role: Role,
+    /// Seconds until it expires; none for a token that lasts until revoked.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_by: String,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub last_used_at: Option<Timestamp>,
+    pub revoked: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    #[serde(flatten)]
+    pub info: TokenInfo,
+    pub token: String,
+}
+
+/// `GET /api/v1/whoami`: the caller's own token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WhoAmI {
+    pub token_id: String,
+    pub name: String,
+    pub role: Role,
+}
+
+/// Every error the API returns has this body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// A stable machine-readable kind: `unauthorized`, `forbidden`, `not_found`, `bad_request`,
+    /// `conflict`, `payload_too_large`, `unavailable`, `internal`.
+    pub error: String,
+    /// A sentence for a person.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(v: &T) {
+        let json = serde_json::to_string(v).unwrap();
+        assert_eq!(&serde_json::from_str::<T>(&json).unwrap(), v, "{json}");
+    }
+
+    #[test]
+    fn api_bodies_round_trip() {
+        let t = Timestamp::from_unix_millis(1_763_776_000_000);
+        let summary = AgentSummary {
+            id: AgentId::parse("0123456789abcdef").unwrap(),
+            hostname: "pos-1".into(),
+            status: AgentStatus::Stale,
+            status_since: t,
+            labels: Labels::from_pairs(["site=paris"]).unwrap(),
+            last_heartbeat_at: Some(t),
+            metrics: Some(Metrics::default()),
+        };
+        round_trip(&summary);
+        round_trip(&AgentDetail {
+            summary,
+            enrolled_at: t,
+            heartbeat_interval_ms: Some(10_000),
+            agent_version: Some("0.1.0".into()),
+            connection: Some(ConnectionInfo {
+                connected: true,
+                remote_addr: "127.0.0.1:5555".into(),
+                connected_at: t,
+                disconnected_at: None,
+                node: "local".into(),
+            }),
+            transitions: vec![Transition { at: t, from: Some(AgentStatus::Online), to: AgentStatus::Stale, reason: "late".into() }],
+        });
+        round_trip(&FleetCounts { total: 3, online: 1, stale: 1, offline: 1 });
+        round_trip(&CreateEnrollToken { ttl_secs: 60, uses: 2, labels: Labels::new() });
+        round_trip(&CreateToken { name: "ci".into(), role: Role::Operator, ttl_secs: None });
+        round_trip(&ApiError { error: "not_found".into(), message: "no agent 0123".into() });
+    }
+
+    #[test]
+    fn roles_are_ordered_by_power() {
+        assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
+        assert_eq!("operator".parse::<Role>(), Ok(Role::Operator));
+        assert!("root".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn status_parses_from_its_name() {
+        assert_eq!("stale".parse::<AgentStatus>(), Ok(AgentStatus::Stale));
+        assert!("up".parse::<AgentStatus>().is_err());
+    }
+}

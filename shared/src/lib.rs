@@ -1,0 +1,18 @@
+//! Muster's shared vocabulary: the agent protocol spoken over wss, the HTTP API's request and
+//! response types, and the validated newtypes both sides parse at their edges. Serde only, no I/O.
+
+pub mod api;
+pub mod duration;
+pub mod id;
+pub mod labels;
+pub mod protocol;
+pub mod selector;
+pub mod time;
+
+pub use id::AgentId;
+pub use labels::Labels;
+pub use selector::Selector;
+pub use time::Timestamp;
+
+/// The version every Muster binary of this build reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,108 @@
+//! Wall-clock timestamps: unix milliseconds inside, RFC 3339 (UTC, millisecond precision) on the wire.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::from(SystemTime::now())
+    }
+
+    pub const fn from_unix_millis(ms: i64) -> Self {
+        Timestamp(ms)
+    }
+
+    pub const fn unix_millis(self) -> i64 {
+        self.0
+    }
+
+    pub fn parse_rfc3339(s: &str) -> Result<Self, humantime::TimestampError> {
+        humantime::parse_rfc3339_weak(s).map(Self::from)
+    }
+
+    /// How long ago this was, as seen from `now`; zero for timestamps in the future.
+    pub fn age(self, now: Timestamp) -> Duration {
+        Duration::from_millis(u64::try_from(now.0.saturating_sub(self.0)).unwrap_or(0))
+    }
+
+    pub fn saturating_sub(self, d: Duration) -> Self {
+        Timestamp(self.0.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+    }
+
+    pub fn saturating_add(self, d: Duration) -> Self {
+        Timestamp(self.0.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(t: SystemTime) -> Self {
+        let ms = match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+        };
+        Timestamp(ms)
+    }
+}
+
+impl From<Timestamp> for SystemTime {
+    fn from(t: Timestamp) -> SystemTime {
+        if t.0 >= 0 {
+            UNIX_EPOCH + Duration::from_millis(t.0.unsigned_abs())
+        } else {
+            UNIX_EPOCH - Duration::from_millis(t.0.unsigned_abs())
+        }
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // humantime formats only times at or after the epoch; earlier ones never occur here.
+        let t = SystemTime::from(Timestamp(self.0.max(0)));
+        write!(f, "{}", humantime::format_rfc3339_millis(t))
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Timestamp::parse_rfc3339(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamp_round_trips_through_rfc3339_with_milliseconds() {
+        let t = Timestamp::from_unix_millis(1_763_776_000_123);
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, "\"2025-11-22T01:46:40.123Z\"");
+        let back: Timestamp = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, t);
+    }
+
+    #[test]
+    fn age_of_a_future_timestamp_is_zero() {
+        let now = Timestamp::from_unix_millis(1000);
+        assert_eq!(Timestamp::from_unix_millis(5000).age(now), Duration::ZERO);
+        assert_eq!(Timestamp::from_unix_millis(400).age(now), Duration::from_millis(600));
+    }
+}

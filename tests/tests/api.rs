@@ -1,0 +1,147 @@
+//! The operators' API and CLI: authentication, roles, and what `muster` prints.
+
+use std::time::Duration;
+
+use shared::api::{AgentStatus, AgentSummary, ApiError, CreateToken, FleetCounts, Role, TokenCreated};
+use tests::TestServer;
+
+#[tokio::test]
+async fn api_refuses_requests_without_a_valid_token() {
+    let server = TestServer::spawn().await;
+    let http = server.api.http();
+
+    let resp = http.get(server.api.url("/agents")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let err: ApiError = resp.json().await.unwrap();
+    assert_eq!(err.error, "unauthorized");
+
+    for bad in [
+        "Bearer nonsense",
+        "Basic YWRtaW46YWRtaW4=",
+        "Bearer mst_0000000000000000_0000000000000000000000000000000000000000000000000000000000000000",
+    ] {
+        let resp = http.get(server.api.url("/fleet")).header("authorization", bad).send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{bad}");
+    }
+
+    // A viewer reads but may not manage; a revoked or expired token does nothing at all.
+    let viewer: TokenCreated = server.api.post("/tokens", &CreateToken { name: "dash".into(), role: Role::Viewer, ttl_secs: None }).await;
+    let as_viewer = server.api.with_token(&viewer.token);
+    let _: FleetCounts = as_viewer.get("/fleet").await;
+    let resp = as_viewer
+        .http()
+        .post(as_viewer.url("/tokens"))
+        .bearer_auth(&viewer.token)
+        .json(&CreateToken { name: "x".into(), role: Role::Admin, ttl_secs: None })
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    let resp = server
+        .api
+        .http()
+        .delete(server.api.url(&format!("/tokens/{}", viewer.info.id)))
+        .bearer_auth(&server.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(as_viewer.raw_get("/fleet").await.status(), 401);
+
+    // Health needs no token; unknown routes and bad input are JSON errors.
+    assert!(server.api.healthz().await);
+    let resp = server.api.raw_get("/nope").await;
+    assert_eq!(resp.status(), 404);
+    let _: ApiError = resp.json().await.unwrap();
+    let resp = server.api.raw_get("/agents?status=sideways").await;
+    assert_eq!(resp.status(), 400);
+    let resp = server.api.raw_get("/agents/zzzz").await;
+    assert_eq!(resp.status(), 400);
+    let resp = server
+        .api
+        .http()
+        .post(server.api.url("/tokens"))
+        .bearer_auth(&server.admin_token)
+        .header("content-type", "application/json")
+        .body("{\"name\":")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let _: ApiError = resp.json().await.unwrap();
+}
+
+#[tokio::test]
+async fn cli_creates_an_enrollment_token_and_lists_the_agent_that_used_it() {
+    let server = TestServer::spawn().await;
+    let out = server.cli(&["enroll-token", "create", "--ttl", "1h", "--uses", "2", "--label", "site=paris"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let token = stdout.lines().next().unwrap().trim().to_owned();
+    assert!(token.starts_with("mse_"), "{stdout}");
+
+    let agent = server.spawn_agent(Some(&token), &["role=kiosk"]);
+    let id = agent.id().await;
+    server.api.wait_status(&id, AgentStatus::Online, Duration::from_secs(15)).await;
+    tests::wait_for("metrics from the first heartbeat", Duration::from_secs(15), || async {
+        server.api.agent(&id).await.summary.metrics.map(|_| ())
+    })
+    .await;
+
+    let out = server.cli(&["agents"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert!(table.starts_with("STATUS"), "{table}");
+    let row = table.lines().find(|l| l.contains(id.as_str())).unwrap_or_else(|| panic!("agent in table:\n{table}"));
+    assert!(row.starts_with("online") && row.contains("role=kiosk,site=paris"), "{row}");
+
+    let out = server.cli(&["agents", "--json", "--label", "site=paris,role in (kiosk,pos)"]);
+    let listed: Vec<AgentSummary> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 1);
+    let out = server.cli(&["agents", "--json", "--label", "!site"]);
+    let listed: Vec<AgentSummary> = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(listed.is_empty());
+
+    let out = server.cli(&["agent", id.as_str()]);
+    let detail = String::from_utf8(out.stdout).unwrap();
+    assert!(detail.contains("Status     online") && detail.contains("offline  online  connected"), "{detail}");
+    let out = server.cli(&["fleet"]);
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "1 agents: 1 online, 0 stale, 0 offline");
+    drop(agent);
+}
+
+#[tokio::test]
+async fn cli_reports_a_refused_token_and_bad_arguments_with_non_zero_status() {
+    let server = TestServer::spawn().await;
+    let out = std::process::Command::new(tests::bin("muster"))
+        .args(["agents"])
+        .env("MUSTER_SERVER", &server.url)
+        .env("MUSTER_TOKEN", "mst_0000000000000000_0000000000000000000000000000000000000000000000000000000000000000")
+        .env("MUSTER_CA", &server.ca)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused the token"));
+
+    let out = server.cli(&["agents", "--status", "sideways"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = std::process::Command::new(tests::bin("muster"))
+        .args(["fleet"])
+        .env_remove("MUSTER_SERVER")
+        .env_remove("MUSTER_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no server"));
+
+    // Untrusted certificate: the CLI refuses to talk and says why.
+    let out = std::process::Command::new(tests::bin("muster"))
+        .args(["fleet"])
+        .env("MUSTER_SERVER", &server.url)
+        .env("MUSTER_TOKEN", &server.admin_token)
+        .env_remove("MUSTER_CA")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("certificate"), "{}", String::from_utf8_lossy(&out.stderr));
+}
