@@ -1,0 +1,289 @@
+//! muster-loadgen: many simulated agents speaking the real protocol over real TLS to one
+//! server on loopback, for benchmarks. Bounded in agents and time; stops by itself.
+//!
+//! `muster-loadgen heartbeats`: N agents heartbeat at a fixed interval for a fixed time; then
+//! the SQLite file is watched until every heartbeat sent is stored, and the end-to-end
+//! ingest rate is reported.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use shared::api::{CreateEnrollToken, EnrollTokenCreated};
+use shared::protocol::{self, ServerMessage};
+use shared::{Labels, Timestamp};
+use tests::ws;
+use tokio::net::TcpSocket;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{header, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::Connector;
+
+#[derive(Parser)]
+#[command(name = "muster-loadgen", about = "Simulated agents for Muster benchmarks (loopback only)")]
+struct Cli {
+    /// Server URL; must be a loopback address.
+    #[arg(long, default_value = "https://127.0.0.1:8443")]
+    server: String,
+    /// CA certificate of the server.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Admin token, to create the enrollment token for new simulated agents.
+    #[arg(long, env = "MUSTER_TOKEN")]
+    token: String,
+    /// File caching the simulated agents' credentials between runs.
+    #[arg(long, default_value = "loadgen-agents.json")]
+    agents_file: PathBuf,
+    /// How many simulated agents.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 128)]
+    connect_concurrency: usize,
+    /// Loopback source addresses to spread connections over (127.0.0.1 ..= 127.0.0.N): one
+    /// address gives about 28,000 ports.
+    #[arg(long, default_value_t = 4)]
+    source_addrs: u8,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Heartbeat at a fixed interval for a fixed time, then measure what reached the database.
+    Heartbeats {
+        /// Interval between one agent's heartbeats.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        interval: Duration,
+        /// How long to send.
+        #[arg(long, default_value = "20s", value_parser = parse_duration)]
+        duration: Duration,
+        /// The server's SQLite file, read to see what was stored.
+        #[arg(long)]
+        db: PathBuf,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    shared::duration::parse(s).map_err(|e| e.to_string())
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct SimAgent {
+    agent_id: String,
+    credential: String,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct AgentsFile {
+    server: String,
+    agents: Vec<SimAgent>,
+}
+
+const MAX_AGENTS: usize = 19_000;
+const MAX_DURATION: Duration = Duration::from_secs(600);
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tests::tls_provider();
+    let addr = loopback_addr(&cli.server)?;
+    if cli.agents == 0 || cli.agents > MAX_AGENTS {
+        bail!("--agents must be 1 to {MAX_AGENTS}: one process holds at most 20,000 files; run several processes for more");
+    }
+    let tls = tests::rustls_config(&cli.ca);
+    let agents = ensure_agents(&cli, tls.clone(), addr).await?;
+    match &cli.command {
+        Cmd::Heartbeats { interval, duration, db } => {
+            if *duration > MAX_DURATION {
+                bail!("--duration is at most {MAX_DURATION:?}");
+            }
+            heartbeats(&cli, &agents, tls, addr, *interval, *duration, db).await
+        }
+    }
+}
+
+/// The server's socket address, refusing anything but loopback.
+fn loopback_addr(server: &str) -> anyhow::Result<SocketAddr> {
+    let hostport = server.strip_prefix("https://").context("server must be https://")?.trim_end_matches('/');
+    let addr: SocketAddr = hostport.parse().context("server must be https://<loopback ip>:<port>")?;
+    if !addr.ip().is_loopback() {
+        bail!("muster-loadgen only sends to loopback addresses, not {}", addr.ip());
+    }
+    Ok(addr)
+}
+
+async fn ensure_agents(cli: &Cli, tls: Arc<rustls::ClientConfig>, addr: SocketAddr) -> anyhow::Result<Vec<SimAgent>> {
+    let mut file: AgentsFile = match std::fs::read_to_string(&cli.agents_file) {
+        Ok(text) => serde_json::from_str(&text).context("agents file")?,
+        Err(_) => AgentsFile::default(),
+    };
+    if file.server != cli.server {
+        file = AgentsFile { server: cli.server.clone(), agents: Vec::new() };
+    }
+    let missing = cli.agents.saturating_sub(file.agents.len());
+    if missing > 0 {
+        let started = Instant::now();
+        let api = tests::Api::new(&cli.server, &cli.token, &cli.ca);
+        let token: EnrollTokenCreated = api
+            .post("/enroll-tokens", &CreateEnrollToken { ttl_secs: 3600, uses: missing as u32, labels: Labels::from_pairs(["loadgen=yes"])? })
+            .await;
+        let gate = Arc::new(Semaphore::new(cli.connect_concurrency));
+        let mut tasks = Vec::with_capacity(missing);
+        for i in 0..missing {
+            let (gate, tls, token) = (gate.clone(), tls.clone(), token.token.clone());
+            let source = source_ip(i, cli.source_addrs);
+            tasks.push(tokio::spawn(async move {
+                let _permit = gate.acquire_owned().await?;
+                let mut ws = dial(addr, source, &token, tls).await?;
+                let welcome = ws::open(&mut ws, &format!("sim-{i}"), 1000).await;
+                let _ = ws.close(None).await;
+                Ok::<_, anyhow::Error>(SimAgent { agent_id: welcome.agent_id.to_string(), credential: welcome.credential.context("no credential")? })
+            }));
+        }
+        for t in tasks {
+            file.agents.push(t.await??);
+        }
+        std::fs::write(&cli.agents_file, serde_json::to_vec(&file)?)?;
+        eprintln!("enrolled {missing} simulated agents in {:.1}s", started.elapsed().as_secs_f64());
+    }
+    file.agents.truncate(cli.agents);
+    Ok(file.agents)
+}
+
+fn source_ip(i: usize, n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(n.max(1))) as u8))
+}
+
+async fn dial(addr: SocketAddr, source: IpAddr, bearer: &str, tls: Arc<rustls::ClientConfig>) -> anyhow::Result<ws::Ws> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let tcp = socket.connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut req = format!("wss://{addr}{}", protocol::CONNECT_PATH).into_client_request()?;
+    req.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {bearer}"))?);
+    req.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol::SUBPROTOCOL));
+    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(4096);
+    let (ws, _) = tokio_tungstenite::client_async_tls_with_config(req, tcp, Some(config), Some(Connector::Rustls(tls))).await?;
+    Ok(ws)
+}
+
+/// Connects every simulated agent and completes hello/welcome.
+async fn connect_all(cli: &Cli, agents: &[SimAgent], tls: Arc<rustls::ClientConfig>, addr: SocketAddr, interval: Duration) -> anyhow::Result<Vec<ws::Ws>> {
+    let started = Instant::now();
+    let gate = Arc::new(Semaphore::new(cli.connect_concurrency));
+    let interval_ms = interval.as_millis() as u64;
+    let mut tasks = Vec::with_capacity(agents.len());
+    for (i, a) in agents.iter().enumerate() {
+        let (gate, tls, cred) = (gate.clone(), tls.clone(), a.credential.clone());
+        let source = source_ip(i, cli.source_addrs);
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let mut ws = dial(addr, source, &cred, tls).await?;
+            ws::open(&mut ws, &format!("sim-{i}"), interval_ms.max(200)).await;
+            Ok::<_, anyhow::Error>(ws)
+        }));
+    }
+    let mut out = Vec::with_capacity(agents.len());
+    for t in tasks {
+        out.push(t.await??);
+    }
+    eprintln!("connected {} agents in {:.1}s", out.len(), started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+async fn heartbeats(
+    cli: &Cli,
+    agents: &[SimAgent],
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    interval: Duration,
+    duration: Duration,
+    db: &Path,
+) -> anyhow::Result<()> {
+    let conns = connect_all(cli, agents, tls, addr, interval).await?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let t0 = Timestamp::now();
+    let start = tokio::time::Instant::now();
+    let stop_at = start + duration;
+    let n = conns.len();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, mut conn) in conns.into_iter().enumerate() {
+        let sent = sent.clone();
+        // Spread the agents evenly over one interval, as a real fleet's jitter does.
+        let mut next = start + interval.mul_f64(i as f64 / n as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {
+                        if next >= stop_at { break; }
+                        seq += 1;
+                        let text = serde_json::to_string(&ws::heartbeat(seq, "sim")).unwrap_or_default();
+                        if conn.send(Message::Text(text.into())).await.is_err() { break; }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        next += interval;
+                    }
+                    msg = conn.next() => match msg {
+                        Some(Ok(Message::Text(t))) => { let _ = ServerMessage::decode(t.as_str()); }
+                        Some(Ok(_)) => {}
+                        _ => break,
+                    }
+                }
+            }
+            conn
+        }));
+    }
+    let mut conns = Vec::with_capacity(n);
+    for t in tasks {
+        conns.push(t.await?);
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    let total = sent.load(Ordering::Relaxed);
+
+    // Wait (bounded) until the database holds every heartbeat sent since t0.
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true))
+        .await
+        .context("opening the server's database")?;
+    // Stop when everything is there, or when the count has not moved for 2 s (the server
+    // dropped some under overload); the rate counts up to the last row that arrived.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut stored, mut last_change) = (0u64, start.elapsed());
+    loop {
+        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM heartbeats WHERE at >= ?").bind(t0.unix_millis()).fetch_one(&pool).await?;
+        let count = count as u64;
+        if count != stored {
+            stored = count;
+            last_change = start.elapsed();
+        }
+        if stored >= total || start.elapsed() - last_change > Duration::from_secs(2) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_stored_secs = last_change.as_secs_f64();
+    for mut c in conns {
+        let _ = c.close(None).await;
+    }
+    let offered = n as f64 / interval.as_secs_f64();
+    println!("agents={n} interval={interval:?} offered={offered:.0}/s");
+    println!("sent={total} in {send_secs:.2}s ({:.0}/s)", total as f64 / send_secs);
+    println!("stored={stored} ({:.2}%), the last after {all_stored_secs:.2}s", stored as f64 * 100.0 / total.max(1) as f64);
+    println!("ingest_rate={:.0} heartbeats/s end to end", stored as f64 / all_stored_secs);
+    if stored < total {
+        bail!("{} heartbeats sent but not stored", total - stored);
+    }
+    Ok(())
+}
