@@ -9,11 +9,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -23,11 +23,11 @@ use shared::{Labels, Timestamp};
 use tests::ws;
 use tokio::net::TcpSocket;
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{header, HeaderValue};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::Connector;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderValue, header};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 #[derive(Parser)]
 #[command(name = "muster-loadgen", about = "Simulated agents for Muster benchmarks (loopback only)")]
@@ -136,7 +136,10 @@ async fn ensure_agents(cli: &Cli, tls: Arc<rustls::ClientConfig>, addr: SocketAd
         let started = Instant::now();
         let api = tests::Api::new(&cli.server, &cli.token, &cli.ca);
         let token: EnrollTokenCreated = api
-            .post("/enroll-tokens", &CreateEnrollToken { ttl_secs: 3600, uses: missing as u32, labels: Labels::from_pairs(["loadgen=yes"])? })
+            .post(
+                "/enroll-tokens",
+                &CreateEnrollToken { ttl_secs: 3600, uses: missing as u32, labels: Labels::from_pairs(["loadgen=yes"])? },
+            )
             .await;
         let gate = Arc::new(Semaphore::new(cli.connect_concurrency));
         let mut tasks = Vec::with_capacity(missing);
@@ -148,7 +151,10 @@ async fn ensure_agents(cli: &Cli, tls: Arc<rustls::ClientConfig>, addr: SocketAd
                 let mut ws = dial(addr, source, &token, tls).await?;
                 let welcome = ws::open(&mut ws, &format!("sim-{i}"), 1000).await;
                 let _ = ws.close(None).await;
-                Ok::<_, anyhow::Error>(SimAgent { agent_id: welcome.agent_id.to_string(), credential: welcome.credential.context("no credential")? })
+                Ok::<_, anyhow::Error>(SimAgent {
+                    agent_id: welcome.agent_id.to_string(),
+                    credential: welcome.credential.context("no credential")?,
+                })
             }));
         }
         for t in tasks {
@@ -179,7 +185,13 @@ async fn dial(addr: SocketAddr, source: IpAddr, bearer: &str, tls: Arc<rustls::C
 }
 
 /// Connects every simulated agent and completes hello/welcome.
-async fn connect_all(cli: &Cli, agents: &[SimAgent], tls: Arc<rustls::ClientConfig>, addr: SocketAddr, interval: Duration) -> anyhow::Result<Vec<ws::Ws>> {
+async fn connect_all(
+    cli: &Cli,
+    agents: &[SimAgent],
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    interval: Duration,
+) -> anyhow::Result<Vec<ws::Ws>> {
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(cli.connect_concurrency));
     let interval_ms = interval.as_millis() as u64;
@@ -262,7 +274,8 @@ async fn heartbeats(
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut stored, mut last_change) = (0u64, start.elapsed());
     loop {
-        let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM heartbeats WHERE at >= ?").bind(t0.unix_millis()).fetch_one(&pool).await?;
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM heartbeats WHERE at >= ?").bind(t0.unix_millis()).fetch_one(&pool).await?;
         let count = count as u64;
         if count != stored {
             stored = count;
