@@ -45,6 +45,9 @@ pub struct Settings {
     /// Longest reconnect delay. [default: 60s]
     #[arg(long, env = "MUSTER_BACKOFF_MAX", value_parser = parse_duration)]
     pub backoff_max: Option<Duration>,
+    /// Commands run at once; more wait their turn. [default: 8]
+    #[arg(long, env = "MUSTER_MAX_RUNS")]
+    pub max_runs: Option<usize>,
     /// Log filter. [default: info]
     #[arg(long, env = "MUSTER_LOG")]
     pub log: Option<String>,
@@ -65,6 +68,7 @@ struct FileSettings {
     heartbeat_interval: Option<String>,
     backoff_initial: Option<String>,
     backoff_max: Option<String>,
+    max_runs: Option<usize>,
     log: Option<String>,
 }
 
@@ -80,6 +84,7 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    pub max_runs: usize,
     pub log: String,
 }
 
@@ -126,8 +131,12 @@ impl Config {
             heartbeat_interval: dur(s.heartbeat_interval, &file.heartbeat_interval, "heartbeat_interval", Duration::from_secs(10))?,
             backoff_initial: dur(s.backoff_initial, &file.backoff_initial, "backoff_initial", Duration::from_secs(1))?,
             backoff_max: dur(s.backoff_max, &file.backoff_max, "backoff_max", Duration::from_secs(60))?,
+            max_runs: s.max_runs.or(file.max_runs).unwrap_or(8),
             log: s.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
         };
+        if !(1..=256).contains(&config.max_runs) {
+            return Err(invalid("max_runs must be between 1 and 256".into()));
+        }
         if !(Duration::from_millis(200)..=Duration::from_secs(3600)).contains(&config.heartbeat_interval) {
             return Err(invalid("heartbeat_interval must be between 200ms and 1h".into()));
         }

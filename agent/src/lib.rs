@@ -7,6 +7,8 @@
 pub mod backoff;
 pub mod config;
 pub mod credential;
+pub mod executor;
+pub mod ledger;
 pub mod metrics;
 pub mod session;
 pub mod tls;
@@ -21,6 +23,8 @@ use crate::session::{Outcome, Presenting, Session};
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let tls = tls::client_config(config.ca.as_deref()).context("TLS")?;
     let mut collector = metrics::Collector::new();
+    let executor = executor::Executor::open(&config.state_dir, config.max_runs)
+        .with_context(|| format!("opening the run ledger in {}", config.state_dir.display()))?;
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     tracing::info!(server = %config.server, state_dir = %config.state_dir.display(), "muster-agent starting");
     loop {
@@ -35,7 +39,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 ),
             },
         };
-        let outcome = Session { config: &config, tls: tls.clone(), collector: &mut collector, cancel: &cancel }.run(&presenting).await;
+        let outcome = Session { config: &config, tls: tls.clone(), collector: &mut collector, executor: &executor, cancel: &cancel }
+            .run(&presenting)
+            .await;
         match outcome {
             Outcome::Stopped => return Ok(()),
             Outcome::Ended { healthy_for, reason } => {

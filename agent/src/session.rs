@@ -17,7 +17,29 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::credential::{self, Credential};
+use crate::executor::{Executor, Phase};
 use crate::metrics::{self, Collector};
+
+/// Output is sent in pieces of at most this many bytes.
+const CHUNK: usize = 16 * 1024;
+/// Messages about runs sent per turn of the loop, so heartbeats and reads keep their turn.
+const PUMP_BUDGET: usize = 64;
+
+/// What this session has told the server about each run (a new session tells it again).
+#[derive(Default)]
+struct Reported {
+    accepted: std::collections::HashSet<String>,
+    started: std::collections::HashSet<String>,
+    finished: std::collections::HashSet<String>,
+}
+
+impl Reported {
+    fn forget(&mut self, id: &str) {
+        self.accepted.remove(id);
+        self.started.remove(id);
+        self.finished.remove(id);
+    }
+}
 
 type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -53,6 +75,7 @@ pub struct Session<'a> {
     pub config: &'a Config,
     pub tls: Arc<rustls::ClientConfig>,
     pub collector: &'a mut Collector,
+    pub executor: &'a Executor,
     pub cancel: &'a CancellationToken,
 }
 
@@ -70,6 +93,7 @@ impl Session<'_> {
             }
         };
         tracing::info!(agent = %welcome.agent_id, labels = %welcome.labels, "connected");
+        self.executor.set_agent_id(welcome.agent_id.clone());
         self.heartbeat_loop(ws, &welcome).await
     }
 
@@ -117,6 +141,7 @@ impl Session<'_> {
             hostname: metrics::hostname(),
             labels: self.config.labels.clone(),
             heartbeat_interval_ms: u64::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
+            open_runs: self.executor.open_run_ids(),
         });
         send(ws, &hello).await?;
         let deadline = Instant::now() + WELCOME_TIMEOUT;
@@ -125,6 +150,7 @@ impl Session<'_> {
             match frame {
                 Some(Ok(Message::Text(t))) => match ServerMessage::decode(t.as_str()) {
                     Ok(ServerMessage::Welcome(w)) => break w,
+                    Ok(_) => return Err("expected welcome first".into()),
                     Err(e) => return Err(format!("unexpected message before welcome: {e}")),
                 },
                 Some(Ok(Message::Close(f))) => return Err(format!("server closed the connection: {}", describe_close(f.as_ref()))),
@@ -151,9 +177,19 @@ impl Session<'_> {
         let mut seq = 0u64;
         let mut next_heartbeat = Instant::now();
         let mut last_metrics = None;
+        let mut reported = Reported::default();
+        // Whatever is open (from before a reconnect or a restart) is reported first.
+        self.executor.poke();
         let ended = |reason: String| Outcome::Ended { healthy_for: started.elapsed(), reason };
         loop {
             tokio::select! {
+                _ = self.executor.changed() => {
+                    match pump(&mut ws, self.executor, &mut reported).await {
+                        Ok(true) => self.executor.poke(),
+                        Ok(false) => {}
+                        Err(e) => return ended(e),
+                    }
+                }
                 _ = self.cancel.cancelled() => {
                     let frame = CloseFrame { code: CloseCode::Normal, reason: "agent stopping".into() };
                     let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
@@ -178,6 +214,24 @@ impl Session<'_> {
                         match msg {
                             Message::Text(t) => match ServerMessage::decode(t.as_str()) {
                                 Ok(ServerMessage::Welcome(_)) => tracing::debug!("ignoring a second welcome"),
+                                Ok(ServerMessage::Run(run)) => {
+                                    tracing::info!(run = %run.run_id, job = %run.job_id, command = %run.command.summary(), "run received");
+                                    let id = run.run_id.clone();
+                                    if !self.executor.receive(run) {
+                                        // A repeat: tell the server again where it stands.
+                                        reported.forget(&id);
+                                        self.executor.poke();
+                                    }
+                                }
+                                Ok(ServerMessage::Cancel(c)) => {
+                                    tracing::info!(run = %c.run_id, "cancel received");
+                                    self.executor.cancel(&c.run_id);
+                                }
+                                Ok(ServerMessage::ResultAck(a)) => self.executor.ack(&a.run_id),
+                                Ok(ServerMessage::Resend(r)) => {
+                                    reported.finished.remove(&r.run_id);
+                                    self.executor.resend_from(&r.run_id, r.stdout_from, r.stderr_from);
+                                }
                                 Err(e) => tracing::warn!(error = %e, "ignoring a message this agent does not understand"),
                             },
                             Message::Close(f) => {
@@ -237,4 +291,65 @@ async fn send(ws: &mut Ws, msg: &AgentMessage) -> Result<(), String> {
         Ok(Err(e)) => Err(format!("connection lost: {e}")),
         Err(_) => Err("the server stopped reading".into()),
     }
+}
+
+/// Sends what the server has not heard yet about runs, up to a budget. True if more remains.
+async fn pump(ws: &mut Ws, executor: &Executor, reported: &mut Reported) -> Result<bool, String> {
+    use shared::job::Stream;
+    use shared::protocol::{RunAccepted, RunOutput, RunStarted};
+    let mut budget = PUMP_BUDGET;
+    for (id, status) in executor.runs() {
+        loop {
+            if budget == 0 {
+                return Ok(true);
+            }
+            // Decide under the lock, send without it.
+            let (msg, stream_sent) = {
+                let st = status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if st.phase == Phase::Queued && !reported.accepted.contains(&id) {
+                    reported.accepted.insert(id.clone());
+                    (AgentMessage::RunAccepted(RunAccepted { run_id: id.clone() }), None)
+                } else if st.phase == Phase::Running && !reported.started.contains(&id) {
+                    reported.started.insert(id.clone());
+                    (AgentMessage::RunStarted(RunStarted { run_id: id.clone() }), None)
+                } else if st.sent_out < st.out_len || st.sent_err < st.err_len {
+                    let (stream, offset) =
+                        if st.sent_out < st.out_len { (Stream::Stdout, st.sent_out) } else { (Stream::Stderr, st.sent_err) };
+                    drop(st);
+                    let data = executor.read_chunk(&id, stream, offset, CHUNK).unwrap_or_default();
+                    let len = data.len() as u64;
+                    (AgentMessage::RunOutput(RunOutput { run_id: id.clone(), stream, offset, data }), Some((stream, offset, len)))
+                } else if st.phase == Phase::Finished && !reported.finished.contains(&id) {
+                    match &st.result {
+                        Some(r) => {
+                            reported.finished.insert(id.clone());
+                            (AgentMessage::RunFinished(r.clone()), None)
+                        }
+                        None => break,
+                    }
+                } else {
+                    break;
+                }
+            };
+            if let Some((stream, offset, len)) = stream_sent {
+                let mut guard = status.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let st = &mut *guard;
+                let (sent, total) = match stream {
+                    Stream::Stdout => (&mut st.sent_out, st.out_len),
+                    Stream::Stderr => (&mut st.sent_err, st.err_len),
+                };
+                if len == 0 {
+                    // Nothing readable there (the file is gone or cut short): skip it, and
+                    // the server's completeness check will ask again if it matters.
+                    tracing::warn!(run = %id, ?stream, offset, "output could not be read; skipping it");
+                    *sent = total;
+                    continue;
+                }
+                *sent = offset + len;
+            }
+            send(ws, &msg).await?;
+            budget -= 1;
+        }
+    }
+    Ok(false)
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use shared::api::{AgentStatus, Role};
+use shared::job::Concurrency;
 use shared::{AgentId, Selector};
 
 /// muster: watch a fleet of terminals and manage access to it.
@@ -50,6 +51,76 @@ pub enum Command {
     Token(TokenCommand),
     /// Show the token in use: its name and role.
     Whoami,
+    /// Run a command on one agent, a labelled group, or all of them, and show the results.
+    Run(RunArgs),
+    /// List recent jobs.
+    Jobs {
+        /// How many, newest first.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job and its runs, or cancel it.
+    #[command(args_conflicts_with_subcommands = true)]
+    Job(JobArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["agents", "label", "all"])))]
+pub struct RunArgs {
+    /// Run on this agent (by id); repeat for more.
+    #[arg(long = "agent")]
+    pub agents: Vec<AgentId>,
+    /// Run on every agent matching this label selector.
+    #[arg(long, short = 'l')]
+    pub label: Option<Selector>,
+    /// Run on every agent.
+    #[arg(long)]
+    pub all: bool,
+    /// Run the words after `--` as one /bin/sh script instead of a program and its arguments.
+    #[arg(long)]
+    pub shell: bool,
+    /// Stop a run that takes longer than this. [default: 60s]
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// How long to wait for agents that are offline; 0 for online agents only. [default: 10m]
+    #[arg(long, value_parser = parse_duration_or_zero)]
+    pub ttl: Option<Duration>,
+    /// At most this many runs at once: a number (10) or a percentage of the targets (25%).
+    #[arg(long)]
+    pub concurrency: Option<Concurrency>,
+    /// Stop starting new runs once this many have failed.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_errors: Option<u32>,
+    /// Show which agents the target matches, and how many are online; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print the job id and return at once.
+    #[arg(long)]
+    pub detach: bool,
+    /// Print the finished job as JSON instead of live output.
+    #[arg(long)]
+    pub json: bool,
+    /// The command: `-- uname -r`, or with --shell `-- 'df -h / | tail -1'`.
+    #[arg(last = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The job's id.
+    pub id: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: Option<JobAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobAction {
+    /// Cancel a job: runs not started are cancelled, running ones are stopped.
+    Cancel { id: String },
 }
 
 #[derive(Debug, Args)]
@@ -139,6 +210,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    shared::duration::parse(s).map_err(|e| e.to_string())
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     shared::Labels::parse_pair(s).map_err(|e| e.to_string())
 }
@@ -163,9 +238,24 @@ mod tests {
             vec!["muster", "enroll-token", "create", "--uses", "0"],
             vec!["muster", "enroll-token", "create", "--label", "no-equals"],
             vec!["muster", "token", "create", "--name", "x", "--role", "root"],
+            vec!["muster", "run", "--", "uptime"],
+            vec!["muster", "run", "--all", "--agent", "0123456789abcdef", "--", "uptime"],
+            vec!["muster", "run", "--all"],
+            vec!["muster", "run", "--all", "--concurrency", "0", "--", "uptime"],
+            vec!["muster", "run", "--all", "--max-errors", "0", "--", "uptime"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?} should be refused");
         }
+    }
+
+    #[test]
+    fn run_takes_a_target_options_and_the_command_after_the_double_dash() {
+        let cli =
+            Cli::try_parse_from(["muster", "run", "-l", "role=pos", "--concurrency", "25%", "--ttl", "0", "--", "uname", "-r"]).unwrap();
+        let Command::Run(r) = cli.command else { panic!("run") };
+        assert_eq!(r.command, ["uname", "-r"]);
+        assert_eq!(r.concurrency, Some(Concurrency::Percent(25)));
+        assert_eq!(r.ttl, Some(Duration::ZERO));
     }
 
     #[test]

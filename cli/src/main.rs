@@ -11,6 +11,7 @@ mod args;
 mod client;
 mod commands;
 mod output;
+mod run;
 
 use args::{Cli, Command};
 
@@ -22,7 +23,8 @@ fn main() -> ExitCode {
         Err(e) => return fail(&anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }
@@ -38,20 +40,24 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Ok(false): the command worked, but a job it reports on did not fully succeed.
+async fn run(cli: Cli) -> anyhow::Result<bool> {
     let server = cli.conn.server.as_deref().context("no server: set MUSTER_SERVER or pass --server https://host:port")?;
     let token = cli.conn.token.as_deref().context("no token: set MUSTER_TOKEN or pass --token")?;
     let client = client::Client::new(server, token, cli.conn.ca.as_deref())?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    match &cli.command {
-        Command::Agents(a) => commands::agents(&client, a, &mut out).await,
-        Command::Agent(a) => commands::agent(&client, a, &mut out).await,
-        Command::Fleet { json } => commands::fleet(&client, *json, &mut out).await,
-        Command::EnrollToken(c) => commands::enroll_token(&client, c, &mut out).await,
-        Command::Token(c) => commands::token(&client, c, &mut out).await,
-        Command::Whoami => commands::whoami(&client, &mut out).await,
+    let ok = match &cli.command {
+        Command::Agents(a) => commands::agents(&client, a, &mut out).await.map(|()| true),
+        Command::Agent(a) => commands::agent(&client, a, &mut out).await.map(|()| true),
+        Command::Fleet { json } => commands::fleet(&client, *json, &mut out).await.map(|()| true),
+        Command::EnrollToken(c) => commands::enroll_token(&client, c, &mut out).await.map(|()| true),
+        Command::Token(c) => commands::token(&client, c, &mut out).await.map(|()| true),
+        Command::Whoami => commands::whoami(&client, &mut out).await.map(|()| true),
+        Command::Run(r) => run::run(&client, r, &mut out).await.map(|o| o.all_succeeded),
+        Command::Jobs { limit, json } => run::jobs(&client, *limit, *json, &mut out).await.map(|()| true),
+        Command::Job(j) => run::job(&client, j, &mut out).await.map(|o| o.all_succeeded),
     }?;
     out.flush()?;
-    Ok(())
+    Ok(ok)
 }

@@ -17,7 +17,9 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::config::Config;
-use crate::recorder::Recorder;
+use crate::dispatch::Dispatcher;
+use crate::events::Events;
+use crate::recorder::{Hooks, Recorder};
 use crate::registry::Registry;
 use crate::store::{AuditEntry, SqliteStore, Store};
 use crate::{api, health, tls};
@@ -33,6 +35,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
     pub recorder: Recorder,
+    pub events: Events,
+    pub dispatcher: Dispatcher,
     pub config: Arc<Config>,
     pub shutdown: CancellationToken,
     /// Tracks agent sessions, which outlive the HTTP connection that upgraded to them.
@@ -88,11 +92,18 @@ impl Application {
         }
 
         let shared_store: Arc<dyn Store> = Arc::new(store.clone());
-        let (recorder, recorder_task) = Recorder::spawn(shared_store.clone());
+        let registry = Registry::new();
+        let events = Events::default();
+        let kick = Arc::new(tokio::sync::Notify::new());
+        let hooks = Hooks { registry: registry.clone(), events: events.clone(), dispatch: kick.clone() };
+        let (recorder, recorder_task) = Recorder::spawn(shared_store.clone(), hooks);
+        let dispatcher = Dispatcher { store: shared_store.clone(), registry: registry.clone(), events: events.clone(), kick };
         let state = AppState {
             store: shared_store,
-            registry: Registry::new(),
+            registry,
             recorder,
+            events,
+            dispatcher,
             config: Arc::new(config),
             shutdown,
             tracker: TaskTracker::new(),
@@ -125,6 +136,7 @@ impl Application {
         let tracker = state.tracker.clone();
         tracker.spawn(health::run_sweeper(state.registry.clone(), state.recorder.clone(), state.config.sweep_interval, cancel.clone()));
         tracker.spawn(health::run_pruner(state.store.clone(), state.config.heartbeat_retention, cancel.clone()));
+        tracker.spawn(state.dispatcher.clone().run(cancel.clone()));
 
         let router = api::router(state.clone());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();

@@ -108,6 +108,7 @@ fn agent_config(server_url: &str, ca: &Path, state_dir: &Path, enroll_token: Str
         heartbeat_interval: Duration::from_secs(10),
         backoff_initial: Duration::from_secs(1),
         backoff_max: Duration::from_secs(60),
+        max_runs: 8,
         log: String::new(),
     })
 }

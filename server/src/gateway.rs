@@ -248,6 +248,16 @@ async fn run_session(app: AppState, mut socket: WebSocket, who: Authenticated, r
     };
     let interval = Duration::from_millis(hello.heartbeat_interval_ms);
     let labels = hello.labels.overlaid_with(&who.token_labels);
+    // Before this session can receive runs: settle what the agent has against what the server
+    // believes it sent.
+    let held = match app.dispatcher.reconcile(&agent_id, &hello.open_runs).await {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::error!(agent = %agent_id, error = %e, "cannot reconcile the agent's runs");
+            finish(&mut socket, &Ending::close(close::INTERNAL_ERROR, "server cannot read its database")).await;
+            return;
+        }
+    };
     let (out_tx, mut out_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let closer = Closer::default();
     let now = Timestamp::now();
@@ -279,7 +289,12 @@ async fn run_session(app: AppState, mut socket: WebSocket, who: Authenticated, r
     let ending = if send_json(&mut socket, &welcome).await.is_err() {
         Ending::quiet("could not send welcome")
     } else {
-        session_loop(&app, &mut socket, &agent_id, reg.conn, &closer, &mut out_rx).await
+        app.dispatcher.kick.notify_one();
+        if let Err(e) = cancel_held_runs_of_cancelled_jobs(&app, &mut socket, &held).await {
+            Ending::quiet(e)
+        } else {
+            session_loop(&app, &mut socket, &agent_id, reg.conn, &closer, &mut out_rx).await
+        }
     };
     finish(&mut socket, &ending).await;
     if let Some(change) = app.registry.unregister(&agent_id, reg.conn, &ending.reason) {
@@ -288,6 +303,26 @@ async fn run_session(app: AppState, mut socket: WebSocket, who: Authenticated, r
         app.recorder.send(Record::Disconnected { agent_id: agent_id.clone(), at }).await;
     }
     tracing::info!(agent = %agent_id, reason = %ending.reason, "agent disconnected");
+}
+
+/// A job cancelled while the agent was away: its runs still on the agent get their cancel now.
+async fn cancel_held_runs_of_cancelled_jobs(app: &AppState, socket: &mut WebSocket, held: &[crate::store::OpenRun]) -> Result<(), String> {
+    let mut cancelled_jobs = std::collections::HashMap::new();
+    for r in held {
+        let cancelled = match cancelled_jobs.get(&r.job_id) {
+            Some(c) => *c,
+            None => {
+                let c = app.store.job(&r.job_id).await.ok().flatten().is_some_and(|j| j.cancelled_at.is_some());
+                cancelled_jobs.insert(r.job_id.clone(), c);
+                c
+            }
+        };
+        if cancelled {
+            let msg = ServerMessage::Cancel(shared::protocol::Cancel { run_id: r.id.clone() });
+            send_json(socket, &msg).await.map_err(|()| "connection lost while sending a cancel".to_owned())?;
+        }
+    }
+    Ok(())
 }
 
 enum Event {
@@ -375,6 +410,26 @@ async fn handle_text(app: &AppState, agent_id: &AgentId, conn: u64, text: &str) 
             Ok(())
         }
         Ok(AgentMessage::Hello(_)) => Err(Ending::close(close::PROTOCOL_ERROR, "hello sent twice")),
+        Ok(AgentMessage::RunAccepted(m)) => {
+            app.recorder.send(Record::RunAccepted { agent_id: agent_id.clone(), run_id: m.run_id, at: Timestamp::now() }).await;
+            Ok(())
+        }
+        Ok(AgentMessage::RunStarted(m)) => {
+            app.recorder.send(Record::RunStarted { agent_id: agent_id.clone(), run_id: m.run_id, at: Timestamp::now() }).await;
+            Ok(())
+        }
+        Ok(AgentMessage::RunOutput(m)) => {
+            // Waiting for room in the recorder's queue slows this agent down, which is the
+            // backpressure output needs; nothing is dropped.
+            let record =
+                Record::RunOutput { agent_id: agent_id.clone(), run_id: m.run_id, stream: m.stream, offset: m.offset, data: m.data };
+            app.recorder.send(record).await;
+            Ok(())
+        }
+        Ok(AgentMessage::RunFinished(m)) => {
+            app.recorder.send(Record::RunFinished { agent_id: agent_id.clone(), finished: Box::new(m), at: Timestamp::now() }).await;
+            Ok(())
+        }
         Err(e) => {
             tracing::warn!(agent = %agent_id, error = %e, "malformed message from agent");
             Err(Ending::close(e.close_code(), e.to_string()))

@@ -6,6 +6,8 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod dev;
+pub mod dispatch;
+pub mod events;
 pub mod gateway;
 pub mod health;
 pub mod recorder;

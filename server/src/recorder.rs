@@ -14,10 +14,23 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use shared::job::JobEvent;
+use shared::protocol::{Resend, ResultAck, ServerMessage};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::store::{Record, Store, StoreError};
+use crate::events::Events;
+use crate::registry::Registry;
+use crate::store::{Effect, Record, Store, StoreError};
+
+/// Who hears about a batch once it is committed: agents (acks, resend requests), event
+/// streams, and the dispatcher (a run ended, so a slot or the job may be free).
+#[derive(Clone)]
+pub struct Hooks {
+    pub registry: Arc<Registry>,
+    pub events: Events,
+    pub dispatch: Arc<Notify>,
+}
 
 const QUEUE: usize = 65_536;
 const MAX_BATCH: usize = 8_192;
@@ -38,10 +51,10 @@ pub struct Stats {
 impl Recorder {
     /// Starts the writer. It runs until every `Recorder` clone is dropped, then writes what is
     /// left and ends; await the handle to know everything queued is on disk.
-    pub fn spawn(store: Arc<dyn Store>) -> (Recorder, JoinHandle<()>) {
+    pub fn spawn(store: Arc<dyn Store>, hooks: Hooks) -> (Recorder, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(Stats::default());
-        let handle = tokio::spawn(run(store, rx, stats.clone()));
+        let handle = tokio::spawn(run(store, rx, stats.clone(), hooks));
         (Recorder { tx, stats }, handle)
     }
 
@@ -67,10 +80,11 @@ impl Recorder {
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<Stats>) {
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<Stats>, hooks: Hooks) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        write_with_retry(store.as_ref(), &batch).await;
+        let effects = write_with_retry(store.as_ref(), &batch).await;
+        announce(&hooks, effects);
         stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         batch.clear();
@@ -79,16 +93,16 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<S
 
 /// Retries a failed batch until it is written: a full disk or a busy database is a pause, not
 /// a loss. Each failure is logged with its cause.
-async fn write_with_retry(store: &dyn Store, batch: &[Record]) {
+async fn write_with_retry(store: &dyn Store, batch: &[Record]) -> Vec<Effect> {
     let mut delay = Duration::from_millis(100);
     let mut attempts = 0u32;
     loop {
         match store.record(batch).await {
-            Ok(()) => {
+            Ok(effects) => {
                 if attempts > 0 {
                     tracing::info!(attempts, records = batch.len(), "recorder caught up");
                 }
-                return;
+                return effects;
             }
             Err(e) => {
                 attempts += 1;
@@ -102,5 +116,37 @@ async fn write_with_retry(store: &dyn Store, batch: &[Record]) {
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+/// Tells agents and watchers what the committed batch changed. Acks go out only now, after
+/// the commit, so an agent never forgets a result the server does not have.
+fn announce(hooks: &Hooks, effects: Vec<Effect>) {
+    let mut run_ended = false;
+    for e in effects {
+        match e {
+            Effect::Ack { agent_id, run_id } => {
+                if let Some(tx) = hooks.registry.sender(&agent_id) {
+                    // If the session is gone or busy, the agent repeats `run_finished` after
+                    // reconnecting and is acknowledged then.
+                    let _ = tx.try_send(ServerMessage::ResultAck(ResultAck { run_id }));
+                }
+            }
+            Effect::Resend { agent_id, run_id, stdout_from, stderr_from } => {
+                if let Some(tx) = hooks.registry.sender(&agent_id) {
+                    let _ = tx.try_send(ServerMessage::Resend(Resend { run_id, stdout_from, stderr_from }));
+                }
+            }
+            Effect::RunState { job_id, run_id, agent_id, state, exit_code, error } => {
+                run_ended |= state.is_final();
+                hooks.events.publish(&job_id, JobEvent::Run { run_id, agent_id, state, exit_code, error });
+            }
+            Effect::Output { job_id, run_id, agent_id, stream, offset, data } => {
+                hooks.events.publish(&job_id, JobEvent::Output { run_id, agent_id, stream, offset, data });
+            }
+        }
+    }
+    if run_ended {
+        hooks.dispatch.notify_one();
     }
 }

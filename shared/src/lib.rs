@@ -4,6 +4,7 @@
 pub mod api;
 pub mod duration;
 pub mod id;
+pub mod job;
 pub mod labels;
 pub mod protocol;
 pub mod selector;

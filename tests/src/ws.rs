@@ -54,6 +54,7 @@ pub fn hello(hostname: &str, interval_ms: u64) -> AgentMessage {
         hostname: hostname.into(),
         labels: Labels::new(),
         heartbeat_interval_ms: interval_ms,
+        open_runs: Vec::new(),
     })
 }
 
@@ -75,6 +76,7 @@ pub async fn open(ws: &mut Ws, hostname: &str, interval_ms: u64) -> Welcome {
         match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("welcome in time") {
             Some(Ok(Message::Text(t))) => match ServerMessage::decode(t.as_str()).expect("server message") {
                 ServerMessage::Welcome(w) => return w,
+                other => panic!("expected welcome, got {other:?}"),
             },
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             other => panic!("expected welcome, got {other:?}"),

@@ -4,11 +4,12 @@
 mod agents;
 mod caller;
 mod error;
+mod jobs;
 mod tokens;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use shared::api::ApiError;
 
@@ -33,6 +34,10 @@ pub fn router(state: AppState) -> Router {
         .route("/enroll-tokens/{id}", delete(tokens::revoke_enroll))
         .route("/tokens", get(tokens::list_tokens).post(tokens::create_token))
         .route("/tokens/{id}", delete(tokens::revoke_token))
+        .route("/jobs", get(jobs::list).post(jobs::create))
+        .route("/jobs/{id}", get(jobs::get))
+        .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/jobs/{id}/events", get(jobs::events))
         .route("/agent/connect", get(gateway::connect));
     Router::new()
         .route("/healthz", get(healthz))

@@ -9,7 +9,8 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 use shared::api::{AgentStatus, FleetCounts, HeartbeatSample, Role, Transition};
-use shared::protocol::Metrics;
+use shared::job::{JobId, RunId, RunState, StateCounts, Stream};
+use shared::protocol::{Metrics, RunFinished};
 use shared::{AgentId, Labels, Timestamp};
 
 pub use sqlite::SqliteStore;
@@ -126,6 +127,116 @@ pub enum Record {
         agent_id: AgentId,
         at: Timestamp,
     },
+    /// The agent holds the run in its ledger.
+    RunAccepted {
+        agent_id: AgentId,
+        run_id: RunId,
+        at: Timestamp,
+    },
+    RunStarted {
+        agent_id: AgentId,
+        run_id: RunId,
+        at: Timestamp,
+    },
+    RunOutput {
+        agent_id: AgentId,
+        run_id: RunId,
+        stream: Stream,
+        offset: u64,
+        data: String,
+    },
+    RunFinished {
+        agent_id: AgentId,
+        finished: Box<RunFinished>,
+        at: Timestamp,
+    },
+}
+
+/// What writing a batch changed, for the recorder to announce once it is durable.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// The run's result is stored: tell the agent it may forget it.
+    Ack {
+        agent_id: AgentId,
+        run_id: RunId,
+    },
+    /// The run's output has a gap: ask the agent for it again.
+    Resend {
+        agent_id: AgentId,
+        run_id: RunId,
+        stdout_from: u64,
+        stderr_from: u64,
+    },
+    RunState {
+        job_id: JobId,
+        run_id: RunId,
+        agent_id: AgentId,
+        state: RunState,
+        exit_code: Option<i32>,
+        error: Option<String>,
+    },
+    Output {
+        job_id: JobId,
+        run_id: RunId,
+        agent_id: AgentId,
+        stream: Stream,
+        offset: u64,
+        data: String,
+    },
+}
+
+/// A job as stored.
+#[derive(Clone, Debug)]
+pub struct JobRow {
+    pub id: JobId,
+    pub created_at: Timestamp,
+    pub created_by: String,
+    pub target: shared::job::Target,
+    pub command: shared::job::CommandSpec,
+    pub timeout_ms: u64,
+    pub ttl_ms: u64,
+    pub concurrency: Option<shared::job::Concurrency>,
+    pub max_in_flight: Option<u32>,
+    pub max_errors: Option<u32>,
+    pub output_limit: u64,
+    pub expires_at: Timestamp,
+    pub cancelled_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunRow {
+    pub id: RunId,
+    pub job_id: JobId,
+    pub agent_id: AgentId,
+    pub hostname: String,
+    pub state: RunState,
+    pub accepted: bool,
+    pub dispatched_at: Option<Timestamp>,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub error: Option<String>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+/// A run not yet final, with what dispatching needs to know about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenRun {
+    pub id: RunId,
+    pub job_id: JobId,
+    pub agent_id: AgentId,
+    pub state: RunState,
+    pub accepted: bool,
+}
+
+/// The stitched output of one run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunOutputText {
+    pub stdout: String,
+    pub stderr: String,
 }
 
 #[derive(Clone, Debug)]
@@ -165,13 +276,41 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke_agent(&self, id: &AgentId, at: Timestamp) -> Result<bool>;
 
     /// Writes a batch of session records in one transaction.
-    async fn record(&self, batch: &[Record]) -> Result<()>;
+    async fn record(&self, batch: &[Record]) -> Result<Vec<Effect>>;
     /// At start-up: agents this node held are no longer connected. Returns how many changed.
     async fn mark_node_offline(&self, node: &str, at: Timestamp, reason: &str) -> Result<u64>;
     /// Deletes up to `max_rows` heartbeats older than `before`; returns how many went.
     async fn prune_heartbeats(&self, before: Timestamp, max_rows: u32) -> Result<u64>;
 
     async fn audit(&self, entry: &AuditEntry) -> Result<()>;
+
+    // Jobs.
+    /// Stores a job and all its runs (state `pending`) in one transaction.
+    async fn create_job(&self, job: &JobRow, runs: &[(RunId, AgentId)]) -> Result<()>;
+    async fn job(&self, id: &str) -> Result<Option<JobRow>>;
+    /// Newest first.
+    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>>;
+    async fn active_jobs(&self) -> Result<Vec<JobRow>>;
+    async fn run_counts(&self, job_ids: &[JobId]) -> Result<std::collections::HashMap<JobId, StateCounts>>;
+    async fn runs(&self, job_id: &str) -> Result<Vec<RunRow>>;
+    async fn run_outputs(&self, job_id: &str) -> Result<std::collections::HashMap<RunId, RunOutputText>>;
+    /// Pending runs of a job in dispatch order.
+    async fn pending_runs(&self, job_id: &str) -> Result<Vec<OpenRun>>;
+    /// Moves pending runs to `dispatched`; returns the ones that moved.
+    async fn mark_dispatched(&self, run_ids: &[RunId], at: Timestamp) -> Result<Vec<RunId>>;
+    /// Ends runs that are not final yet with `state`; returns the ones that changed.
+    async fn end_runs(&self, run_ids: &[RunId], state: RunState, error: &str, at: Timestamp) -> Result<Vec<RunId>>;
+    /// Moves dispatched runs the agent never accepted back to `pending`, for redelivery.
+    async fn redeliver(&self, run_ids: &[RunId]) -> Result<()>;
+    async fn open_runs_for_agent(&self, agent_id: &AgentId) -> Result<Vec<OpenRun>>;
+    /// Dispatched or running runs whose report is overdue: no result by `dispatched_at` (or
+    /// `started_at`) + the job's timeout + `grace`.
+    async fn overdue_runs(&self, now: Timestamp, grace_ms: u64) -> Result<Vec<OpenRun>>;
+    /// Sets `finished_at` if every run of the job is final; true if it did.
+    async fn finish_job_if_done(&self, job_id: &str, at: Timestamp) -> Result<bool>;
+    /// Marks the job cancelled; its pending runs, and dispatched ones never accepted, end
+    /// `cancelled`. Returns those, and the runs still open on agents (to send `cancel` to).
+    async fn cancel_job(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>>;
 }
 
 /// Writes an audit entry. A failure is logged loudly but does not undo the audited action.

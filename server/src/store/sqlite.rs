@@ -14,7 +14,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AssertSqlSafe, FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use shared::api::{AgentStatus, FleetCounts, HeartbeatSample, Role, Transition};
-use shared::protocol::Metrics;
+use shared::job::{JobId, RunId, RunState, StateCounts, Stream};
+use shared::protocol::{Metrics, Outcome, RunFinished};
 use shared::{AgentId, Labels, Timestamp};
 
 use super::*;
@@ -466,14 +467,55 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn record(&self, batch: &[Record]) -> Result<()> {
+    async fn record(&self, batch: &[Record]) -> Result<Vec<Effect>> {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut effects = Vec::new();
+        let mut outputs = Vec::new();
+        let mut finishes = Vec::new();
         // Session records change different columns from heartbeats, so applying them in order
         // and the heartbeats in bulk afterwards gives the same result as strict arrival order.
         let mut heartbeats = Vec::new();
         for r in batch {
             match r {
                 Record::Heartbeat { .. } => heartbeats.push(r),
+                Record::RunOutput { .. } => outputs.push(r),
+                Record::RunFinished { .. } => finishes.push(r),
+                Record::RunAccepted { agent_id, run_id, at } => {
+                    sqlx::query(
+                        "UPDATE runs SET accepted = 1, state = CASE WHEN state = 'pending' THEN 'dispatched' ELSE state END, \
+                         dispatched_at = COALESCE(dispatched_at, ?) WHERE id = ? AND agent_id = ? AND state IN ('pending', 'dispatched')",
+                    )
+                    .bind(at.unix_millis())
+                    .bind(run_id)
+                    .bind(agent_id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                }
+                Record::RunStarted { agent_id, run_id, at } => {
+                    let job: Option<(String,)> = sqlx::query_as(
+                        "UPDATE runs SET accepted = 1, state = 'running', started_at = COALESCE(started_at, ?), \
+                         dispatched_at = COALESCE(dispatched_at, ?) \
+                         WHERE id = ? AND agent_id = ? AND state IN ('pending', 'dispatched') RETURNING job_id",
+                    )
+                    .bind(at.unix_millis())
+                    .bind(at.unix_millis())
+                    .bind(run_id)
+                    .bind(agent_id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
+                    if let Some((job_id,)) = job {
+                        effects.push(Effect::RunState {
+                            job_id,
+                            run_id: run_id.clone(),
+                            agent_id: agent_id.clone(),
+                            state: RunState::Running,
+                            exit_code: None,
+                            error: None,
+                        });
+                    }
+                }
                 Record::Connected { agent_id, at, hostname, labels, heartbeat_interval_ms, agent_version, node, remote_addr } => {
                     sqlx::query(
                         "UPDATE agents SET hostname = ?, labels = ?, heartbeat_interval_ms = ?, agent_version = ?, connected = 1, \
@@ -520,8 +562,15 @@ impl Store for SqliteStore {
             }
         }
         insert_heartbeats(&mut tx, &heartbeats).await?;
+        insert_outputs(&mut tx, &outputs, &mut effects).await?;
+        for f in finishes {
+            if let Record::RunFinished { agent_id, finished, at } = f {
+                let reply = finish_run(&mut tx, agent_id, finished, *at, &mut effects).await?;
+                effects.push(reply);
+            }
+        }
         tx.commit().await.map_err(db_err)?;
-        Ok(())
+        Ok(effects)
     }
 
     async fn mark_node_offline(&self, node: &str, at: Timestamp, reason: &str) -> Result<u64> {
@@ -573,6 +622,507 @@ impl Store for SqliteStore {
             .map_err(db_err)?;
         Ok(())
     }
+
+    async fn create_job(&self, job: &JobRow, runs: &[(RunId, AgentId)]) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(
+            "INSERT INTO jobs (id, created_at, created_by, target, command, timeout_ms, ttl_ms, concurrency, max_in_flight, \
+             max_errors, output_limit, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&job.id)
+        .bind(job.created_at.unix_millis())
+        .bind(&job.created_by)
+        .bind(serde_json::to_string(&job.target).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .bind(serde_json::to_string(&job.command).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .bind(to_i64(job.timeout_ms))
+        .bind(to_i64(job.ttl_ms))
+        .bind(job.concurrency.map(|c| c.to_string()))
+        .bind(job.max_in_flight.map(i64::from))
+        .bind(job.max_errors.map(i64::from))
+        .bind(to_i64(job.output_limit))
+        .bind(job.expires_at.unix_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        for (n, chunk) in runs.chunks(ROWS_PER_STATEMENT).enumerate() {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO runs (id, job_id, agent_id, seq, state) ");
+            q.push_values(chunk.iter().enumerate(), |mut b, (i, (run_id, agent_id))| {
+                b.push_bind(run_id.clone())
+                    .push_bind(job.id.clone())
+                    .push_bind(agent_id.as_str().to_owned())
+                    .push_bind((n * ROWS_PER_STATEMENT + i) as i64)
+                    .push_bind("pending");
+            });
+            q.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<JobRow>> {
+        let row: Option<JobDb> =
+            sqlx::query_as("SELECT * FROM jobs WHERE id = ?").bind(id).fetch_optional(&self.pool).await.map_err(db_err)?;
+        row.map(JobRow::try_from).transpose()
+    }
+
+    async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>> {
+        let rows: Vec<JobDb> = sqlx::query_as("SELECT * FROM jobs ORDER BY created_at DESC, id LIMIT ?")
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.into_iter().map(JobRow::try_from).collect()
+    }
+
+    async fn active_jobs(&self) -> Result<Vec<JobRow>> {
+        let rows: Vec<JobDb> = sqlx::query_as("SELECT * FROM jobs WHERE finished_at IS NULL ORDER BY created_at")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.into_iter().map(JobRow::try_from).collect()
+    }
+
+    async fn run_counts(&self, job_ids: &[JobId]) -> Result<HashMap<JobId, StateCounts>> {
+        let mut out: HashMap<JobId, StateCounts> = HashMap::new();
+        for chunk in job_ids.chunks(ROWS_PER_STATEMENT) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT job_id, state, COUNT(*) FROM runs WHERE job_id IN (");
+            let mut sep = q.separated(", ");
+            for id in chunk {
+                sep.push_bind(id.clone());
+            }
+            q.push(") GROUP BY job_id, state");
+            let rows: Vec<(String, String, i64)> = q.build_query_as().fetch_all(&self.pool).await.map_err(db_err)?;
+            for (job, state, n) in rows {
+                out.entry(job).or_default().insert(parse_run_state(&state)?, to_u64(n));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn runs(&self, job_id: &str) -> Result<Vec<RunRow>> {
+        let rows: Vec<RunDb> = sqlx::query_as(
+            "SELECT r.id, r.job_id, r.agent_id, a.hostname, r.state, r.accepted, r.dispatched_at, r.started_at, r.finished_at, \
+             r.exit_code, r.signal, r.error, r.stdout_truncated, r.stderr_truncated \
+             FROM runs r LEFT JOIN agents a ON a.id = r.agent_id WHERE r.job_id = ? ORDER BY r.seq",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(RunRow {
+                    state: parse_run_state(&r.state)?,
+                    agent_id: parse_agent_id(&r.agent_id)?,
+                    id: r.id,
+                    job_id: r.job_id,
+                    hostname: r.hostname.unwrap_or_default(),
+                    accepted: r.accepted,
+                    dispatched_at: r.dispatched_at.map(ts),
+                    started_at: r.started_at.map(ts),
+                    finished_at: r.finished_at.map(ts),
+                    exit_code: r.exit_code.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
+                    signal: r.signal.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
+                    error: r.error,
+                    stdout_truncated: r.stdout_truncated,
+                    stderr_truncated: r.stderr_truncated,
+                })
+            })
+            .collect()
+    }
+
+    async fn run_outputs(&self, job_id: &str) -> Result<HashMap<RunId, RunOutputText>> {
+        let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+            "SELECT o.run_id, o.stream, o.offset, o.data FROM run_output o JOIN runs r ON r.id = o.run_id \
+             WHERE r.job_id = ? ORDER BY o.run_id, o.stream, o.offset",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let mut grouped: HashMap<&str, (Vec<(u64, &str)>, Vec<(u64, &str)>)> = HashMap::new();
+        for (run, stream, offset, data) in &rows {
+            let e = grouped.entry(run.as_str()).or_default();
+            let v = if *stream == 0 { &mut e.0 } else { &mut e.1 };
+            v.push((to_u64(*offset), data.as_str()));
+        }
+        Ok(grouped
+            .into_iter()
+            .map(|(run, (out, err))| (run.to_owned(), RunOutputText { stdout: stitch(out), stderr: stitch(err) }))
+            .collect())
+    }
+
+    async fn pending_runs(&self, job_id: &str) -> Result<Vec<OpenRun>> {
+        self.open_runs_where("job_id = ? AND state = 'pending' ORDER BY seq", &[job_id]).await
+    }
+
+    async fn mark_dispatched(&self, run_ids: &[RunId], at: Timestamp) -> Result<Vec<RunId>> {
+        update_runs(&self.pool, run_ids, "state = 'pending'", |q| {
+            q.push("state = 'dispatched', dispatched_at = ").push_bind(at.unix_millis());
+        })
+        .await
+    }
+
+    async fn end_runs(&self, run_ids: &[RunId], state: RunState, error: &str, at: Timestamp) -> Result<Vec<RunId>> {
+        let guard = format!("state IN {OPEN}");
+        update_runs(&self.pool, run_ids, &guard, |q| {
+            q.push("state = ").push_bind(state.as_str());
+            q.push(", error = ").push_bind(error.to_owned());
+            q.push(", finished_at = ").push_bind(at.unix_millis());
+        })
+        .await
+    }
+
+    async fn redeliver(&self, run_ids: &[RunId]) -> Result<()> {
+        update_runs(&self.pool, run_ids, "state = 'dispatched' AND accepted = 0", |q| {
+            q.push("state = 'pending', dispatched_at = NULL");
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn open_runs_for_agent(&self, agent_id: &AgentId) -> Result<Vec<OpenRun>> {
+        let sql = format!("agent_id = ? AND state IN {OPEN}");
+        self.open_runs_where(&sql, &[agent_id.as_str()]).await
+    }
+
+    async fn overdue_runs(&self, now: Timestamp, grace_ms: u64) -> Result<Vec<OpenRun>> {
+        let rows: Vec<OpenRunDb> = sqlx::query_as(
+            "SELECT r.id, r.job_id, r.agent_id, r.state, r.accepted FROM runs r JOIN jobs j ON j.id = r.job_id \
+             WHERE r.state IN ('dispatched', 'running') AND j.finished_at IS NULL \
+             AND COALESCE(r.started_at, r.dispatched_at) + j.timeout_ms + ? < ?",
+        )
+        .bind(to_i64(grace_ms))
+        .bind(now.unix_millis())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.into_iter().map(OpenRun::try_from).collect()
+    }
+
+    async fn finish_job_if_done(&self, job_id: &str, at: Timestamp) -> Result<bool> {
+        let sql = format!(
+            "UPDATE jobs SET finished_at = ? WHERE id = ? AND finished_at IS NULL \
+             AND NOT EXISTS (SELECT 1 FROM runs WHERE job_id = ? AND state IN {OPEN})"
+        );
+        let done =
+            sqlx::query(AssertSqlSafe(sql)).bind(at.unix_millis()).bind(job_id).bind(job_id).execute(&self.pool).await.map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn cancel_job(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>> {
+        let done = sqlx::query("UPDATE jobs SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?")
+            .bind(at.unix_millis())
+            .bind(job_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        if done.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let open = self.open_runs_where(&format!("job_id = ? AND state IN {OPEN}"), &[job_id]).await?;
+        let (now, on_agents): (Vec<OpenRun>, Vec<OpenRun>) =
+            open.into_iter().partition(|r| r.state == RunState::Pending || (r.state == RunState::Dispatched && !r.accepted));
+        let ids: Vec<RunId> = now.iter().map(|r| r.id.clone()).collect();
+        let changed: std::collections::HashSet<RunId> =
+            self.end_runs(&ids, RunState::Cancelled, "cancelled before it started", at).await?.into_iter().collect();
+        Ok(Some((now.into_iter().filter(|r| changed.contains(&r.id)).collect(), on_agents)))
+    }
+}
+
+fn stream_code(s: Stream) -> i64 {
+    match s {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
+}
+
+fn parse_run_state(s: &str) -> Result<RunState> {
+    RunState::from_str(s).map_err(StoreError::Corrupt)
+}
+
+/// Stitches chunks (ordered by offset) into text, tolerating repeats and overlaps; stops at
+/// the first gap. Returns the text, whose length is the contiguous prefix the server holds.
+pub fn stitch<'a>(chunks: impl IntoIterator<Item = (u64, &'a str)>) -> String {
+    let mut out = String::new();
+    for (offset, data) in chunks {
+        let have = out.len() as u64;
+        if offset > have {
+            break;
+        }
+        let end = offset + data.len() as u64;
+        if end <= have {
+            continue;
+        }
+        match data.get((have - offset) as usize..) {
+            Some(rest) => out.push_str(rest),
+            None => break,
+        }
+    }
+    out
+}
+
+#[derive(FromRow)]
+struct JobDb {
+    id: String,
+    created_at: i64,
+    created_by: String,
+    target: String,
+    command: String,
+    timeout_ms: i64,
+    ttl_ms: i64,
+    concurrency: Option<String>,
+    max_in_flight: Option<i64>,
+    max_errors: Option<i64>,
+    output_limit: i64,
+    expires_at: i64,
+    cancelled_at: Option<i64>,
+    finished_at: Option<i64>,
+}
+
+impl TryFrom<JobDb> for JobRow {
+    type Error = StoreError;
+    fn try_from(r: JobDb) -> Result<Self> {
+        let corrupt = |what: &str, e: String| StoreError::Corrupt(format!("job {}: {what}: {e}", r.id));
+        Ok(JobRow {
+            target: serde_json::from_str(&r.target).map_err(|e| corrupt("target", e.to_string()))?,
+            command: serde_json::from_str(&r.command).map_err(|e| corrupt("command", e.to_string()))?,
+            concurrency: r.concurrency.as_deref().map(str::parse).transpose().map_err(|e: String| corrupt("concurrency", e))?,
+            id: r.id,
+            created_at: ts(r.created_at),
+            created_by: r.created_by,
+            timeout_ms: to_u64(r.timeout_ms),
+            ttl_ms: to_u64(r.ttl_ms),
+            max_in_flight: r.max_in_flight.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            max_errors: r.max_errors.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            output_limit: to_u64(r.output_limit),
+            expires_at: ts(r.expires_at),
+            cancelled_at: r.cancelled_at.map(ts),
+            finished_at: r.finished_at.map(ts),
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct RunDb {
+    id: String,
+    job_id: String,
+    agent_id: String,
+    hostname: Option<String>,
+    state: String,
+    accepted: bool,
+    dispatched_at: Option<i64>,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
+    exit_code: Option<i64>,
+    signal: Option<i64>,
+    error: Option<String>,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+}
+
+#[derive(FromRow)]
+struct OpenRunDb {
+    id: String,
+    job_id: String,
+    agent_id: String,
+    state: String,
+    accepted: bool,
+}
+
+impl TryFrom<OpenRunDb> for OpenRun {
+    type Error = StoreError;
+    fn try_from(r: OpenRunDb) -> Result<Self> {
+        Ok(OpenRun {
+            state: parse_run_state(&r.state)?,
+            agent_id: parse_agent_id(&r.agent_id)?,
+            id: r.id,
+            job_id: r.job_id,
+            accepted: r.accepted,
+        })
+    }
+}
+
+const OPEN: &str = "('pending', 'dispatched', 'running')";
+
+impl SqliteStore {
+    async fn open_runs_where(&self, sql_where: &str, binds: &[&str]) -> Result<Vec<OpenRun>> {
+        let sql = format!("SELECT id, job_id, agent_id, state, accepted FROM runs WHERE {sql_where}");
+        let mut q = sqlx::query_as::<_, OpenRunDb>(AssertSqlSafe(sql));
+        for b in binds {
+            q = q.bind(b.to_string());
+        }
+        q.fetch_all(&self.pool).await.map_err(db_err)?.into_iter().map(OpenRun::try_from).collect()
+    }
+}
+
+/// Runs `UPDATE runs SET <set> WHERE <guard> AND id IN (...) RETURNING id` over chunks of
+/// ids; `set` pushes the assignments and their binds.
+async fn update_runs<F>(pool: &SqlitePool, ids: &[RunId], guard: &str, set: F) -> Result<Vec<RunId>>
+where
+    F: Fn(&mut QueryBuilder<Sqlite>),
+{
+    let mut changed = Vec::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("UPDATE runs SET ");
+        set(&mut q);
+        q.push(" WHERE ");
+        q.push(guard);
+        q.push(" AND id IN (");
+        let mut sep = q.separated(", ");
+        for id in chunk {
+            sep.push_bind(id.clone());
+        }
+        q.push(") RETURNING id");
+        let rows: Vec<(String,)> = q.build_query_as().fetch_all(pool).await.map_err(db_err)?;
+        changed.extend(rows.into_iter().map(|(id,)| id));
+    }
+    Ok(changed)
+}
+
+/// Stores output chunks the reporting agent owns (and within the job's output limit); each
+/// chunk stored for the first time becomes an `Output` effect.
+async fn insert_outputs(tx: &mut sqlx::Transaction<'_, Sqlite>, records: &[&Record], effects: &mut Vec<Effect>) -> Result<()> {
+    for chunk in records.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT OR IGNORE INTO run_output (run_id, stream, offset, data) \
+             SELECT v.column1, v.column2, v.column3, v.column4 FROM (",
+        );
+        q.push_values(
+            chunk.iter().filter_map(|r| match r {
+                Record::RunOutput { agent_id, run_id, stream, offset, data } => Some((agent_id, run_id, stream, offset, data)),
+                _ => None,
+            }),
+            |mut b, (agent_id, run_id, stream, offset, data)| {
+                b.push_bind(run_id.clone())
+                    .push_bind(stream_code(*stream))
+                    .push_bind(to_i64(*offset))
+                    .push_bind(data.clone())
+                    .push_bind(agent_id.as_str().to_owned());
+            },
+        );
+        q.push(
+            ") AS v JOIN runs r ON r.id = v.column1 AND r.agent_id = v.column5 JOIN jobs j ON j.id = r.job_id \
+             WHERE v.column3 < j.output_limit RETURNING run_id, stream, offset",
+        );
+        let inserted: Vec<(String, i64, i64)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
+        if inserted.is_empty() {
+            continue;
+        }
+        let fresh: std::collections::HashSet<(String, i64, i64)> = inserted.into_iter().collect();
+        let job_of = job_ids(tx, fresh.iter().map(|(r, _, _)| r.clone()).collect()).await?;
+        for r in chunk {
+            if let Record::RunOutput { agent_id, run_id, stream, offset, data } = r
+                && fresh.contains(&(run_id.clone(), stream_code(*stream), to_i64(*offset)))
+                && let Some(job_id) = job_of.get(run_id)
+            {
+                effects.push(Effect::Output {
+                    job_id: job_id.clone(),
+                    run_id: run_id.clone(),
+                    agent_id: agent_id.clone(),
+                    stream: *stream,
+                    offset: *offset,
+                    data: data.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn job_ids(tx: &mut sqlx::Transaction<'_, Sqlite>, run_ids: Vec<String>) -> Result<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for chunk in run_ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, job_id FROM runs WHERE id IN (");
+        let mut sep = q.separated(", ");
+        for id in chunk {
+            sep.push_bind(id.clone());
+        }
+        q.push(")");
+        let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
+/// How many bytes of each stream of a run the server holds without a gap.
+async fn contiguous(tx: &mut sqlx::Transaction<'_, Sqlite>, run_id: &str) -> Result<(u64, u64)> {
+    let rows: Vec<(i64, i64, String)> =
+        sqlx::query_as("SELECT stream, offset, data FROM run_output WHERE run_id = ? ORDER BY stream, offset")
+            .bind(run_id)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db_err)?;
+    let len = |stream: i64| stitch(rows.iter().filter(|r| r.0 == stream).map(|r| (to_u64(r.1), r.2.as_str()))).len() as u64;
+    Ok((len(0), len(1)))
+}
+
+/// Applies a `run_finished`: stores the result if all the output is there (or asks for the
+/// missing part). A result replaces `lost` and `cancelled`: what actually happened wins.
+async fn finish_run(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    agent_id: &AgentId,
+    f: &RunFinished,
+    at: Timestamp,
+    effects: &mut Vec<Effect>,
+) -> Result<Effect> {
+    let row: Option<(String, String, i64)> = sqlx::query_as(
+        "SELECT r.job_id, r.state, j.output_limit FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id = ? AND r.agent_id = ?",
+    )
+    .bind(&f.run_id)
+    .bind(agent_id.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    let ack = Effect::Ack { agent_id: agent_id.clone(), run_id: f.run_id.clone() };
+    let Some((job_id, state, limit)) = row else {
+        // Not this agent's run, or not a run at all: nothing to keep, so let the agent forget it.
+        tracing::warn!(agent = %agent_id, run = %f.run_id, "result for an unknown run");
+        return Ok(ack);
+    };
+    let state = parse_run_state(&state)?;
+    if state.is_final() && !matches!(state, RunState::Lost | RunState::Cancelled) {
+        return Ok(ack);
+    }
+    let limit = to_u64(limit);
+    let (have_out, have_err) = contiguous(tx, &f.run_id).await?;
+    let (want_out, want_err) = (f.stdout_len.min(limit), f.stderr_len.min(limit));
+    if have_out < want_out || have_err < want_err {
+        return Ok(Effect::Resend { agent_id: agent_id.clone(), run_id: f.run_id.clone(), stdout_from: have_out, stderr_from: have_err });
+    }
+    let new_state = match f.outcome {
+        Outcome::Succeeded => RunState::Succeeded,
+        Outcome::Failed => RunState::Failed,
+        Outcome::TimedOut => RunState::TimedOut,
+        Outcome::Cancelled => RunState::Cancelled,
+        Outcome::Lost => RunState::Lost,
+    };
+    sqlx::query(
+        "UPDATE runs SET state = ?, exit_code = ?, signal = ?, error = ?, finished_at = ?, stdout_len = ?, stderr_len = ?, \
+         stdout_truncated = ?, stderr_truncated = ?, accepted = 1 WHERE id = ?",
+    )
+    .bind(new_state.as_str())
+    .bind(f.exit_code)
+    .bind(f.signal)
+    .bind(&f.error)
+    .bind(at.unix_millis())
+    .bind(to_i64(want_out))
+    .bind(to_i64(want_err))
+    .bind(f.stdout_truncated || f.stdout_len > limit)
+    .bind(f.stderr_truncated || f.stderr_len > limit)
+    .bind(&f.run_id)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_err)?;
+    effects.push(Effect::RunState {
+        job_id,
+        run_id: f.run_id.clone(),
+        agent_id: agent_id.clone(),
+        state: new_state,
+        exit_code: f.exit_code,
+        error: f.error.clone(),
+    });
+    Ok(ack)
 }
 
 /// Appends heartbeat history and updates each agent's latest metrics, with a few multi-row

@@ -6,11 +6,13 @@
 //! *type* is a protocol error ([`close::UNKNOWN_TYPE`]). `docs/protocol.md` is the reference.
 
 mod health;
+mod run;
 mod session;
 
 use serde::{Deserialize, Serialize};
 
 pub use health::{DiskUsage, Heartbeat, Metrics};
+pub use run::{Cancel, Outcome, Resend, ResultAck, Run, RunAccepted, RunFinished, RunOutput, RunStarted};
 pub use session::{Hello, Welcome};
 
 /// Path of the agents' WebSocket endpoint on the server.
@@ -59,6 +61,10 @@ pub mod close {
 pub enum AgentMessage {
     Hello(Hello),
     Heartbeat(Heartbeat),
+    RunAccepted(RunAccepted),
+    RunStarted(RunStarted),
+    RunOutput(RunOutput),
+    RunFinished(RunFinished),
 }
 
 /// A message from the server to an agent.
@@ -66,21 +72,29 @@ pub enum AgentMessage {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     Welcome(Welcome),
+    Run(Run),
+    Cancel(Cancel),
+    ResultAck(ResultAck),
+    Resend(Resend),
 }
 
 impl AgentMessage {
-    pub const TYPES: &'static [&'static str] = &["hello", "heartbeat"];
+    pub const TYPES: &'static [&'static str] = &["hello", "heartbeat", "run_accepted", "run_started", "run_output", "run_finished"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
             AgentMessage::Hello(_) => "hello",
             AgentMessage::Heartbeat(_) => "heartbeat",
+            AgentMessage::RunAccepted(_) => "run_accepted",
+            AgentMessage::RunStarted(_) => "run_started",
+            AgentMessage::RunOutput(_) => "run_output",
+            AgentMessage::RunFinished(_) => "run_finished",
         }
     }
 }
 
 impl ServerMessage {
-    pub const TYPES: &'static [&'static str] = &["welcome"];
+    pub const TYPES: &'static [&'static str] = &["welcome", "run", "cancel", "result_ack", "resend"];
 }
 
 /// Why a text message could not be decoded, and so which close code answers it.

@@ -16,6 +16,11 @@ pub struct Hello {
     pub labels: Labels,
     /// How often this agent sends heartbeats; the server derives `stale` and `offline` from it.
     pub heartbeat_interval_ms: u64,
+    /// Runs in the agent's ledger whose results the server has not acknowledged yet: running,
+    /// waiting, or finished with the result still on the agent's disk. A run the server sent
+    /// that is missing here never reached the agent.
+    #[serde(default)]
+    pub open_runs: Vec<crate::job::RunId>,
 }
 
 /// The server's answer to `hello`: the session is open.
@@ -48,6 +53,7 @@ mod tests {
             hostname: "pos-0042".into(),
             labels: Labels::from_pairs(["site=paris"]).unwrap(),
             heartbeat_interval_ms: 10_000,
+            open_runs: vec!["00000000000000aa".into()],
         });
         round_trip(&msg, "hello");
     }

@@ -1,0 +1,408 @@
+//! `muster run`, `muster jobs`, `muster job`: send commands and read their results.
+//!
+//! Live output comes from the job's event stream: each line is labelled with the agent's
+//! hostname and printed only once complete, so lines of different agents never interleave.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures_util::StreamExt;
+use reqwest::Method;
+use shared::Timestamp;
+use shared::job::{CommandSpec, CreateJob, DryRun, JobDetail, JobEvent, JobSummary, Program, RunInfo, RunState, Stream, Target};
+
+use crate::args::{JobAction, JobArgs, RunArgs};
+use crate::client::{Client, check};
+use crate::output::table;
+
+type Out<'a> = &'a mut dyn Write;
+
+/// What `muster run` and `muster job` exit with: 0 only if every run succeeded.
+pub struct JobOutcome {
+    pub all_succeeded: bool,
+}
+
+fn request(args: &RunArgs) -> CreateJob {
+    let target = if args.all {
+        Target::All
+    } else if let Some(sel) = &args.label {
+        Target::Selector(sel.clone())
+    } else {
+        Target::Agents(args.agents.clone())
+    };
+    let program = if args.shell { Program::Shell(args.command.join(" ")) } else { Program::Argv(args.command.clone()) };
+    CreateJob {
+        target,
+        command: CommandSpec { program, cwd: None, env: BTreeMap::new() },
+        timeout_secs: args.timeout.map(|d| d.as_secs().max(1)),
+        ttl_secs: args.ttl.map(|d| d.as_secs()),
+        concurrency: args.concurrency,
+        max_errors: args.max_errors,
+        output_limit: None,
+        dry_run: args.dry_run,
+    }
+}
+
+pub async fn run(client: &Client, args: &RunArgs, out: Out<'_>) -> anyhow::Result<JobOutcome> {
+    let req = request(args);
+    if args.dry_run {
+        let dry: DryRun = client.post("/jobs", &req).await?;
+        if args.json {
+            serde_json::to_writer_pretty(&mut *out, &dry)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{} agents match, {} online now.", dry.matched, dry.online)?;
+            let rows: Vec<Vec<String>> = dry
+                .agents
+                .iter()
+                .map(|a| vec![a.hostname.clone(), a.id.to_string(), if a.online { "online".into() } else { "offline".into() }])
+                .collect();
+            if !rows.is_empty() {
+                write!(out, "{}", table(&["HOSTNAME", "ID", "NOW"], &rows))?;
+            }
+        }
+        return Ok(JobOutcome { all_succeeded: true });
+    }
+    let job: JobDetail = client.post("/jobs", &req).await?;
+    if args.detach {
+        if args.json {
+            serde_json::to_writer_pretty(&mut *out, &job)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}", job.job.id)?;
+        }
+        return Ok(JobOutcome { all_succeeded: true });
+    }
+    let live = !args.json;
+    if live {
+        let mut err = std::io::stderr();
+        writeln!(err, "Job {}: {} on {} agents ({}).", job.job.id, job.job.command.summary(), job.job.total, job.job.target)?;
+    }
+    let finished = follow(client, &job.job.id, live, out).await?;
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &finished)?;
+        writeln!(out)?;
+    } else {
+        summary(&finished, out)?;
+    }
+    Ok(JobOutcome { all_succeeded: all_succeeded(&finished) })
+}
+
+fn all_succeeded(job: &JobDetail) -> bool {
+    job.runs.iter().all(|r| r.state == RunState::Succeeded)
+}
+
+/// Follows a job's event stream until it finishes, printing output as it comes when `live`;
+/// returns the finished job. Reconnects (bounded) if the stream drops.
+async fn follow(client: &Client, id: &str, live: bool, out: Out<'_>) -> anyhow::Result<JobDetail> {
+    let mut view = View::new(live);
+    let mut failures = 0;
+    loop {
+        match stream_once(client, id, &mut view, out).await {
+            Ok(true) => break,
+            Ok(false) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures > 30 {
+                    return Err(e.context("lost the job's event stream; the job goes on: see `muster job`"));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    view.clear_progress();
+    // The final state, from the database: what the summary and the exit status rest on.
+    client.get(&format!("/jobs/{id}")).await
+}
+
+/// One connection to the event stream. True once the job has finished.
+async fn stream_once(client: &Client, id: &str, view: &mut View, out: Out<'_>) -> anyhow::Result<bool> {
+    let resp = client.execute(client.request(Method::GET, &format!("/jobs/{id}/events"))).await?;
+    let resp = check(resp).await?;
+    let mut body = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk.context("reading the event stream")?);
+        while let Some(end) = find_blank_line(&buf) {
+            let frame: Vec<u8> = buf.drain(..end).collect();
+            let text = String::from_utf8_lossy(&frame);
+            let data: String = text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect::<Vec<_>>().join("\n");
+            if data.is_empty() {
+                continue;
+            }
+            let event: JobEvent = serde_json::from_str(&data).context("an event this CLI does not understand")?;
+            if matches!(event, JobEvent::Resync) {
+                let job: JobDetail = client.get(&format!("/jobs/{id}")).await?;
+                view.apply(JobEvent::Snapshot(Box::new(job)), out)?;
+                continue;
+            }
+            if view.apply(event, out)? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Index just past the first blank line (the end of one event).
+fn find_blank_line(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
+}
+
+struct RunView {
+    hostname: String,
+    state: RunState,
+    /// Bytes of each stream received so far, and the partial last line.
+    have: [u64; 2],
+    partial: [String; 2],
+}
+
+/// The live picture of a job on the terminal.
+struct View {
+    live: bool,
+    progress: bool,
+    runs: HashMap<String, RunView>,
+}
+
+impl View {
+    fn new(live: bool) -> Self {
+        View { live, progress: live && std::io::stderr().is_terminal(), runs: HashMap::new() }
+    }
+
+    /// Applies an event; true when the job has finished.
+    fn apply(&mut self, event: JobEvent, out: Out<'_>) -> anyhow::Result<bool> {
+        match event {
+            JobEvent::Snapshot(job) => {
+                for r in job.runs {
+                    let entry = self.runs.entry(r.id.clone()).or_insert_with(|| RunView {
+                        hostname: r.hostname.clone(),
+                        state: r.state,
+                        have: [0, 0],
+                        partial: [String::new(), String::new()],
+                    });
+                    entry.state = r.state;
+                    let (id, final_) = (r.id.clone(), r.state.is_final());
+                    self.output(&id, Stream::Stdout, 0, &r.stdout, out)?;
+                    self.output(&id, Stream::Stderr, 0, &r.stderr, out)?;
+                    if final_ {
+                        self.flush(&id, out)?;
+                    }
+                }
+                if job.job.finished_at.is_some() {
+                    return Ok(true);
+                }
+            }
+            JobEvent::Run { run_id, state, .. } => {
+                if let Some(r) = self.runs.get_mut(&run_id) {
+                    r.state = state;
+                }
+                if state.is_final() {
+                    self.flush(&run_id, out)?;
+                }
+            }
+            JobEvent::Output { run_id, stream, offset, data, .. } => self.output(&run_id, stream, offset, &data, out)?,
+            JobEvent::Finished { .. } => return Ok(true),
+            JobEvent::Resync => {}
+        }
+        self.draw_progress();
+        Ok(false)
+    }
+
+    fn output(&mut self, run_id: &str, stream: Stream, offset: u64, data: &str, out: Out<'_>) -> anyhow::Result<()> {
+        let i = stream as usize;
+        let Some(r) = self.runs.get_mut(run_id) else { return Ok(()) };
+        let end = offset + data.len() as u64;
+        if end <= r.have[i] || offset > r.have[i] {
+            return Ok(());
+        }
+        let fresh = data.get((r.have[i] - offset) as usize..).unwrap_or_default();
+        r.have[i] = end;
+        r.partial[i].push_str(fresh);
+        if !self.live {
+            return Ok(());
+        }
+        let mut lines = Vec::new();
+        while let Some(nl) = r.partial[i].find('\n') {
+            let line: String = r.partial[i].drain(..=nl).collect();
+            lines.push(line);
+        }
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let host = r.hostname.clone();
+        self.clear_progress();
+        for line in lines {
+            print_line(&host, stream, line.trim_end_matches('\n'), out)?;
+        }
+        Ok(())
+    }
+
+    /// A final run's last line, even without a newline.
+    fn flush(&mut self, run_id: &str, out: Out<'_>) -> anyhow::Result<()> {
+        let Some(r) = self.runs.get_mut(run_id) else { return Ok(()) };
+        let host = r.hostname.clone();
+        let rest: Vec<(Stream, String)> = [Stream::Stdout, Stream::Stderr]
+            .into_iter()
+            .filter_map(|s| {
+                let p = std::mem::take(&mut r.partial[s as usize]);
+                (!p.is_empty()).then_some((s, p))
+            })
+            .collect();
+        if self.live && !rest.is_empty() {
+            self.clear_progress();
+            for (s, line) in rest {
+                print_line(&host, s, &line, out)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn draw_progress(&self) {
+        if !self.progress {
+            return;
+        }
+        let total = self.runs.len();
+        let done = self.runs.values().filter(|r| r.state == RunState::Succeeded).count();
+        let failed = self.runs.values().filter(|r| r.state.is_final() && r.state != RunState::Succeeded).count();
+        let running = self.runs.values().filter(|r| matches!(r.state, RunState::Dispatched | RunState::Running)).count();
+        let pending = total - done - failed - running;
+        let _ = write!(
+            std::io::stderr(),
+            "\r\x1b[2K[{}/{total}] {done} ok, {failed} failed, {running} running, {pending} pending",
+            done + failed
+        );
+    }
+
+    fn clear_progress(&self) {
+        if self.progress {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        }
+    }
+}
+
+fn print_line(host: &str, stream: Stream, line: &str, out: Out<'_>) -> anyhow::Result<()> {
+    match stream {
+        Stream::Stdout => writeln!(out, "{host}: {line}")?,
+        Stream::Stderr => {
+            out.flush()?;
+            writeln!(std::io::stderr(), "{host}: {line}")?;
+        }
+    }
+    Ok(())
+}
+
+/// How a run ended, in a few words: `succeeded`, `failed (exit 2)`, `timed_out`.
+fn ending(r: &RunInfo) -> String {
+    match (r.state, r.exit_code, r.signal) {
+        (RunState::Failed, Some(code), _) => format!("failed (exit {code})"),
+        (RunState::Failed, None, Some(sig)) => format!("failed (signal {sig})"),
+        (s, _, _) => s.to_string(),
+    }
+}
+
+/// Groups runs whose ending and output are identical: "412 agents succeeded: 6.1.0-18".
+pub fn summary(job: &JobDetail, out: Out<'_>) -> anyhow::Result<()> {
+    let mut groups: BTreeMap<(String, String), Vec<&RunInfo>> = BTreeMap::new();
+    for r in &job.runs {
+        let text = if r.stdout.trim().is_empty() { r.stderr.trim().to_owned() } else { r.stdout.trim().to_owned() };
+        let text = match (&r.error, text.is_empty()) {
+            (Some(e), true) => e.clone(),
+            _ => text,
+        };
+        groups.entry((ending(r), text)).or_default().push(r);
+    }
+    let counts: Vec<String> = job.job.counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+    writeln!(out, "\n{} runs: {}", job.job.total, counts.join(", "))?;
+    let mut groups: Vec<_> = groups.into_iter().collect();
+    groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+    for ((how, text), runs) in groups {
+        let who = if runs.len() == 1 { "1 agent".to_string() } else { format!("{} agents", runs.len()) };
+        let hosts = if runs.len() <= 3 {
+            format!(" ({})", runs.iter().map(|r| r.hostname.as_str()).collect::<Vec<_>>().join(", "))
+        } else {
+            String::new()
+        };
+        let truncated = runs.iter().any(|r| r.stdout_truncated || r.stderr_truncated);
+        let text = if text.contains('\n') { format!("\n    {}", text.replace('\n', "\n    ")) } else { text };
+        writeln!(out, "  {who} {how}{hosts}: {text}{}", if truncated { " [output truncated]" } else { "" })?;
+    }
+    Ok(())
+}
+
+pub async fn jobs(client: &Client, limit: u32, as_json: bool, out: Out<'_>) -> anyhow::Result<()> {
+    let jobs: Vec<JobSummary> = client.get_query("/jobs", &[("limit", limit)]).await?;
+    if as_json {
+        serde_json::to_writer_pretty(&mut *out, &jobs)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let now = Timestamp::now();
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            let state = if j.cancelled_at.is_some() && j.finished_at.is_some() {
+                "cancelled"
+            } else if j.finished_at.is_some() {
+                "finished"
+            } else {
+                "running"
+            };
+            let ok = j.counts.get(&RunState::Succeeded).copied().unwrap_or(0);
+            vec![
+                j.id.clone(),
+                crate::output::age(j.created_at.age(now)),
+                state.into(),
+                format!("{ok}/{}", j.total),
+                j.target.to_string(),
+                j.command.summary(),
+            ]
+        })
+        .collect();
+    write!(out, "{}", table(&["ID", "CREATED", "STATE", "OK", "TARGET", "COMMAND"], &rows))?;
+    Ok(())
+}
+
+pub async fn job(client: &Client, args: &JobArgs, out: Out<'_>) -> anyhow::Result<JobOutcome> {
+    if let Some(JobAction::Cancel { id }) = &args.action {
+        let job: JobDetail = client.post(&format!("/jobs/{id}/cancel"), &serde_json::json!({})).await?;
+        let counts: Vec<String> = job.job.counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        writeln!(out, "Job {id} cancelled: {}.", counts.join(", "))?;
+        return Ok(JobOutcome { all_succeeded: true });
+    }
+    let Some(id) = &args.id else { bail!("name a job: muster job <ID>") };
+    let job: JobDetail = client.get(&format!("/jobs/{id}")).await?;
+    if args.json {
+        serde_json::to_writer_pretty(&mut *out, &job)?;
+        writeln!(out)?;
+        return Ok(JobOutcome { all_succeeded: all_succeeded(&job) });
+    }
+    let j = &job.job;
+    writeln!(out, "Job       {}", j.id)?;
+    writeln!(out, "Command   {}", j.command.summary())?;
+    writeln!(out, "Target    {}", j.target)?;
+    writeln!(out, "Created   {} by {}", j.created_at, j.created_by)?;
+    let state = match (j.finished_at, j.cancelled_at) {
+        (Some(f), Some(_)) => format!("cancelled, finished {f}"),
+        (Some(f), None) => format!("finished {f}"),
+        (None, Some(_)) => "cancelling".into(),
+        (None, None) => "running".into(),
+    };
+    writeln!(out, "State     {state}")?;
+    let rows: Vec<Vec<String>> = job
+        .runs
+        .iter()
+        .map(|r| {
+            let took = match (r.started_at, r.finished_at) {
+                (Some(s), Some(f)) => format!("{:.1}s", f.age(s).as_secs_f64()),
+                _ => "-".into(),
+            };
+            vec![r.hostname.clone(), r.agent_id.to_string(), ending(r), took, r.error.clone().unwrap_or_default()]
+        })
+        .collect();
+    writeln!(out)?;
+    write!(out, "{}", table(&["HOSTNAME", "AGENT", "STATE", "TOOK", "NOTE"], &rows))?;
+    summary(&job, out)?;
+    Ok(JobOutcome { all_succeeded: all_succeeded(&job) })
+}

@@ -1,0 +1,322 @@
+//! Jobs: create (or dry-run), list, show, cancel, and follow live over server-sent events.
+
+use std::collections::{BTreeMap, HashSet};
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream::{self, Stream};
+use serde::Deserialize;
+use shared::api::Role;
+use shared::job::{
+    CreateJob, DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT_SECS, DEFAULT_TTL_SECS, DryRun, DryRunAgent, JobDetail, JobEvent, JobSummary, Program,
+    RunInfo, RunState, StateCounts, Target,
+};
+use shared::protocol::{Cancel, ServerMessage};
+use shared::{AgentId, Timestamp};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::caller::Caller;
+use super::error::{Error, Result};
+use crate::app::AppState;
+use crate::auth;
+use crate::store::{AgentRow, AuditEntry, JobRow};
+
+const MAX_TIMEOUT_SECS: u64 = 7 * 86_400;
+const MAX_TTL_SECS: u64 = 30 * 86_400;
+const MAX_ARGV_BYTES: usize = 64 * 1024;
+
+pub fn summary(job: &JobRow, counts: StateCounts) -> JobSummary {
+    JobSummary {
+        id: job.id.clone(),
+        created_at: job.created_at,
+        created_by: job.created_by.clone(),
+        target: job.target.clone(),
+        command: job.command.clone(),
+        timeout_secs: job.timeout_ms / 1000,
+        ttl_secs: job.ttl_ms / 1000,
+        concurrency: job.concurrency,
+        max_errors: job.max_errors,
+        cancelled_at: job.cancelled_at,
+        finished_at: job.finished_at,
+        total: counts.values().sum(),
+        counts,
+    }
+}
+
+fn validate(req: &CreateJob) -> Result<()> {
+    let bad = |m: &str| Err(Error::BadRequest(m.into()));
+    match &req.command.program {
+        Program::Argv(argv) if argv.is_empty() || argv[0].is_empty() => return bad("command.argv must name a program"),
+        Program::Shell(script) if script.trim().is_empty() => return bad("command.shell must not be empty"),
+        _ => {}
+    }
+    let size = match &req.command.program {
+        Program::Argv(a) => a.iter().map(String::len).sum::<usize>(),
+        Program::Shell(s) => s.len(),
+    } + req.command.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    if size > MAX_ARGV_BYTES {
+        return bad("the command and its environment must be under 64 KiB");
+    }
+    if req.command.env.keys().any(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
+        return bad("environment variable names must be non-empty, without '=' or NUL");
+    }
+    if req.timeout_secs.is_some_and(|t| t == 0 || t > MAX_TIMEOUT_SECS) {
+        return bad("timeout_secs must be between 1 and 604800 (7 days)");
+    }
+    if req.ttl_secs.is_some_and(|t| t > MAX_TTL_SECS) {
+        return bad("ttl_secs must be at most 2592000 (30 days)");
+    }
+    if req.output_limit.is_some_and(|l| l == 0 || l > 16 * DEFAULT_OUTPUT_LIMIT) {
+        return bad("output_limit must be between 1 byte and 16 MiB");
+    }
+    if req.max_errors == Some(0) {
+        return bad("max_errors must be at least 1; leave it out for no limit");
+    }
+    Ok(())
+}
+
+/// The agents a target names, in a stable order. Unknown or revoked ids are an error: a typo
+/// should not silently shrink a job.
+async fn resolve(app: &AppState, target: &Target) -> Result<Vec<AgentRow>> {
+    let agents: Vec<AgentRow> = app.store.list_agents(None).await?.into_iter().filter(|a| a.revoked_at.is_none()).collect();
+    match target {
+        Target::All => Ok(agents),
+        Target::Selector(sel) => Ok(agents.into_iter().filter(|a| sel.matches(&a.labels)).collect()),
+        Target::Agents(ids) => {
+            if ids.is_empty() {
+                return Err(Error::BadRequest("target.agents must list at least one agent".into()));
+            }
+            let wanted: HashSet<&AgentId> = ids.iter().collect();
+            let found: Vec<AgentRow> = agents.into_iter().filter(|a| wanted.contains(&a.id)).collect();
+            let known: HashSet<&AgentId> = found.iter().map(|a| &a.id).collect();
+            if let Some(missing) = ids.iter().find(|id| !known.contains(id)) {
+                return Err(Error::BadRequest(format!("no agent {missing} (or it was revoked)")));
+            }
+            Ok(found)
+        }
+    }
+}
+
+fn new_id() -> Result<String> {
+    auth::random_id().map_err(|e| Error::Internal(format!("no randomness: {e}")))
+}
+
+pub async fn create(
+    State(app): State<AppState>,
+    caller: Caller,
+    body: std::result::Result<Json<CreateJob>, JsonRejection>,
+) -> Result<Response> {
+    caller.require(Role::Operator)?;
+    let Json(req) = body?;
+    validate(&req)?;
+    let matched = resolve(&app, &req.target).await?;
+    if req.dry_run {
+        let agents: Vec<DryRunAgent> = matched
+            .iter()
+            .map(|a| DryRunAgent { id: a.id.clone(), hostname: a.hostname.clone(), online: app.registry.is_connected(&a.id) })
+            .collect();
+        let online = agents.iter().filter(|a| a.online).count() as u64;
+        return Ok(Json(DryRun { matched: agents.len() as u64, online, agents }).into_response());
+    }
+    if matched.is_empty() {
+        return Err(Error::BadRequest(format!("the target ({}) matches no agents", req.target)));
+    }
+    let now = Timestamp::now();
+    let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(DEFAULT_TTL_SECS));
+    let job = JobRow {
+        id: new_id()?,
+        created_at: now,
+        created_by: caller.actor(),
+        target: req.target.clone(),
+        command: req.command.clone(),
+        timeout_ms: req.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS) * 1000,
+        ttl_ms: ttl.as_millis() as u64,
+        concurrency: req.concurrency,
+        max_in_flight: req.concurrency.map(|c| c.resolve(matched.len())),
+        max_errors: req.max_errors,
+        output_limit: req.output_limit.unwrap_or(DEFAULT_OUTPUT_LIMIT),
+        expires_at: now.saturating_add(ttl),
+        cancelled_at: None,
+        finished_at: None,
+    };
+    let runs = matched.iter().map(|a| Ok((new_id()?, a.id.clone()))).collect::<Result<Vec<_>>>()?;
+    app.store.create_job(&job, &runs).await?;
+    app.audit(AuditEntry {
+        at: now,
+        actor: caller.actor(),
+        action: "job.create".into(),
+        target: Some(job.id.clone()),
+        detail: serde_json::json!({
+            "target": job.target,
+            "command": job.command,
+            "agents": matched.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            "timeout_secs": job.timeout_ms / 1000,
+            "ttl_secs": job.ttl_ms / 1000,
+            "concurrency": job.concurrency,
+            "max_errors": job.max_errors,
+        }),
+    })
+    .await;
+    tracing::info!(job = %job.id, by = %job.created_by, agents = runs.len(), command = %job.command.summary(), "job created");
+    app.dispatcher.kick.notify_one();
+    let detail = load(&app, &job.id).await?;
+    Ok((StatusCode::CREATED, Json(detail)).into_response())
+}
+
+/// The job with every run and its output, as stored now.
+async fn load(app: &AppState, id: &str) -> Result<JobDetail> {
+    let job = app.store.job(id).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
+    let runs = app.store.runs(id).await?;
+    let mut outputs = app.store.run_outputs(id).await?;
+    let mut counts: StateCounts = BTreeMap::new();
+    for r in &runs {
+        *counts.entry(r.state).or_default() += 1;
+    }
+    let runs = runs
+        .into_iter()
+        .map(|r| {
+            let out = outputs.remove(&r.id).unwrap_or_default();
+            RunInfo {
+                id: r.id,
+                agent_id: r.agent_id,
+                hostname: r.hostname,
+                state: r.state,
+                exit_code: r.exit_code,
+                signal: r.signal,
+                error: r.error,
+                dispatched_at: r.dispatched_at,
+                started_at: r.started_at,
+                finished_at: r.finished_at,
+                stdout: out.stdout,
+                stderr: out.stderr,
+                stdout_truncated: r.stdout_truncated,
+                stderr_truncated: r.stderr_truncated,
+            }
+        })
+        .collect();
+    Ok(JobDetail { job: summary(&job, counts), runs })
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    limit: Option<u32>,
+}
+
+pub async fn list(
+    State(app): State<AppState>,
+    caller: Caller,
+    query: std::result::Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Vec<JobSummary>>> {
+    caller.require(Role::Viewer)?;
+    let Query(q) = query?;
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > 1000 {
+        return Err(Error::BadRequest("limit must be between 1 and 1000".into()));
+    }
+    let jobs = app.store.list_jobs(limit).await?;
+    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    let mut counts = app.store.run_counts(&ids).await?;
+    Ok(Json(jobs.iter().map(|j| summary(j, counts.remove(&j.id).unwrap_or_default())).collect()))
+}
+
+pub async fn get(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<JobDetail>> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(load(&app, &id).await?))
+}
+
+/// `POST /api/v1/jobs/{id}/cancel`: runs not started end `cancelled`; running ones are told to
+/// stop (SIGTERM, then SIGKILL) and report how they ended.
+pub async fn cancel(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<JobDetail>> {
+    caller.require(Role::Operator)?;
+    let now = Timestamp::now();
+    let (ended, on_agents) = app.store.cancel_job(&id, now).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
+    for r in &ended {
+        app.events.publish(
+            &id,
+            JobEvent::Run { run_id: r.id.clone(), agent_id: r.agent_id.clone(), state: RunState::Cancelled, exit_code: None, error: None },
+        );
+    }
+    for r in &on_agents {
+        if let Some(tx) = app.registry.sender(&r.agent_id) {
+            let _ = tx.try_send(ServerMessage::Cancel(Cancel { run_id: r.id.clone() }));
+        }
+    }
+    app.audit(AuditEntry {
+        at: now,
+        actor: caller.actor(),
+        action: "job.cancel".into(),
+        target: Some(id.clone()),
+        detail: serde_json::json!({ "not_started": ended.len(), "signalled": on_agents.len() }),
+    })
+    .await;
+    app.dispatcher.kick.notify_one();
+    Ok(Json(load(&app, &id).await?))
+}
+
+fn sse(event: &JobEvent) -> Event {
+    let name = match event {
+        JobEvent::Snapshot(_) => "snapshot",
+        JobEvent::Run { .. } => "run",
+        JobEvent::Output { .. } => "output",
+        JobEvent::Finished { .. } => "finished",
+        JobEvent::Resync => "resync",
+    };
+    Event::default().event(name).data(serde_json::to_string(event).unwrap_or_default())
+}
+
+/// `GET /api/v1/jobs/{id}/events`: a snapshot, then live run changes and output, then
+/// `finished`. Subscribing happens before the snapshot is read, so nothing falls in between;
+/// a client sees some events twice at worst (output carries offsets to tell).
+pub async fn events(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
+    caller.require(Role::Viewer)?;
+    let rx = app.events.subscribe();
+    let detail = load(&app, &id).await?;
+    let done = detail.job.finished_at.is_some();
+    let counts = detail.job.counts.clone();
+    let mut first = vec![sse(&JobEvent::Snapshot(Box::new(detail)))];
+    if done {
+        first.push(sse(&JobEvent::Finished { counts }));
+    }
+    struct St {
+        first: std::vec::IntoIter<Event>,
+        rx: tokio::sync::broadcast::Receiver<crate::events::BusEvent>,
+        id: String,
+        done: bool,
+        shutdown: tokio_util::sync::CancellationToken,
+    }
+    let st = St { first: first.into_iter(), rx, id, done, shutdown: app.shutdown.clone() };
+    let stream = stream::unfold(st, |mut st| async move {
+        if let Some(e) = st.first.next() {
+            return Some((Ok(e), st));
+        }
+        if st.done {
+            return None;
+        }
+        loop {
+            let received = tokio::select! {
+                r = st.rx.recv() => r,
+                _ = st.shutdown.cancelled() => return None,
+            };
+            match received {
+                Ok(ev) if ev.job_id == st.id => {
+                    st.done = matches!(ev.event, JobEvent::Finished { .. });
+                    return Some((Ok(sse(&ev.event)), st));
+                }
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) => return Some((Ok(sse(&JobEvent::Resync)), st)),
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

@@ -1,0 +1,185 @@
+//! Dispatch: turns pending runs into messages to agents, within each job's concurrency and
+//! error budget, and ends runs that can no longer happen (expired, skipped, lost).
+//!
+//! **Invariant:** a run is marked `dispatched` in the database before its message is sent.
+//! A crash in between leaves a dispatched run the agent never accepted; when the agent next
+//! says `hello` without it, it goes back to `pending` and is sent again. The agent's ledger
+//! makes a second delivery of an accepted run harmless.
+//!
+//! Runs are dispatched only to agents connected to this process; with several servers, each
+//! node dispatches to the agents it holds.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::job::{JobEvent, RunId, RunState};
+use shared::protocol::{Run, ServerMessage};
+use shared::{AgentId, Timestamp};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::Events;
+use crate::registry::Registry;
+use crate::store::{JobRow, OpenRun, Store, StoreError};
+
+/// How long past its timeout a run may stay unreported before it is called lost.
+pub const REPORT_GRACE: Duration = Duration::from_secs(30);
+/// A dispatch round also runs this often without being asked, for expiry and overdue runs.
+const TICK: Duration = Duration::from_millis(500);
+
+#[derive(Clone)]
+pub struct Dispatcher {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub events: Events,
+    pub kick: Arc<Notify>,
+}
+
+impl Dispatcher {
+    pub async fn run(self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.kick.notified() => {}
+                _ = tokio::time::sleep(TICK) => {}
+            }
+            if let Err(e) = self.round().await {
+                tracing::warn!(error = %e, "dispatch round failed; retrying");
+            }
+        }
+    }
+
+    fn publish_states(&self, job_id: &str, runs: &[OpenRun], changed: &[RunId], state: RunState, error: Option<&str>) {
+        let changed: HashSet<&RunId> = changed.iter().collect();
+        for r in runs.iter().filter(|r| changed.contains(&r.id)) {
+            self.events.publish(
+                job_id,
+                JobEvent::Run {
+                    run_id: r.id.clone(),
+                    agent_id: r.agent_id.clone(),
+                    state,
+                    exit_code: None,
+                    error: error.map(str::to_owned),
+                },
+            );
+        }
+    }
+
+    /// Ends `runs` with a final state and announces the ones that changed.
+    pub async fn end(&self, job_id: &str, runs: &[OpenRun], state: RunState, why: &str) -> Result<(), StoreError> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<RunId> = runs.iter().map(|r| r.id.clone()).collect();
+        let changed = self.store.end_runs(&ids, state, why, Timestamp::now()).await?;
+        self.publish_states(job_id, runs, &changed, state, Some(why));
+        Ok(())
+    }
+
+    pub async fn round(&self) -> Result<(), StoreError> {
+        let now = Timestamp::now();
+        let jobs = self.store.active_jobs().await?;
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        let counts = self.store.run_counts(&ids).await?;
+        for job in &jobs {
+            let c = counts.get(&job.id).cloned().unwrap_or_default();
+            let n = |s: RunState| c.get(&s).copied().unwrap_or(0);
+            let (pending, in_flight) = (n(RunState::Pending), n(RunState::Dispatched) + n(RunState::Running));
+            if pending + in_flight == 0 {
+                if self.store.finish_job_if_done(&job.id, now).await? {
+                    tracing::info!(job = %job.id, "job finished");
+                    self.events.publish(&job.id, JobEvent::Finished { counts: c });
+                }
+                continue;
+            }
+            if pending == 0 || job.cancelled_at.is_some() {
+                continue;
+            }
+            let waiting = self.store.pending_runs(&job.id).await?;
+            let errors = n(RunState::Failed) + n(RunState::TimedOut) + n(RunState::Lost);
+            if job.max_errors.is_some_and(|m| errors >= u64::from(m)) {
+                self.end(&job.id, &waiting, RunState::Skipped, "the job reached its max_errors").await?;
+                continue;
+            }
+            self.dispatch_job(job, waiting, in_flight, now).await?;
+        }
+
+        let overdue = self.store.overdue_runs(now, REPORT_GRACE.as_millis() as u64).await?;
+        for r in &overdue {
+            self.end(&r.job_id, std::slice::from_ref(r), RunState::Lost, "no report from the agent within the timeout and a 30s grace")
+                .await?;
+        }
+        if !overdue.is_empty() {
+            self.kick.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn dispatch_job(&self, job: &JobRow, waiting: Vec<OpenRun>, in_flight: u64, now: Timestamp) -> Result<(), StoreError> {
+        let mut slots = job.max_in_flight.map_or(usize::MAX, |m| u64::from(m).saturating_sub(in_flight) as usize);
+        let (mut send, mut expire) = (Vec::new(), Vec::new());
+        for r in waiting {
+            if self.registry.is_connected(&r.agent_id) {
+                if slots > 0 {
+                    slots -= 1;
+                    send.push(r);
+                }
+            } else if now >= job.expires_at {
+                expire.push(r);
+            }
+        }
+        self.end(&job.id, &expire, RunState::Expired, "the agent was not online before the job's ttl ran out").await?;
+        if send.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<RunId> = send.iter().map(|r| r.id.clone()).collect();
+        let marked: HashSet<RunId> = self.store.mark_dispatched(&ids, now).await?.into_iter().collect();
+        let mut undelivered = Vec::new();
+        let mut delivered = Vec::new();
+        for r in send.into_iter().filter(|r| marked.contains(&r.id)) {
+            let msg = ServerMessage::Run(Run {
+                run_id: r.id.clone(),
+                job_id: job.id.clone(),
+                command: job.command.clone(),
+                timeout_ms: job.timeout_ms,
+                output_limit: job.output_limit,
+            });
+            let sent = self.registry.sender(&r.agent_id).is_some_and(|tx| tx.try_send(msg).is_ok());
+            if sent {
+                delivered.push(r);
+            } else {
+                undelivered.push(r.id);
+            }
+        }
+        if !undelivered.is_empty() {
+            // The session went away or is full: back to pending, for the next round.
+            self.store.redeliver(&undelivered).await?;
+        }
+        let ids: Vec<RunId> = delivered.iter().map(|r| r.id.clone()).collect();
+        self.publish_states(&job.id, &delivered, &ids, RunState::Dispatched, None);
+        Ok(())
+    }
+
+    /// When an agent says hello: runs the server thinks are on it but that the agent does not
+    /// list either never reached it (sent again) or were lost with its state.
+    pub async fn reconcile(&self, agent_id: &AgentId, agent_has: &[RunId]) -> Result<Vec<OpenRun>, StoreError> {
+        let has: HashSet<&RunId> = agent_has.iter().collect();
+        let open = self.store.open_runs_for_agent(agent_id).await?;
+        let (mut redeliver, mut lost, mut held) = (Vec::new(), Vec::new(), Vec::new());
+        for r in open {
+            match (has.contains(&r.id), r.state) {
+                (true, _) => held.push(r),
+                (false, RunState::Pending) => {}
+                (false, RunState::Dispatched) if !r.accepted => redeliver.push(r.id),
+                (false, _) => lost.push(r),
+            }
+        }
+        self.store.redeliver(&redeliver).await?;
+        for r in &lost {
+            self.end(&r.job_id, std::slice::from_ref(r), RunState::Lost, "the agent came back without it").await?;
+        }
+        self.kick.notify_one();
+        Ok(held)
+    }
+}

@@ -1,0 +1,396 @@
+//! Jobs and runs: what an operator asks for (`CreateJob`), and what the API reports back.
+//! A job has one run per matched agent; each run moves through [`RunState`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{AgentId, Selector, Timestamp};
+
+/// Output kept per stream and run, by default. Past it, output is dropped and flagged.
+pub const DEFAULT_OUTPUT_LIMIT: u64 = 1024 * 1024;
+pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+pub const DEFAULT_TTL_SECS: u64 = 600;
+
+/// A job's identity: 16 lowercase hex digits. Run ids have the same form.
+pub type JobId = String;
+pub type RunId = String;
+
+/// Which agents a job is for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// These agents, by id.
+    Agents(Vec<AgentId>),
+    /// Every agent whose labels match.
+    Selector(Selector),
+    /// Every enrolled agent.
+    All,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Agents(ids) => {
+                let ids: Vec<&str> = ids.iter().map(AgentId::as_str).collect();
+                write!(f, "agents {}", ids.join(","))
+            }
+            Target::Selector(s) => write!(f, "selector {s}"),
+            Target::All => f.write_str("all agents"),
+        }
+    }
+}
+
+/// What to run. `argv` runs the program directly, with no shell; `shell` runs `/bin/sh -c`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Program {
+    Argv(Vec<String>),
+    Shell(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandSpec {
+    pub program: Program,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+impl CommandSpec {
+    /// A short form for tables and logs.
+    pub fn summary(&self) -> String {
+        match &self.program {
+            Program::Argv(a) => a.join(" "),
+            Program::Shell(s) => format!("sh -c {s:?}"),
+        }
+    }
+}
+
+/// At most this many runs in flight at once: a number, or a percentage of the matched agents
+/// (rounded up, at least 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Concurrency {
+    Count(u32),
+    Percent(u8),
+}
+
+impl Concurrency {
+    pub fn resolve(self, matched: usize) -> u32 {
+        match self {
+            Concurrency::Count(n) => n,
+            Concurrency::Percent(p) => ((matched as u64 * u64::from(p)).div_ceil(100)).max(1) as u32,
+        }
+    }
+}
+
+impl std::str::FromStr for Concurrency {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || format!("invalid concurrency {s:?}: a number of runs (10) or a percentage of the targets (25%)");
+        match s.strip_suffix('%') {
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if (1..=100).contains(&p) => Ok(Concurrency::Percent(p)),
+                _ => Err(err()),
+            },
+            None => match s.parse::<u32>() {
+                Ok(n) if n > 0 => Ok(Concurrency::Count(n)),
+                _ => Err(err()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Concurrency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Concurrency::Count(n) => write!(f, "{n}"),
+            Concurrency::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for Concurrency {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u32),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => n.to_string().parse().map_err(serde::de::Error::custom),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `POST /api/v1/jobs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateJob {
+    pub target: Target,
+    pub command: CommandSpec,
+    /// Execution time limit per run. Default 60 s.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// How long runs wait for agents that are offline. Default 10 min; 0: online agents only.
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub concurrency: Option<Concurrency>,
+    /// Stop dispatching once this many runs have failed; the rest end `skipped`.
+    #[serde(default)]
+    pub max_errors: Option<u32>,
+    /// Bytes of output kept per stream and run. Default 1 MiB, at most 16 MiB.
+    #[serde(default)]
+    pub output_limit: Option<u64>,
+    /// Only report what the target matches; create nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Where a run is. The first three are in progress; the rest are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// Waiting for its agent to be online, or for a concurrency slot.
+    Pending,
+    /// Sent to the agent, not yet started.
+    Dispatched,
+    Running,
+    /// Exit status 0.
+    Succeeded,
+    /// Non-zero exit, killed by a signal, or could not start.
+    Failed,
+    TimedOut,
+    Cancelled,
+    /// Never delivered before the job's ttl ran out.
+    Expired,
+    /// Not dispatched because the job reached max_errors.
+    Skipped,
+    /// The agent came back without it, or did not report within timeout plus a grace.
+    /// A result that arrives later replaces it.
+    Lost,
+}
+
+impl RunState {
+    pub const ALL: [RunState; 10] = [
+        RunState::Pending,
+        RunState::Dispatched,
+        RunState::Running,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::TimedOut,
+        RunState::Cancelled,
+        RunState::Expired,
+        RunState::Skipped,
+        RunState::Lost,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Pending => "pending",
+            RunState::Dispatched => "dispatched",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::TimedOut => "timed_out",
+            RunState::Cancelled => "cancelled",
+            RunState::Expired => "expired",
+            RunState::Skipped => "skipped",
+            RunState::Lost => "lost",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, RunState::Pending | RunState::Dispatched | RunState::Running)
+    }
+
+    /// Counts toward a job's `max_errors`.
+    pub fn is_error(self) -> bool {
+        matches!(self, RunState::Failed | RunState::TimedOut | RunState::Lost)
+    }
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RunState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RunState::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| format!("unknown run state {s:?}"))
+    }
+}
+
+/// Runs of a job by state; states with no runs are left out.
+pub type StateCounts = BTreeMap<RunState, u64>;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: JobId,
+    pub created_at: Timestamp,
+    pub created_by: String,
+    pub target: Target,
+    pub command: CommandSpec,
+    pub timeout_secs: u64,
+    pub ttl_secs: u64,
+    pub concurrency: Option<Concurrency>,
+    pub max_errors: Option<u32>,
+    pub cancelled_at: Option<Timestamp>,
+    /// When every run reached a final state.
+    pub finished_at: Option<Timestamp>,
+    pub total: u64,
+    pub counts: StateCounts,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    pub id: RunId,
+    pub agent_id: AgentId,
+    pub hostname: String,
+    pub state: RunState,
+    pub exit_code: Option<i32>,
+    /// Signal that ended the process, if one did.
+    pub signal: Option<i32>,
+    /// Why the run failed to start, was lost, or was not run.
+    pub error: Option<String>,
+    pub dispatched_at: Option<Timestamp>,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+/// `GET /api/v1/jobs/{id}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobDetail {
+    #[serde(flatten)]
+    pub job: JobSummary,
+    /// The agents the target resolved to when the job was created.
+    pub runs: Vec<RunInfo>,
+}
+
+/// The answer to a dry run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DryRun {
+    pub matched: u64,
+    pub online: u64,
+    pub agents: Vec<DryRunAgent>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DryRunAgent {
+    pub id: AgentId,
+    pub hostname: String,
+    pub online: bool,
+}
+
+/// Events on `GET /api/v1/jobs/{id}/events` (server-sent events; the SSE event name is `type`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// First on every stream: the job as it is now.
+    Snapshot(Box<JobDetail>),
+    /// A run changed state.
+    Run { run_id: RunId, agent_id: AgentId, state: RunState, exit_code: Option<i32>, error: Option<String> },
+    /// Output. `offset` is the byte offset of `data` in the run's stream, so a client that
+    /// already has those bytes can tell.
+    Output { run_id: RunId, agent_id: AgentId, stream: Stream, offset: u64, data: String },
+    /// Every run is final; the stream ends after this.
+    Finished { counts: StateCounts },
+    /// The client fell behind and missed events; fetch the job again.
+    Resync,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrency_parses_numbers_and_percentages() {
+        assert_eq!("10".parse::<Concurrency>(), Ok(Concurrency::Count(10)));
+        assert_eq!("25%".parse::<Concurrency>(), Ok(Concurrency::Percent(25)));
+        for bad in ["0", "0%", "101%", "-1", "ten", ""] {
+            assert!(bad.parse::<Concurrency>().is_err(), "{bad}");
+        }
+        assert_eq!(Concurrency::Percent(25).resolve(10), 3);
+        assert_eq!(Concurrency::Percent(1).resolve(3), 1);
+        assert_eq!(serde_json::from_str::<Concurrency>("5").unwrap(), Concurrency::Count(5));
+        assert_eq!(serde_json::to_string(&Concurrency::Percent(50)).unwrap(), "\"50%\"");
+    }
+
+    #[test]
+    fn create_job_round_trips_with_each_target() {
+        for target in [
+            Target::All,
+            Target::Selector(Selector::parse("site=paris,!canary").unwrap()),
+            Target::Agents(vec![AgentId::parse("0123456789abcdef").unwrap()]),
+        ] {
+            let job = CreateJob {
+                target,
+                command: CommandSpec { program: Program::Argv(vec!["uname".into(), "-r".into()]), cwd: None, env: BTreeMap::new() },
+                timeout_secs: Some(5),
+                ttl_secs: Some(0),
+                concurrency: Some(Concurrency::Percent(10)),
+                max_errors: Some(1),
+                output_limit: None,
+                dry_run: false,
+            };
+            let json = serde_json::to_string(&job).unwrap();
+            assert_eq!(serde_json::from_str::<CreateJob>(&json).unwrap(), job, "{json}");
+        }
+        let all: CreateJob = serde_json::from_str(r#"{"target":"all","command":{"program":{"shell":"uptime"}}}"#).unwrap();
+        assert_eq!(all.target, Target::All);
+    }
+
+    #[test]
+    fn states_know_whether_they_are_final() {
+        assert!(!RunState::Dispatched.is_final());
+        assert!(RunState::Expired.is_final() && !RunState::Expired.is_error());
+        assert!(RunState::TimedOut.is_error());
+        assert_eq!("timed_out".parse::<RunState>(), Ok(RunState::TimedOut));
+    }
+
+    #[test]
+    fn job_events_round_trip() {
+        let e = JobEvent::Output {
+            run_id: "00000000000000aa".into(),
+            agent_id: AgentId::parse("0123456789abcdef").unwrap(),
+            stream: Stream::Stderr,
+            offset: 12,
+            data: "oops\n".into(),
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains("\"type\":\"output\""));
+        assert_eq!(serde_json::from_str::<JobEvent>(&json).unwrap(), e);
+    }
+}
