@@ -391,3 +391,68 @@ pub fn rustls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
     }
     Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
 }
+
+impl Api {
+    pub async fn create_job(&self, req: &shared::job::CreateJob) -> shared::job::JobDetail {
+        self.post("/jobs", req).await
+    }
+
+    pub async fn job(&self, id: &str) -> shared::job::JobDetail {
+        self.get(&format!("/jobs/{id}")).await
+    }
+
+    /// Waits until every run of the job is final and the job says it finished.
+    pub async fn wait_job_finished(&self, id: &str, deadline: Duration) -> shared::job::JobDetail {
+        wait_for(&format!("job {id} to finish"), deadline, || async move {
+            let j = self.job(id).await;
+            j.job.finished_at.is_some().then_some(j)
+        })
+        .await
+    }
+}
+
+/// A job request with the defaults a test starts from.
+pub fn job(target: shared::job::Target, program: shared::job::Program) -> shared::job::CreateJob {
+    shared::job::CreateJob {
+        target,
+        command: shared::job::CommandSpec { program, cwd: None, env: Default::default() },
+        timeout_secs: Some(30),
+        ttl_secs: None,
+        concurrency: None,
+        max_errors: None,
+        output_limit: None,
+        dry_run: false,
+    }
+}
+
+pub fn shell(script: &str) -> shared::job::Program {
+    shared::job::Program::Shell(script.to_owned())
+}
+
+/// How many processes on this machine have `marker` in their command line.
+pub fn processes_with(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+                .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker)))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+impl TestServer {
+    /// Starts `n` agents enrolled with one token (labels for all), waits for all to be online,
+    /// and returns them with their ids.
+    pub async fn spawn_agents(&self, n: usize, labels: &[&str]) -> Vec<(TestAgent, AgentId)> {
+        let token = self.enroll_token(n as u32, labels).await;
+        let agents: Vec<TestAgent> = (0..n).map(|_| self.spawn_agent(Some(&token), &[])).collect();
+        let mut out = Vec::new();
+        for a in agents {
+            let id = a.id().await;
+            self.api.wait_status(&id, shared::api::AgentStatus::Online, Duration::from_secs(30)).await;
+            out.push((a, id));
+        }
+        out
+    }
+}

@@ -1,0 +1,240 @@
+//! Commands: broadcast and targeted jobs, delivery across restarts, limits, and results.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use shared::Selector;
+use shared::api::AgentStatus;
+use shared::job::{Concurrency, DryRun, JobDetail, Program, RunState, Target};
+use tests::{TestServer, job, processes_with, shell, wait_for};
+
+const SOON: Duration = Duration::from_secs(30);
+
+fn states(j: &JobDetail) -> Vec<RunState> {
+    j.runs.iter().map(|r| r.state).collect()
+}
+
+#[tokio::test]
+async fn broadcast_to_twenty_agents_runs_once_on_each_and_the_cli_reports_it() {
+    let server = TestServer::spawn().await;
+    let agents = server.spawn_agents(20, &["fleet=test"]).await;
+    let ids: HashSet<String> = agents.iter().map(|(_, id)| id.to_string()).collect();
+
+    let created = server.api.create_job(&job(Target::All, shell("echo $MUSTER_AGENT_ID"))).await;
+    assert_eq!(created.runs.len(), 20);
+    let done = server.api.wait_job_finished(&created.job.id, SOON).await;
+    assert!(states(&done).iter().all(|s| *s == RunState::Succeeded), "{:?}", done.job.counts);
+    let echoed: HashSet<String> = done.runs.iter().map(|r| r.stdout.trim().to_owned()).collect();
+    assert_eq!(echoed, ids, "each agent ran it once, as itself");
+    assert!(done.runs.iter().all(|r| r.stdout == format!("{}\n", r.agent_id)));
+
+    // The same through the CLI: live lines labelled by host, a grouped summary, exit 0.
+    let out = server.cli(&["run", "--all", "--shell", "--", "echo ok"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().filter(|l| l.ends_with(": ok")).count(), 20 + 1, "20 live lines and the summary:\n{stdout}");
+    assert!(stdout.contains("20 agents succeeded: ok"), "{stdout}");
+
+    // One failure makes the exit status non-zero.
+    let victim = agents[3].1.to_string();
+    let script = format!("test $MUSTER_AGENT_ID != {victim}");
+    let out = server.cli(&["run", "--all", "--shell", "--", &script]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 agent failed (exit 1)"));
+}
+
+#[tokio::test]
+async fn a_label_selector_targets_exactly_the_matching_agents() {
+    let server = TestServer::spawn().await;
+    let pos = server.spawn_agents(2, &["role=pos", "site=paris"]).await;
+    let kiosk = server.spawn_agents(1, &["role=kiosk", "site=paris"]).await;
+    let canary = server.spawn_agents(1, &["role=pos", "site=paris", "canary=yes"]).await;
+    let _other = server.spawn_agents(1, &["role=pos", "site=lyon"]).await;
+
+    let selector = Selector::parse("site=paris,role in (pos,kiosk),!canary").unwrap();
+    let mut req = job(Target::Selector(selector), Program::Argv(vec!["true".into()]));
+    req.dry_run = true;
+    let dry: DryRun = server.api.post("/jobs", &req).await;
+    assert_eq!((dry.matched, dry.online), (3, 3));
+
+    req.dry_run = false;
+    let created = server.api.create_job(&req).await;
+    let targeted: HashSet<_> = created.runs.iter().map(|r| r.agent_id.clone()).collect();
+    let expected: HashSet<_> = pos.iter().chain(kiosk.iter()).map(|(_, id)| id.clone()).collect();
+    assert_eq!(targeted, expected);
+    assert!(!targeted.contains(&canary[0].1));
+    let done = server.api.wait_job_finished(&created.job.id, SOON).await;
+    assert!(states(&done).iter().all(|s| *s == RunState::Succeeded));
+
+    // A target that names an unknown agent, or matches nothing, is refused.
+    let resp = server
+        .api
+        .http()
+        .post(server.api.url("/jobs"))
+        .bearer_auth(&server.admin_token)
+        .json(&job(Target::Selector(Selector::parse("site=mars").unwrap()), Program::Argv(vec!["true".into()])))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn an_offline_agent_gets_its_run_when_it_reconnects_and_one_away_past_the_ttl_expires() {
+    let server = TestServer::spawn().await;
+    let mut agents = server.spawn_agents(2, &[]).await;
+    let (mut late, late_id) = agents.remove(0);
+    let (mut gone, gone_id) = agents.remove(0);
+    late.process().stop().await;
+    gone.process().stop().await;
+    server.api.wait_status(&late_id, AgentStatus::Offline, SOON).await;
+    server.api.wait_status(&gone_id, AgentStatus::Offline, SOON).await;
+
+    let mut waits = job(Target::Agents(vec![late_id.clone()]), shell("echo delivered"));
+    waits.ttl_secs = Some(300);
+    let waits = server.api.create_job(&waits).await;
+    let mut expires = job(Target::Agents(vec![gone_id.clone()]), shell("echo never"));
+    expires.ttl_secs = Some(1);
+    let expires = server.api.create_job(&expires).await;
+
+    let expired = server.api.wait_job_finished(&expires.job.id, SOON).await;
+    assert_eq!(states(&expired), [RunState::Expired]);
+    assert_eq!(server.api.job(&waits.job.id).await.runs[0].state, RunState::Pending, "still waiting for its agent");
+
+    let _late = late.restart();
+    let delivered = server.api.wait_job_finished(&waits.job.id, SOON).await;
+    assert_eq!(states(&delivered), [RunState::Succeeded]);
+    assert_eq!(delivered.runs[0].stdout, "delivered\n");
+}
+
+#[tokio::test]
+async fn concurrency_limits_runs_in_flight_and_max_errors_skips_the_rest() {
+    let server = TestServer::spawn().await;
+    let _agents = server.spawn_agents(6, &[]).await;
+
+    let mut limited = job(Target::All, shell("sleep 0.4"));
+    limited.concurrency = Some(Concurrency::Count(2));
+    let limited = server.api.create_job(&limited).await;
+    let done = server.api.wait_job_finished(&limited.job.id, SOON).await;
+    assert!(states(&done).iter().all(|s| *s == RunState::Succeeded));
+    // Dispatch-to-finish intervals, as the server recorded them: never more than 2 overlap.
+    let spans: Vec<(i64, i64)> =
+        done.runs.iter().map(|r| (r.dispatched_at.unwrap().unix_millis(), r.finished_at.unwrap().unix_millis())).collect();
+    let most = spans.iter().map(|(t, _)| spans.iter().filter(|(s, e)| s <= t && t < e).count()).max().unwrap();
+    assert!(most <= 2, "at most 2 runs in flight, saw {most}: {spans:?}");
+
+    let mut failing = job(Target::All, Program::Argv(vec!["false".into()]));
+    failing.concurrency = Some(Concurrency::Count(1));
+    failing.max_errors = Some(2);
+    let failing = server.api.create_job(&failing).await;
+    let done = server.api.wait_job_finished(&failing.job.id, SOON).await;
+    assert_eq!(done.job.counts.get(&RunState::Failed), Some(&2), "{:?}", done.job.counts);
+    assert_eq!(done.job.counts.get(&RunState::Skipped), Some(&4), "{:?}", done.job.counts);
+}
+
+#[tokio::test]
+async fn timeout_and_cancel_kill_the_command_and_its_children() {
+    let server = TestServer::spawn().await;
+    let agents = server.spawn_agents(1, &[]).await;
+    let target = Target::Agents(vec![agents[0].1.clone()]);
+
+    let mut slow = job(target.clone(), shell("sleep 300.4711 & sleep 300.4711; wait"));
+    slow.timeout_secs = Some(1);
+    let slow = server.api.create_job(&slow).await;
+    let done = server.api.wait_job_finished(&slow.job.id, SOON).await;
+    assert_eq!(states(&done), [RunState::TimedOut]);
+    wait_for("the timed-out processes to be gone", Duration::from_secs(10), || async { (processes_with("300.4711") == 0).then_some(()) })
+        .await;
+
+    let stuck = server.api.create_job(&job(target, shell("sleep 300.4712 & sleep 300.4712; wait"))).await;
+    wait_for("the command to be running", SOON, || async {
+        (server.api.job(&stuck.job.id).await.runs[0].state == RunState::Running && processes_with("300.4712") >= 2).then_some(())
+    })
+    .await;
+    let out = server.cli(&["job", "cancel", &stuck.job.id]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let done = server.api.wait_job_finished(&stuck.job.id, SOON).await;
+    assert_eq!(states(&done), [RunState::Cancelled]);
+    wait_for("the cancelled processes to be gone", Duration::from_secs(10), || async { (processes_with("300.4712") == 0).then_some(()) })
+        .await;
+}
+
+#[tokio::test]
+async fn output_over_the_cap_is_truncated_and_flagged() {
+    let server = TestServer::spawn().await;
+    let agents = server.spawn_agents(1, &[]).await;
+    let mut big = job(Target::Agents(vec![agents[0].1.clone()]), shell("head -c 50000 /dev/zero | tr '\\0' x; echo tail >&2"));
+    big.output_limit = Some(1000);
+    let big = server.api.create_job(&big).await;
+    let done = server.api.wait_job_finished(&big.job.id, SOON).await;
+    let run = &done.runs[0];
+    assert_eq!(run.state, RunState::Succeeded);
+    assert_eq!(run.stdout.len(), 1000);
+    assert!(run.stdout.bytes().all(|b| b == b'x'));
+    assert!(run.stdout_truncated && !run.stderr_truncated);
+    assert_eq!(run.stderr, "tail\n");
+}
+
+#[tokio::test]
+async fn server_killed_mid_broadcast_loses_no_run_and_runs_none_twice() {
+    let mut server = TestServer::spawn().await;
+    let agents = server.spawn_agents(8, &[]).await;
+    let effects = tempfile::tempdir().unwrap();
+    let script = format!("echo $MUSTER_RUN_ID >> {}/$MUSTER_AGENT_ID; sleep 0.5; echo done", effects.path().display());
+    let mut req = job(Target::All, shell(&script));
+    req.concurrency = Some(Concurrency::Count(3));
+    let created = server.api.create_job(&req).await;
+    wait_for("some runs to finish", SOON, || async {
+        let j = server.api.job(&created.job.id).await;
+        (j.job.counts.get(&RunState::Succeeded).copied().unwrap_or(0) >= 2).then_some(())
+    })
+    .await;
+
+    server.process().kill();
+    server.start().await;
+    let done = server.api.wait_job_finished(&created.job.id, Duration::from_secs(60)).await;
+    assert!(states(&done).iter().all(|s| *s == RunState::Succeeded), "{:?}", done.job.counts);
+    assert!(done.runs.iter().all(|r| r.stdout == "done\n"));
+    for (_, id) in &agents {
+        let lines = std::fs::read_to_string(effects.path().join(id.as_str())).unwrap_or_default();
+        assert_eq!(lines.lines().count(), 1, "agent {id} ran the command exactly once: {lines:?}");
+    }
+}
+
+#[tokio::test]
+async fn agent_killed_mid_run_ends_the_run_in_a_definite_state() {
+    let server = TestServer::spawn().await;
+    let mut agents = server.spawn_agents(1, &[]).await;
+    let (mut agent, id) = agents.remove(0);
+    let created = server.api.create_job(&job(Target::Agents(vec![id.clone()]), shell("echo started; sleep 30.4713"))).await;
+    wait_for("the command to be running", SOON, || async {
+        (server.api.job(&created.job.id).await.runs[0].state == RunState::Running).then_some(())
+    })
+    .await;
+
+    agent.process().kill();
+    let agent = agent.restart();
+    let done = server.api.wait_job_finished(&created.job.id, SOON).await;
+    let run = &done.runs[0];
+    assert_eq!(run.state, RunState::Lost);
+    assert!(run.error.as_deref().unwrap_or_default().contains("restarted"), "{:?}", run.error);
+    // The orphaned command is not ours to keep: clean it up.
+    let _ = std::process::Command::new("pkill").args(["-f", "30.4713"]).status();
+    drop(agent);
+}
+
+#[tokio::test]
+async fn the_job_event_stream_starts_with_a_snapshot_and_ends_when_the_job_does() {
+    let server = TestServer::spawn().await;
+    let agents = server.spawn_agents(1, &[]).await;
+    let created = server.api.create_job(&job(Target::Agents(vec![agents[0].1.clone()]), shell("echo one; sleep 0.3; echo two"))).await;
+    let resp = server.api.raw_get(&format!("/jobs/{}/events", created.job.id)).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    // The stream ends by itself after `finished`, so reading it all is bounded.
+    let body = tokio::time::timeout(SOON, resp.text()).await.expect("stream ends").unwrap();
+    let events: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("event: ")).collect();
+    assert_eq!(events.first(), Some(&"snapshot"));
+    assert_eq!(events.last(), Some(&"finished"));
+    assert!(body.contains(r#""data":"one\n""#) || body.contains("one\\n"), "{body}");
+}
