@@ -65,22 +65,22 @@ pub async fn run(client: &Client, args: &RunArgs, out: Out<'_>) -> anyhow::Resul
         }
         return Ok(JobOutcome { all_succeeded: true });
     }
-    let job: JobDetail = client.post("/jobs", &req).await?;
+    let job: JobSummary = client.post("/jobs", &req).await?;
     if args.detach {
         if args.json {
             serde_json::to_writer_pretty(&mut *out, &job)?;
             writeln!(out)?;
         } else {
-            writeln!(out, "{}", job.job.id)?;
+            writeln!(out, "{}", job.id)?;
         }
         return Ok(JobOutcome { all_succeeded: true });
     }
     let live = !args.json;
     if live {
         let mut err = std::io::stderr();
-        writeln!(err, "Job {}: {} on {} agents ({}).", job.job.id, job.job.command.summary(), job.job.total, job.job.target)?;
+        writeln!(err, "Job {}: {} on {} agents ({}).", job.id, job.command.summary(), job.total, job.target)?;
     }
-    let finished = follow(client, &job.job.id, live, out).await?;
+    let finished = follow(client, &job.id, live, out).await?;
     if args.json {
         serde_json::to_writer_pretty(&mut *out, &finished)?;
         writeln!(out)?;

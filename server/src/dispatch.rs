@@ -38,16 +38,34 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     pub async fn run(self, cancel: CancellationToken) {
+        let mut sweep = tokio::time::interval(TICK);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let sweeping = tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = self.kick.notified() => {}
-                _ = tokio::time::sleep(TICK) => {}
-            }
+                _ = self.kick.notified() => false,
+                _ = sweep.tick() => true,
+            };
             if let Err(e) = self.round().await {
                 tracing::warn!(error = %e, "dispatch round failed; retrying");
             }
+            // Overdue runs are a matter of seconds: checked on the timer, not on every kick.
+            if sweeping && let Err(e) = self.sweep_overdue().await {
+                tracing::warn!(error = %e, "overdue sweep failed; retrying");
+            }
         }
+    }
+
+    async fn sweep_overdue(&self) -> Result<(), StoreError> {
+        let overdue = self.store.overdue_runs(Timestamp::now(), REPORT_GRACE.as_millis() as u64).await?;
+        for r in &overdue {
+            self.end(&r.job_id, std::slice::from_ref(r), RunState::Lost, "no report from the agent within the timeout and a 30s grace")
+                .await?;
+        }
+        if !overdue.is_empty() {
+            self.kick.notify_one();
+        }
+        Ok(())
     }
 
     fn publish_states(&self, job_id: &str, runs: &[OpenRun], changed: &[RunId], state: RunState, error: Option<&str>) {
@@ -96,7 +114,9 @@ impl Dispatcher {
             if pending == 0 || job.cancelled_at.is_some() {
                 continue;
             }
+            let t = std::time::Instant::now();
             let waiting = self.store.pending_runs(&job.id).await?;
+            tracing::debug!(runs = waiting.len(), ms = t.elapsed().as_millis() as u64, "read pending runs");
             let errors = n(RunState::Failed) + n(RunState::TimedOut) + n(RunState::Lost);
             if job.max_errors.is_some_and(|m| errors >= u64::from(m)) {
                 self.end(&job.id, &waiting, RunState::Skipped, "the job reached its max_errors").await?;
@@ -104,21 +124,13 @@ impl Dispatcher {
             }
             self.dispatch_job(job, waiting, in_flight, now).await?;
         }
-
-        let overdue = self.store.overdue_runs(now, REPORT_GRACE.as_millis() as u64).await?;
-        for r in &overdue {
-            self.end(&r.job_id, std::slice::from_ref(r), RunState::Lost, "no report from the agent within the timeout and a 30s grace")
-                .await?;
-        }
-        if !overdue.is_empty() {
-            self.kick.notify_one();
-        }
         Ok(())
     }
 
     async fn dispatch_job(&self, job: &JobRow, waiting: Vec<OpenRun>, in_flight: u64, now: Timestamp) -> Result<(), StoreError> {
         let mut slots = job.max_in_flight.map_or(usize::MAX, |m| u64::from(m).saturating_sub(in_flight) as usize);
         let (mut send, mut expire) = (Vec::new(), Vec::new());
+        let waiting_count = waiting.len();
         for r in waiting {
             if self.registry.is_connected(&r.agent_id) {
                 if slots > 0 {
@@ -133,8 +145,17 @@ impl Dispatcher {
         if send.is_empty() {
             return Ok(());
         }
-        let ids: Vec<RunId> = send.iter().map(|r| r.id.clone()).collect();
-        let marked: HashSet<RunId> = self.store.mark_dispatched(&ids, now).await?.into_iter().collect();
+        let t = std::time::Instant::now();
+        // The common broadcast sends every pending run at once: one statement by job.
+        let marked: HashSet<RunId> = if send.len() == waiting_count {
+            self.store.mark_job_dispatched(&job.id, now).await?
+        } else {
+            let ids: Vec<RunId> = send.iter().map(|r| r.id.clone()).collect();
+            self.store.mark_dispatched(&ids, now).await?
+        }
+        .into_iter()
+        .collect();
+        tracing::debug!(runs = marked.len(), ms = t.elapsed().as_millis() as u64, "marked dispatched");
         let mut undelivered = Vec::new();
         let mut delivered = Vec::new();
         for r in send.into_iter().filter(|r| marked.contains(&r.id)) {
@@ -156,6 +177,7 @@ impl Dispatcher {
             // The session went away or is full: back to pending, for the next round.
             self.store.redeliver(&undelivered).await?;
         }
+        tracing::debug!(runs = delivered.len(), ms = t.elapsed().as_millis() as u64, "dispatched");
         let ids: Vec<RunId> = delivered.iter().map(|r| r.id.clone()).collect();
         self.publish_states(&job.id, &delivered, &ids, RunState::Dispatched, None);
         Ok(())

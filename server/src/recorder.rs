@@ -83,7 +83,9 @@ impl Recorder {
 async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<Stats>, hooks: Hooks) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let t = std::time::Instant::now();
         let effects = write_with_retry(store.as_ref(), &batch).await;
+        tracing::debug!(records = batch.len(), ms = t.elapsed().as_millis() as u64, "batch written");
         announce(&hooks, effects);
         stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);

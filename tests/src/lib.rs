@@ -393,7 +393,7 @@ pub fn rustls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
 }
 
 impl Api {
-    pub async fn create_job(&self, req: &shared::job::CreateJob) -> shared::job::JobDetail {
+    pub async fn create_job(&self, req: &shared::job::CreateJob) -> shared::job::JobSummary {
         self.post("/jobs", req).await
     }
 

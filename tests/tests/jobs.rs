@@ -21,8 +21,8 @@ async fn broadcast_to_twenty_agents_runs_once_on_each_and_the_cli_reports_it() {
     let ids: HashSet<String> = agents.iter().map(|(_, id)| id.to_string()).collect();
 
     let created = server.api.create_job(&job(Target::All, shell("echo $MUSTER_AGENT_ID"))).await;
-    assert_eq!(created.runs.len(), 20);
-    let done = server.api.wait_job_finished(&created.job.id, SOON).await;
+    assert_eq!(created.total, 20);
+    let done = server.api.wait_job_finished(&created.id, SOON).await;
     assert!(states(&done).iter().all(|s| *s == RunState::Succeeded), "{:?}", done.job.counts);
     let echoed: HashSet<String> = done.runs.iter().map(|r| r.stdout.trim().to_owned()).collect();
     assert_eq!(echoed, ids, "each agent ran it once, as itself");
@@ -59,11 +59,11 @@ async fn a_label_selector_targets_exactly_the_matching_agents() {
 
     req.dry_run = false;
     let created = server.api.create_job(&req).await;
-    let targeted: HashSet<_> = created.runs.iter().map(|r| r.agent_id.clone()).collect();
+    let targeted: HashSet<_> = server.api.job(&created.id).await.runs.iter().map(|r| r.agent_id.clone()).collect();
     let expected: HashSet<_> = pos.iter().chain(kiosk.iter()).map(|(_, id)| id.clone()).collect();
     assert_eq!(targeted, expected);
     assert!(!targeted.contains(&canary[0].1));
-    let done = server.api.wait_job_finished(&created.job.id, SOON).await;
+    let done = server.api.wait_job_finished(&created.id, SOON).await;
     assert!(states(&done).iter().all(|s| *s == RunState::Succeeded));
 
     // A target that names an unknown agent, or matches nothing, is refused.
@@ -97,12 +97,12 @@ async fn an_offline_agent_gets_its_run_when_it_reconnects_and_one_away_past_the_
     expires.ttl_secs = Some(1);
     let expires = server.api.create_job(&expires).await;
 
-    let expired = server.api.wait_job_finished(&expires.job.id, SOON).await;
+    let expired = server.api.wait_job_finished(&expires.id, SOON).await;
     assert_eq!(states(&expired), [RunState::Expired]);
-    assert_eq!(server.api.job(&waits.job.id).await.runs[0].state, RunState::Pending, "still waiting for its agent");
+    assert_eq!(server.api.job(&waits.id).await.runs[0].state, RunState::Pending, "still waiting for its agent");
 
     let _late = late.restart();
-    let delivered = server.api.wait_job_finished(&waits.job.id, SOON).await;
+    let delivered = server.api.wait_job_finished(&waits.id, SOON).await;
     assert_eq!(states(&delivered), [RunState::Succeeded]);
     assert_eq!(delivered.runs[0].stdout, "delivered\n");
 }
@@ -115,7 +115,7 @@ async fn concurrency_limits_runs_in_flight_and_max_errors_skips_the_rest() {
     let mut limited = job(Target::All, shell("sleep 0.4"));
     limited.concurrency = Some(Concurrency::Count(2));
     let limited = server.api.create_job(&limited).await;
-    let done = server.api.wait_job_finished(&limited.job.id, SOON).await;
+    let done = server.api.wait_job_finished(&limited.id, SOON).await;
     assert!(states(&done).iter().all(|s| *s == RunState::Succeeded));
     // Dispatch-to-finish intervals, as the server recorded them: never more than 2 overlap.
     let spans: Vec<(i64, i64)> =
@@ -127,7 +127,7 @@ async fn concurrency_limits_runs_in_flight_and_max_errors_skips_the_rest() {
     failing.concurrency = Some(Concurrency::Count(1));
     failing.max_errors = Some(2);
     let failing = server.api.create_job(&failing).await;
-    let done = server.api.wait_job_finished(&failing.job.id, SOON).await;
+    let done = server.api.wait_job_finished(&failing.id, SOON).await;
     assert_eq!(done.job.counts.get(&RunState::Failed), Some(&2), "{:?}", done.job.counts);
     assert_eq!(done.job.counts.get(&RunState::Skipped), Some(&4), "{:?}", done.job.counts);
 }
@@ -141,19 +141,19 @@ async fn timeout_and_cancel_kill_the_command_and_its_children() {
     let mut slow = job(target.clone(), shell("sleep 300.4711 & sleep 300.4711; wait"));
     slow.timeout_secs = Some(1);
     let slow = server.api.create_job(&slow).await;
-    let done = server.api.wait_job_finished(&slow.job.id, SOON).await;
+    let done = server.api.wait_job_finished(&slow.id, SOON).await;
     assert_eq!(states(&done), [RunState::TimedOut]);
     wait_for("the timed-out processes to be gone", Duration::from_secs(10), || async { (processes_with("300.4711") == 0).then_some(()) })
         .await;
 
     let stuck = server.api.create_job(&job(target, shell("sleep 300.4712 & sleep 300.4712; wait"))).await;
     wait_for("the command to be running", SOON, || async {
-        (server.api.job(&stuck.job.id).await.runs[0].state == RunState::Running && processes_with("300.4712") >= 2).then_some(())
+        (server.api.job(&stuck.id).await.runs[0].state == RunState::Running && processes_with("300.4712") >= 2).then_some(())
     })
     .await;
-    let out = server.cli(&["job", "cancel", &stuck.job.id]);
+    let out = server.cli(&["job", "cancel", &stuck.id]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let done = server.api.wait_job_finished(&stuck.job.id, SOON).await;
+    let done = server.api.wait_job_finished(&stuck.id, SOON).await;
     assert_eq!(states(&done), [RunState::Cancelled]);
     wait_for("the cancelled processes to be gone", Duration::from_secs(10), || async { (processes_with("300.4712") == 0).then_some(()) })
         .await;
@@ -166,7 +166,7 @@ async fn output_over_the_cap_is_truncated_and_flagged() {
     let mut big = job(Target::Agents(vec![agents[0].1.clone()]), shell("head -c 50000 /dev/zero | tr '\\0' x; echo tail >&2"));
     big.output_limit = Some(1000);
     let big = server.api.create_job(&big).await;
-    let done = server.api.wait_job_finished(&big.job.id, SOON).await;
+    let done = server.api.wait_job_finished(&big.id, SOON).await;
     let run = &done.runs[0];
     assert_eq!(run.state, RunState::Succeeded);
     assert_eq!(run.stdout.len(), 1000);
@@ -185,14 +185,14 @@ async fn server_killed_mid_broadcast_loses_no_run_and_runs_none_twice() {
     req.concurrency = Some(Concurrency::Count(3));
     let created = server.api.create_job(&req).await;
     wait_for("some runs to finish", SOON, || async {
-        let j = server.api.job(&created.job.id).await;
+        let j = server.api.job(&created.id).await;
         (j.job.counts.get(&RunState::Succeeded).copied().unwrap_or(0) >= 2).then_some(())
     })
     .await;
 
     server.process().kill();
     server.start().await;
-    let done = server.api.wait_job_finished(&created.job.id, Duration::from_secs(60)).await;
+    let done = server.api.wait_job_finished(&created.id, Duration::from_secs(60)).await;
     assert!(states(&done).iter().all(|s| *s == RunState::Succeeded), "{:?}", done.job.counts);
     assert!(done.runs.iter().all(|r| r.stdout == "done\n"));
     for (_, id) in &agents {
@@ -208,13 +208,13 @@ async fn agent_killed_mid_run_ends_the_run_in_a_definite_state() {
     let (mut agent, id) = agents.remove(0);
     let created = server.api.create_job(&job(Target::Agents(vec![id.clone()]), shell("echo started; sleep 30.4713"))).await;
     wait_for("the command to be running", SOON, || async {
-        (server.api.job(&created.job.id).await.runs[0].state == RunState::Running).then_some(())
+        (server.api.job(&created.id).await.runs[0].state == RunState::Running).then_some(())
     })
     .await;
 
     agent.process().kill();
     let agent = agent.restart();
-    let done = server.api.wait_job_finished(&created.job.id, SOON).await;
+    let done = server.api.wait_job_finished(&created.id, SOON).await;
     let run = &done.runs[0];
     assert_eq!(run.state, RunState::Lost);
     assert!(run.error.as_deref().unwrap_or_default().contains("restarted"), "{:?}", run.error);
@@ -228,7 +228,7 @@ async fn the_job_event_stream_starts_with_a_snapshot_and_ends_when_the_job_does(
     let server = TestServer::spawn().await;
     let agents = server.spawn_agents(1, &[]).await;
     let created = server.api.create_job(&job(Target::Agents(vec![agents[0].1.clone()]), shell("echo one; sleep 0.3; echo two"))).await;
-    let resp = server.api.raw_get(&format!("/jobs/{}/events", created.job.id)).await;
+    let resp = server.api.raw_get(&format!("/jobs/{}/events", created.id)).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     // The stream ends by itself after `finished`, so reading it all is bounded.

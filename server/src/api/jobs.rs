@@ -25,7 +25,7 @@ use super::caller::Caller;
 use super::error::{Error, Result};
 use crate::app::AppState;
 use crate::auth;
-use crate::store::{AgentRow, AuditEntry, JobRow};
+use crate::store::{AgentTarget, AuditEntry, JobRow};
 
 const MAX_TIMEOUT_SECS: u64 = 7 * 86_400;
 const MAX_TTL_SECS: u64 = 30 * 86_400;
@@ -83,8 +83,8 @@ fn validate(req: &CreateJob) -> Result<()> {
 
 /// The agents a target names, in a stable order. Unknown or revoked ids are an error: a typo
 /// should not silently shrink a job.
-async fn resolve(app: &AppState, target: &Target) -> Result<Vec<AgentRow>> {
-    let agents: Vec<AgentRow> = app.store.list_agents(None).await?.into_iter().filter(|a| a.revoked_at.is_none()).collect();
+async fn resolve(app: &AppState, target: &Target) -> Result<Vec<AgentTarget>> {
+    let agents = app.store.agent_targets().await?;
     match target {
         Target::All => Ok(agents),
         Target::Selector(sel) => Ok(agents.into_iter().filter(|a| sel.matches(&a.labels)).collect()),
@@ -93,7 +93,7 @@ async fn resolve(app: &AppState, target: &Target) -> Result<Vec<AgentRow>> {
                 return Err(Error::BadRequest("target.agents must list at least one agent".into()));
             }
             let wanted: HashSet<&AgentId> = ids.iter().collect();
-            let found: Vec<AgentRow> = agents.into_iter().filter(|a| wanted.contains(&a.id)).collect();
+            let found: Vec<AgentTarget> = agents.into_iter().filter(|a| wanted.contains(&a.id)).collect();
             let known: HashSet<&AgentId> = found.iter().map(|a| &a.id).collect();
             if let Some(missing) = ids.iter().find(|id| !known.contains(id)) {
                 return Err(Error::BadRequest(format!("no agent {missing} (or it was revoked)")));
@@ -165,8 +165,9 @@ pub async fn create(
     .await;
     tracing::info!(job = %job.id, by = %job.created_by, agents = runs.len(), command = %job.command.summary(), "job created");
     app.dispatcher.kick.notify_one();
-    let detail = load(&app, &job.id).await?;
-    Ok((StatusCode::CREATED, Json(detail)).into_response())
+    // The summary, not every run: a broadcast's detail is large, and dispatch is running now.
+    let counts = BTreeMap::from([(RunState::Pending, runs.len() as u64)]);
+    Ok((StatusCode::CREATED, Json(summary(&job, counts))).into_response())
 }
 
 /// The job with every run and its output, as stored now.

@@ -97,6 +97,14 @@ pub struct AgentRow {
     pub disconnected_at: Option<Timestamp>,
 }
 
+/// What targeting needs of an enrolled, unrevoked agent.
+#[derive(Clone, Debug)]
+pub struct AgentTarget {
+    pub id: AgentId,
+    pub hostname: String,
+    pub labels: Labels,
+}
+
 /// One change from a live session, written by the recorder in batches, in arrival order.
 #[derive(Clone, Debug)]
 pub enum Record {
@@ -270,6 +278,8 @@ pub trait Store: Send + Sync + 'static {
     async fn agent_credential(&self, id: &AgentId) -> Result<Option<AgentCredentialRow>>;
     async fn agent(&self, id: &AgentId) -> Result<Option<AgentRow>>;
     async fn list_agents(&self, status: Option<AgentStatus>) -> Result<Vec<AgentRow>>;
+    /// Every agent that is not revoked, with only what a target matches on.
+    async fn agent_targets(&self) -> Result<Vec<AgentTarget>>;
     async fn transitions(&self, id: &AgentId, limit: u32) -> Result<Vec<Transition>>;
     async fn heartbeats(&self, id: &AgentId, since: Timestamp, limit: u32) -> Result<Vec<HeartbeatSample>>;
     async fn fleet_counts(&self) -> Result<FleetCounts>;
@@ -298,6 +308,8 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_runs(&self, job_id: &str) -> Result<Vec<OpenRun>>;
     /// Moves pending runs to `dispatched`; returns the ones that moved.
     async fn mark_dispatched(&self, run_ids: &[RunId], at: Timestamp) -> Result<Vec<RunId>>;
+    /// Moves every pending run of a job to `dispatched`; returns the ones that moved.
+    async fn mark_job_dispatched(&self, job_id: &str, at: Timestamp) -> Result<Vec<RunId>>;
     /// Ends runs that are not final yet with `state`; returns the ones that changed.
     async fn end_runs(&self, run_ids: &[RunId], state: RunState, error: &str, at: Timestamp) -> Result<Vec<RunId>>;
     /// Moves dispatched runs the agent never accepted back to `pending`, for redelivery.

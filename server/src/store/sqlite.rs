@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,6 +27,10 @@ const ROWS_PER_STATEMENT: usize = 500;
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One writer at a time within this process. SQLite allows one writer anyway; without
+    /// this gate, a second writer waits in SQLite's busy handler, which sleeps with backoff
+    /// (hundreds of milliseconds under load) instead of taking its turn as soon as it can.
+    write: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -88,7 +93,11 @@ impl SqliteStore {
             .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new().max_connections(8).min_connections(1).connect_with(options).await.map_err(db_err)?;
         sqlx::migrate!("../migrations").run(&pool).await.map_err(|e| StoreError::Migrate(e.to_string()))?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore { pool, write: Arc::new(tokio::sync::Mutex::new(())) })
+    }
+
+    async fn writer(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.write.lock().await
     }
 
     pub async fn close(&self) {
@@ -231,6 +240,7 @@ struct HeartbeatDb {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert_api_token(&self, r: &ApiTokenRow) -> Result<()> {
+        let _gate = self.writer().await;
         sqlx::query(
             "INSERT INTO api_tokens (id, name, role, secret_hash, created_by, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
@@ -260,6 +270,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_api_token(&self, id: &str, at: Timestamp) -> Result<bool> {
+        let _gate = self.writer().await;
         let done = sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
             .bind(at.unix_millis())
             .bind(id)
@@ -270,6 +281,7 @@ impl Store for SqliteStore {
     }
 
     async fn touch_api_token(&self, id: &str, at: Timestamp) -> Result<()> {
+        let _gate = self.writer().await;
         sqlx::query("UPDATE api_tokens SET last_used_at = ? WHERE id = ?")
             .bind(at.unix_millis())
             .bind(id)
@@ -280,6 +292,7 @@ impl Store for SqliteStore {
     }
 
     async fn insert_enroll_token(&self, r: &EnrollTokenRow) -> Result<()> {
+        let _gate = self.writer().await;
         sqlx::query(
             "INSERT INTO enroll_tokens (id, secret_hash, created_by, created_at, expires_at, uses_total, uses_left, labels) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -311,6 +324,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_enroll_token(&self, id: &str, at: Timestamp) -> Result<bool> {
+        let _gate = self.writer().await;
         let done = sqlx::query("UPDATE enroll_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
             .bind(at.unix_millis())
             .bind(id)
@@ -321,6 +335,7 @@ impl Store for SqliteStore {
     }
 
     async fn enroll_agent(&self, token_id: &str, agent: &NewAgent) -> Result<bool> {
+        let _gate = self.writer().await;
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let taken = sqlx::query(
             "UPDATE enroll_tokens SET uses_left = uses_left - 1 \
@@ -392,6 +407,17 @@ impl Store for SqliteStore {
         rows.into_iter().map(AgentRow::try_from).collect()
     }
 
+    async fn agent_targets(&self) -> Result<Vec<AgentTarget>> {
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT id, hostname, labels FROM agents WHERE revoked_at IS NULL ORDER BY hostname, id")
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+        rows.into_iter()
+            .map(|(id, hostname, labels)| Ok(AgentTarget { id: parse_agent_id(&id)?, hostname, labels: parse_labels(&labels)? }))
+            .collect()
+    }
+
     async fn transitions(&self, id: &AgentId, limit: u32) -> Result<Vec<Transition>> {
         let rows: Vec<TransitionDb> =
             sqlx::query_as("SELECT at, from_status, to_status, reason FROM agent_transitions WHERE agent_id = ? ORDER BY id DESC LIMIT ?")
@@ -458,6 +484,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_agent(&self, id: &AgentId, at: Timestamp) -> Result<bool> {
+        let _gate = self.writer().await;
         let done = sqlx::query("UPDATE agents SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
             .bind(at.unix_millis())
             .bind(id.as_str())
@@ -468,112 +495,26 @@ impl Store for SqliteStore {
     }
 
     async fn record(&self, batch: &[Record]) -> Result<Vec<Effect>> {
+        let _gate = self.writer().await;
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         let mut effects = Vec::new();
-        let mut outputs = Vec::new();
-        let mut finishes = Vec::new();
-        // Session records change different columns from heartbeats, so applying them in order
-        // and the heartbeats in bulk afterwards gives the same result as strict arrival order.
-        let mut heartbeats = Vec::new();
-        for r in batch {
-            match r {
-                Record::Heartbeat { .. } => heartbeats.push(r),
-                Record::RunOutput { .. } => outputs.push(r),
-                Record::RunFinished { .. } => finishes.push(r),
-                Record::RunAccepted { agent_id, run_id, at } => {
-                    sqlx::query(
-                        "UPDATE runs SET accepted = 1, state = CASE WHEN state = 'pending' THEN 'dispatched' ELSE state END, \
-                         dispatched_at = COALESCE(dispatched_at, ?) WHERE id = ? AND agent_id = ? AND state IN ('pending', 'dispatched')",
-                    )
-                    .bind(at.unix_millis())
-                    .bind(run_id)
-                    .bind(agent_id.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                }
-                Record::RunStarted { agent_id, run_id, at } => {
-                    let job: Option<(String,)> = sqlx::query_as(
-                        "UPDATE runs SET accepted = 1, state = 'running', started_at = COALESCE(started_at, ?), \
-                         dispatched_at = COALESCE(dispatched_at, ?) \
-                         WHERE id = ? AND agent_id = ? AND state IN ('pending', 'dispatched') RETURNING job_id",
-                    )
-                    .bind(at.unix_millis())
-                    .bind(at.unix_millis())
-                    .bind(run_id)
-                    .bind(agent_id.as_str())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                    if let Some((job_id,)) = job {
-                        effects.push(Effect::RunState {
-                            job_id,
-                            run_id: run_id.clone(),
-                            agent_id: agent_id.clone(),
-                            state: RunState::Running,
-                            exit_code: None,
-                            error: None,
-                        });
-                    }
-                }
-                Record::Connected { agent_id, at, hostname, labels, heartbeat_interval_ms, agent_version, node, remote_addr } => {
-                    sqlx::query(
-                        "UPDATE agents SET hostname = ?, labels = ?, heartbeat_interval_ms = ?, agent_version = ?, connected = 1, \
-                         node = ?, remote_addr = ?, connected_at = ?, disconnected_at = NULL WHERE id = ?",
-                    )
-                    .bind(hostname)
-                    .bind(labels_json(labels))
-                    .bind(to_i64(*heartbeat_interval_ms))
-                    .bind(agent_version)
-                    .bind(node)
-                    .bind(remote_addr)
-                    .bind(at.unix_millis())
-                    .bind(agent_id.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err)?;
-                }
-                Record::Transition { agent_id, at, from, to, reason } => {
-                    sqlx::query("INSERT INTO agent_transitions (agent_id, at, from_status, to_status, reason) VALUES (?, ?, ?, ?, ?)")
-                        .bind(agent_id.as_str())
-                        .bind(at.unix_millis())
-                        .bind(from.map(AgentStatus::as_str))
-                        .bind(to.as_str())
-                        .bind(reason)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
-                    sqlx::query("UPDATE agents SET status = ?, status_since = ? WHERE id = ?")
-                        .bind(to.as_str())
-                        .bind(at.unix_millis())
-                        .bind(agent_id.as_str())
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
-                }
-                Record::Disconnected { agent_id, at } => {
-                    sqlx::query("UPDATE agents SET connected = 0, disconnected_at = ? WHERE id = ?")
-                        .bind(at.unix_millis())
-                        .bind(agent_id.as_str())
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err)?;
-                }
-            }
-        }
+        // Each kind of record is written with a few set-based statements, however large the
+        // batch. Kinds touch different columns, and within a kind the last record of an agent
+        // (or run) wins, so the result is the same as applying the records one by one in order.
+        write_connections(&mut tx, batch).await?;
+        write_transitions(&mut tx, batch).await?;
+        let heartbeats: Vec<&Record> = batch.iter().filter(|r| matches!(r, Record::Heartbeat { .. })).collect();
         insert_heartbeats(&mut tx, &heartbeats).await?;
+        write_run_progress(&mut tx, batch, &mut effects).await?;
+        let outputs: Vec<&Record> = batch.iter().filter(|r| matches!(r, Record::RunOutput { .. })).collect();
         insert_outputs(&mut tx, &outputs, &mut effects).await?;
-        for f in finishes {
-            if let Record::RunFinished { agent_id, finished, at } = f {
-                let reply = finish_run(&mut tx, agent_id, finished, *at, &mut effects).await?;
-                effects.push(reply);
-            }
-        }
+        finish_runs(&mut tx, batch, &mut effects).await?;
         tx.commit().await.map_err(db_err)?;
         Ok(effects)
     }
 
     async fn mark_node_offline(&self, node: &str, at: Timestamp, reason: &str) -> Result<u64> {
+        let _gate = self.writer().await;
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         sqlx::query(
             "INSERT INTO agent_transitions (agent_id, at, from_status, to_status, reason) \
@@ -601,6 +542,7 @@ impl Store for SqliteStore {
     }
 
     async fn prune_heartbeats(&self, before: Timestamp, max_rows: u32) -> Result<u64> {
+        let _gate = self.writer().await;
         let done = sqlx::query("DELETE FROM heartbeats WHERE rowid IN (SELECT rowid FROM heartbeats WHERE at < ? LIMIT ?)")
             .bind(before.unix_millis())
             .bind(i64::from(max_rows))
@@ -611,6 +553,7 @@ impl Store for SqliteStore {
     }
 
     async fn audit(&self, e: &AuditEntry) -> Result<()> {
+        let _gate = self.writer().await;
         sqlx::query("INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)")
             .bind(e.at.unix_millis())
             .bind(&e.actor)
@@ -624,6 +567,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_job(&self, job: &JobRow, runs: &[(RunId, AgentId)]) -> Result<()> {
+        let _gate = self.writer().await;
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         sqlx::query(
             "INSERT INTO jobs (id, created_at, created_by, target, command, timeout_ms, ttl_ms, concurrency, max_in_flight, \
@@ -757,13 +701,27 @@ impl Store for SqliteStore {
     }
 
     async fn mark_dispatched(&self, run_ids: &[RunId], at: Timestamp) -> Result<Vec<RunId>> {
+        let _gate = self.writer().await;
         update_runs(&self.pool, run_ids, "state = 'pending'", |q| {
             q.push("state = 'dispatched', dispatched_at = ").push_bind(at.unix_millis());
         })
         .await
     }
 
+    async fn mark_job_dispatched(&self, job_id: &str, at: Timestamp) -> Result<Vec<RunId>> {
+        let _gate = self.writer().await;
+        let rows: Vec<(String,)> =
+            sqlx::query_as("UPDATE runs SET state = 'dispatched', dispatched_at = ? WHERE job_id = ? AND state = 'pending' RETURNING id")
+                .bind(at.unix_millis())
+                .bind(job_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
+
     async fn end_runs(&self, run_ids: &[RunId], state: RunState, error: &str, at: Timestamp) -> Result<Vec<RunId>> {
+        let _gate = self.writer().await;
         let guard = format!("state IN {OPEN}");
         update_runs(&self.pool, run_ids, &guard, |q| {
             q.push("state = ").push_bind(state.as_str());
@@ -774,6 +732,7 @@ impl Store for SqliteStore {
     }
 
     async fn redeliver(&self, run_ids: &[RunId]) -> Result<()> {
+        let _gate = self.writer().await;
         update_runs(&self.pool, run_ids, "state = 'dispatched' AND accepted = 0", |q| {
             q.push("state = 'pending', dispatched_at = NULL");
         })
@@ -801,6 +760,7 @@ impl Store for SqliteStore {
     }
 
     async fn finish_job_if_done(&self, job_id: &str, at: Timestamp) -> Result<bool> {
+        let _gate = self.writer().await;
         let sql = format!(
             "UPDATE jobs SET finished_at = ? WHERE id = ? AND finished_at IS NULL \
              AND NOT EXISTS (SELECT 1 FROM runs WHERE job_id = ? AND state IN {OPEN})"
@@ -811,12 +771,14 @@ impl Store for SqliteStore {
     }
 
     async fn cancel_job(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>> {
+        let gate = self.writer().await;
         let done = sqlx::query("UPDATE jobs SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?")
             .bind(at.unix_millis())
             .bind(job_id)
             .execute(&self.pool)
             .await
             .map_err(db_err)?;
+        drop(gate);
         if done.rows_affected() == 0 {
             return Ok(None);
         }
@@ -1045,84 +1007,324 @@ async fn job_ids(tx: &mut sqlx::Transaction<'_, Sqlite>, run_ids: Vec<String>) -
     Ok(out)
 }
 
-/// How many bytes of each stream of a run the server holds without a gap.
-async fn contiguous(tx: &mut sqlx::Transaction<'_, Sqlite>, run_id: &str) -> Result<(u64, u64)> {
-    let rows: Vec<(i64, i64, String)> =
-        sqlx::query_as("SELECT stream, offset, data FROM run_output WHERE run_id = ? ORDER BY stream, offset")
-            .bind(run_id)
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(db_err)?;
-    let len = |stream: i64| stitch(rows.iter().filter(|r| r.0 == stream).map(|r| (to_u64(r.1), r.2.as_str()))).len() as u64;
-    Ok((len(0), len(1)))
+/// Builds `(VALUES (..), (..))` rows for an `UPDATE ... FROM` and runs it over chunks.
+async fn update_from<T, F>(tx: &mut sqlx::Transaction<'_, Sqlite>, head: &str, tail: &str, rows: &[T], push: F) -> Result<()>
+where
+    F: Fn(&mut sqlx::query_builder::Separated<'_, Sqlite, &'static str>, &T),
+{
+    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(head);
+        q.push(" FROM (");
+        q.push_values(chunk, |mut b, row| push(&mut b, row));
+        q.push(") AS v ");
+        q.push(tail);
+        q.build().execute(&mut **tx).await.map_err(db_err)?;
+    }
+    Ok(())
 }
 
-/// Applies a `run_finished`: stores the result if all the output is there (or asks for the
-/// missing part). A result replaces `lost` and `cancelled`: what actually happened wins.
-async fn finish_run(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    agent_id: &AgentId,
-    f: &RunFinished,
-    at: Timestamp,
-    effects: &mut Vec<Effect>,
-) -> Result<Effect> {
-    let row: Option<(String, String, i64)> = sqlx::query_as(
-        "SELECT r.job_id, r.state, j.output_limit FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id = ? AND r.agent_id = ?",
-    )
-    .bind(&f.run_id)
-    .bind(agent_id.as_str())
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(db_err)?;
-    let ack = Effect::Ack { agent_id: agent_id.clone(), run_id: f.run_id.clone() };
-    let Some((job_id, state, limit)) = row else {
-        // Not this agent's run, or not a run at all: nothing to keep, so let the agent forget it.
-        tracing::warn!(agent = %agent_id, run = %f.run_id, "result for an unknown run");
-        return Ok(ack);
-    };
-    let state = parse_run_state(&state)?;
-    if state.is_final() && !matches!(state, RunState::Lost | RunState::Cancelled) {
-        return Ok(ack);
+/// Connection columns: the last `Connected` of each agent, then a `Disconnected` that came
+/// after it.
+async fn write_connections(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record]) -> Result<()> {
+    let mut last_connected: HashMap<&str, &Record> = HashMap::new();
+    let mut last_event: HashMap<&str, &Record> = HashMap::new();
+    for r in batch {
+        match r {
+            Record::Connected { agent_id, .. } => {
+                last_connected.insert(agent_id.as_str(), r);
+                last_event.insert(agent_id.as_str(), r);
+            }
+            Record::Disconnected { agent_id, .. } => {
+                last_event.insert(agent_id.as_str(), r);
+            }
+            _ => {}
+        }
     }
-    let limit = to_u64(limit);
-    let (have_out, have_err) = contiguous(tx, &f.run_id).await?;
-    let (want_out, want_err) = (f.stdout_len.min(limit), f.stderr_len.min(limit));
-    if have_out < want_out || have_err < want_err {
-        return Ok(Effect::Resend { agent_id: agent_id.clone(), run_id: f.run_id.clone(), stdout_from: have_out, stderr_from: have_err });
-    }
-    let new_state = match f.outcome {
-        Outcome::Succeeded => RunState::Succeeded,
-        Outcome::Failed => RunState::Failed,
-        Outcome::TimedOut => RunState::TimedOut,
-        Outcome::Cancelled => RunState::Cancelled,
-        Outcome::Lost => RunState::Lost,
-    };
-    sqlx::query(
-        "UPDATE runs SET state = ?, exit_code = ?, signal = ?, error = ?, finished_at = ?, stdout_len = ?, stderr_len = ?, \
-         stdout_truncated = ?, stderr_truncated = ?, accepted = 1 WHERE id = ?",
+    let connected: Vec<&Record> = last_connected.into_values().collect();
+    update_from(
+        tx,
+        "UPDATE agents SET hostname = v.column2, labels = v.column3, heartbeat_interval_ms = v.column4, agent_version = v.column5, \
+         connected = 1, node = v.column6, remote_addr = v.column7, connected_at = v.column8, disconnected_at = NULL",
+        "WHERE agents.id = v.column1",
+        &connected,
+        |b, r| {
+            if let Record::Connected { agent_id, at, hostname, labels, heartbeat_interval_ms, agent_version, node, remote_addr } = *r {
+                b.push_bind(agent_id.as_str().to_owned())
+                    .push_bind(hostname.clone())
+                    .push_bind(labels_json(labels))
+                    .push_bind(to_i64(*heartbeat_interval_ms))
+                    .push_bind(agent_version.clone())
+                    .push_bind(node.clone())
+                    .push_bind(remote_addr.clone())
+                    .push_bind(at.unix_millis());
+            }
+        },
     )
-    .bind(new_state.as_str())
-    .bind(f.exit_code)
-    .bind(f.signal)
-    .bind(&f.error)
-    .bind(at.unix_millis())
-    .bind(to_i64(want_out))
-    .bind(to_i64(want_err))
-    .bind(f.stdout_truncated || f.stdout_len > limit)
-    .bind(f.stderr_truncated || f.stderr_len > limit)
-    .bind(&f.run_id)
-    .execute(&mut **tx)
+    .await?;
+    let disconnected: Vec<(&str, i64)> = last_event
+        .into_iter()
+        .filter_map(|(id, r)| match r {
+            Record::Disconnected { at, .. } => Some((id, at.unix_millis())),
+            _ => None,
+        })
+        .collect();
+    update_from(
+        tx,
+        "UPDATE agents SET connected = 0, disconnected_at = v.column2",
+        "WHERE agents.id = v.column1",
+        &disconnected,
+        |b, (id, at)| {
+            b.push_bind(id.to_string()).push_bind(*at);
+        },
+    )
     .await
-    .map_err(db_err)?;
-    effects.push(Effect::RunState {
-        job_id,
-        run_id: f.run_id.clone(),
-        agent_id: agent_id.clone(),
-        state: new_state,
-        exit_code: f.exit_code,
-        error: f.error.clone(),
-    });
-    Ok(ack)
+}
+
+/// Every transition is a row, in order; an agent's status is its last one.
+async fn write_transitions(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record]) -> Result<()> {
+    let all: Vec<(&AgentId, i64, Option<AgentStatus>, AgentStatus, &str)> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Record::Transition { agent_id, at, from, to, reason } => Some((agent_id, at.unix_millis(), *from, *to, reason.as_str())),
+            _ => None,
+        })
+        .collect();
+    for chunk in all.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("INSERT INTO agent_transitions (agent_id, at, from_status, to_status, reason) ");
+        q.push_values(chunk, |mut b, (id, at, from, to, reason)| {
+            b.push_bind(id.as_str().to_owned())
+                .push_bind(*at)
+                .push_bind(from.map(AgentStatus::as_str))
+                .push_bind(to.as_str())
+                .push_bind(reason.to_string());
+        });
+        q.build().execute(&mut **tx).await.map_err(db_err)?;
+    }
+    let mut last: HashMap<&str, (i64, AgentStatus)> = HashMap::new();
+    for (id, at, _, to, _) in &all {
+        last.insert(id.as_str(), (*at, *to));
+    }
+    let last: Vec<(&str, (i64, AgentStatus))> = last.into_iter().collect();
+    update_from(
+        tx,
+        "UPDATE agents SET status = v.column2, status_since = v.column3",
+        "WHERE agents.id = v.column1",
+        &last,
+        |b, (id, (at, to))| {
+            b.push_bind(id.to_string()).push_bind(to.as_str()).push_bind(*at);
+        },
+    )
+    .await
+}
+
+/// `run_accepted` and `run_started`, guarded so a run only moves forward and only for the
+/// agent that holds it.
+async fn write_run_progress(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], effects: &mut Vec<Effect>) -> Result<()> {
+    let accepted: Vec<(&AgentId, &RunId, i64)> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Record::RunAccepted { agent_id, run_id, at } => Some((agent_id, run_id, at.unix_millis())),
+            _ => None,
+        })
+        .collect();
+    update_from(
+        tx,
+        "UPDATE runs SET accepted = 1, state = CASE WHEN runs.state = 'pending' THEN 'dispatched' ELSE runs.state END, \
+         dispatched_at = COALESCE(runs.dispatched_at, v.column3)",
+        "WHERE runs.id = v.column2 AND runs.agent_id = v.column1 AND runs.state IN ('pending', 'dispatched')",
+        &accepted,
+        |b, (agent, run, at)| {
+            b.push_bind(agent.as_str().to_owned()).push_bind(run.to_string()).push_bind(*at);
+        },
+    )
+    .await?;
+    // A run that also finishes in this batch gets its start written with the result.
+    let finishing: std::collections::HashSet<&str> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Record::RunFinished { finished, .. } => Some(finished.run_id.as_str()),
+            _ => None,
+        })
+        .collect();
+    let started: Vec<(&AgentId, &RunId, i64)> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Record::RunStarted { agent_id, run_id, at } if !finishing.contains(run_id.as_str()) => {
+                Some((agent_id, run_id, at.unix_millis()))
+            }
+            _ => None,
+        })
+        .collect();
+    for chunk in started.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "UPDATE runs SET accepted = 1, state = 'running', started_at = COALESCE(runs.started_at, v.column3), \
+             dispatched_at = COALESCE(runs.dispatched_at, v.column3) FROM (",
+        );
+        q.push_values(chunk, |mut b, (agent, run, at)| {
+            b.push_bind(agent.as_str().to_owned()).push_bind(run.to_string()).push_bind(*at);
+        });
+        q.push(
+            ") AS v WHERE runs.id = v.column2 AND runs.agent_id = v.column1 AND runs.state IN ('pending', 'dispatched') \
+             RETURNING runs.id, runs.job_id, runs.agent_id",
+        );
+        let rows: Vec<(String, String, String)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
+        for (run_id, job_id, agent_id) in rows {
+            effects.push(Effect::RunState {
+                job_id,
+                run_id,
+                agent_id: parse_agent_id(&agent_id)?,
+                state: RunState::Running,
+                exit_code: None,
+                error: None,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of each stream the server holds without a gap, per run (from offsets and lengths).
+async fn contiguous(tx: &mut sqlx::Transaction<'_, Sqlite>, run_ids: &[&str]) -> Result<HashMap<String, (u64, u64)>> {
+    // Per run and stream: bytes held without a gap, and whether a gap has been met.
+    let mut held: HashMap<String, [(u64, bool); 2]> = HashMap::new();
+    for chunk in run_ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT run_id, stream, offset, length(CAST(data AS BLOB)) FROM run_output WHERE run_id IN (");
+        let mut sep = q.separated(", ");
+        for id in chunk {
+            sep.push_bind(id.to_string());
+        }
+        q.push(") ORDER BY run_id, stream, offset");
+        let rows: Vec<(String, i64, i64, i64)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
+        for (run, stream, offset, len) in rows {
+            let slot = &mut held.entry(run).or_default()[usize::from(stream != 0)];
+            let (offset, end) = (to_u64(offset), to_u64(offset + len));
+            match slot {
+                (_, true) => {}
+                (have, false) if offset <= *have => *have = (*have).max(end),
+                (_, gap) => *gap = true,
+            }
+        }
+    }
+    Ok(held.into_iter().map(|(run, [out, err])| (run, (out.0, err.0))).collect())
+}
+
+/// Applies `run_finished` records: stores each result whose output is all there (or asks for
+/// what is missing). A result replaces `lost` and `cancelled`: what actually happened wins.
+async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], effects: &mut Vec<Effect>) -> Result<()> {
+    let finished: Vec<(&AgentId, &RunFinished, i64)> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Record::RunFinished { agent_id, finished, at } => Some((agent_id, finished.as_ref(), at.unix_millis())),
+            _ => None,
+        })
+        .collect();
+    if finished.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = finished.iter().map(|(_, f, _)| f.run_id.as_str()).collect();
+    let mut known: HashMap<String, (String, String, RunState, u64)> = HashMap::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN (",
+        );
+        let mut sep = q.separated(", ");
+        for id in chunk {
+            sep.push_bind(id.to_string());
+        }
+        q.push(")");
+        let rows: Vec<(String, String, String, String, i64)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
+        for (id, job, agent, state, limit) in rows {
+            known.insert(id, (job, agent, parse_run_state(&state)?, to_u64(limit)));
+        }
+    }
+    let have = contiguous(tx, &ids).await?;
+    let started_at: HashMap<&str, i64> = batch
+        .iter()
+        .filter_map(|r| match r {
+            Record::RunStarted { run_id, at, .. } => Some((run_id.as_str(), at.unix_millis())),
+            _ => None,
+        })
+        .collect();
+    let mut updates = Vec::new();
+    for (agent_id, f, at) in finished {
+        let ack = Effect::Ack { agent_id: agent_id.clone(), run_id: f.run_id.clone() };
+        let Some((job_id, owner, state, limit)) = known.get(&f.run_id) else {
+            tracing::warn!(agent = %agent_id, run = %f.run_id, "result for an unknown run");
+            effects.push(ack);
+            continue;
+        };
+        if owner != agent_id.as_str() {
+            // Not this agent's run: store nothing, and let it forget the run.
+            tracing::warn!(agent = %agent_id, run = %f.run_id, "result for another agent's run refused");
+            effects.push(ack);
+            continue;
+        }
+        if state.is_final() && !matches!(state, RunState::Lost | RunState::Cancelled) {
+            effects.push(ack);
+            continue;
+        }
+        let (have_out, have_err) = have.get(&f.run_id).copied().unwrap_or((0, 0));
+        let (want_out, want_err) = (f.stdout_len.min(*limit), f.stderr_len.min(*limit));
+        if have_out < want_out || have_err < want_err {
+            effects.push(Effect::Resend {
+                agent_id: agent_id.clone(),
+                run_id: f.run_id.clone(),
+                stdout_from: have_out,
+                stderr_from: have_err,
+            });
+            continue;
+        }
+        let new_state = match f.outcome {
+            Outcome::Succeeded => RunState::Succeeded,
+            Outcome::Failed => RunState::Failed,
+            Outcome::TimedOut => RunState::TimedOut,
+            Outcome::Cancelled => RunState::Cancelled,
+            Outcome::Lost => RunState::Lost,
+        };
+        let started = started_at.get(f.run_id.as_str()).copied();
+        updates.push((
+            f,
+            new_state,
+            at,
+            want_out,
+            want_err,
+            f.stdout_truncated || f.stdout_len > *limit,
+            f.stderr_truncated || f.stderr_len > *limit,
+            started,
+        ));
+        effects.push(Effect::RunState {
+            job_id: job_id.clone(),
+            run_id: f.run_id.clone(),
+            agent_id: agent_id.clone(),
+            state: new_state,
+            exit_code: f.exit_code,
+            error: f.error.clone(),
+        });
+        effects.push(ack);
+    }
+    update_from(
+        tx,
+        "UPDATE runs SET state = v.column2, exit_code = v.column3, signal = v.column4, error = v.column5, finished_at = v.column6, \
+         stdout_len = v.column7, stderr_len = v.column8, stdout_truncated = v.column9, stderr_truncated = v.column10, accepted = 1, \
+         started_at = COALESCE(runs.started_at, v.column11), dispatched_at = COALESCE(runs.dispatched_at, v.column11)",
+        "WHERE runs.id = v.column1",
+        &updates,
+        |b, (f, state, at, out_len, err_len, out_t, err_t, started)| {
+            b.push_bind(f.run_id.clone())
+                .push_bind(state.as_str())
+                .push_bind(f.exit_code)
+                .push_bind(f.signal)
+                .push_bind(f.error.clone())
+                .push_bind(*at)
+                .push_bind(to_i64(*out_len))
+                .push_bind(to_i64(*err_len))
+                .push_bind(*out_t)
+                .push_bind(*err_t)
+                .push_bind(*started);
+        },
+    )
+    .await
 }
 
 /// Appends heartbeat history and updates each agent's latest metrics, with a few multi-row
@@ -1303,5 +1505,100 @@ mod tests {
         let t = store.transitions(&a.id, 10).await.unwrap();
         assert_eq!(t.len(), 2);
         assert_eq!((t[0].from, t[0].to, t[0].reason.as_str()), (Some(AgentStatus::Online), AgentStatus::Offline, "restart"));
+    }
+
+    fn connected(a: &AgentId, at: i64) -> Record {
+        Record::Connected {
+            agent_id: a.clone(),
+            at: Timestamp::from_unix_millis(at),
+            hostname: "h".into(),
+            labels: Labels::new(),
+            heartbeat_interval_ms: 1000,
+            agent_version: "0".into(),
+            node: "n1".into(),
+            remote_addr: "127.0.0.1:1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn connection_records_in_one_batch_apply_in_their_order() {
+        let (_dir, store) = open().await;
+        store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
+        let a = agent(1);
+        store.enroll_agent("00000000000000aa", &a).await.unwrap();
+        let gone = Record::Disconnected { agent_id: a.id.clone(), at: Timestamp::from_unix_millis(6_000) };
+        store.record(&[connected(&a.id, 5_000), gone.clone()]).await.unwrap();
+        let row = store.agent(&a.id).await.unwrap().unwrap();
+        assert!(!row.connected && row.disconnected_at == Some(Timestamp::from_unix_millis(6_000)));
+        store.record(&[gone, connected(&a.id, 7_000)]).await.unwrap();
+        let row = store.agent(&a.id).await.unwrap().unwrap();
+        assert!(row.connected && row.disconnected_at.is_none() && row.connected_at == Some(Timestamp::from_unix_millis(7_000)));
+    }
+
+    #[tokio::test]
+    async fn a_result_whose_output_has_a_gap_asks_for_the_rest_before_it_is_stored() {
+        use shared::job::{CommandSpec, Program, Target};
+        let (_dir, store) = open().await;
+        store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
+        let a = agent(1);
+        store.enroll_agent("00000000000000aa", &a).await.unwrap();
+        let job = JobRow {
+            id: "00000000000000j1".into(),
+            created_at: Timestamp::from_unix_millis(1),
+            created_by: "t".into(),
+            target: Target::All,
+            command: CommandSpec { program: Program::Argv(vec!["true".into()]), cwd: None, env: Default::default() },
+            timeout_ms: 1000,
+            ttl_ms: 1000,
+            concurrency: None,
+            max_in_flight: None,
+            max_errors: None,
+            output_limit: 1 << 20,
+            expires_at: Timestamp::from_unix_millis(1_001),
+            cancelled_at: None,
+            finished_at: None,
+        };
+        store.create_job(&job, &[("r1".into(), a.id.clone())]).await.unwrap();
+        let chunk = |offset: u64, data: &str| Record::RunOutput {
+            agent_id: a.id.clone(),
+            run_id: "r1".into(),
+            stream: Stream::Stdout,
+            offset,
+            data: data.into(),
+        };
+        let finish = Record::RunFinished {
+            agent_id: a.id.clone(),
+            finished: Box::new(RunFinished {
+                run_id: "r1".into(),
+                outcome: Outcome::Succeeded,
+                exit_code: Some(0),
+                signal: None,
+                error: None,
+                stdout_len: 9,
+                stderr_len: 0,
+                stdout_truncated: false,
+                stderr_truncated: false,
+            }),
+            at: Timestamp::from_unix_millis(9),
+        };
+        // Bytes 3..6 were lost on the way: the server asks for them and keeps the run open.
+        let effects = store.record(&[chunk(0, "one"), chunk(6, "ree"), finish.clone()]).await.unwrap();
+        assert!(
+            effects.contains(&Effect::Resend { agent_id: a.id.clone(), run_id: "r1".into(), stdout_from: 3, stderr_from: 0 }),
+            "{effects:?}"
+        );
+        assert_eq!(store.runs("00000000000000j1").await.unwrap()[0].state, RunState::Pending);
+        // The agent resends from 3 (overlapping what is there) and finishes again.
+        let effects = store.record(&[chunk(3, "twothree"), finish]).await.unwrap();
+        assert!(effects.contains(&Effect::Ack { agent_id: a.id.clone(), run_id: "r1".into() }), "{effects:?}");
+        assert_eq!(store.runs("00000000000000j1").await.unwrap()[0].state, RunState::Succeeded);
+        let out = store.run_outputs("00000000000000j1").await.unwrap();
+        assert_eq!(out["r1"].stdout, "onetwothree");
+    }
+
+    #[test]
+    fn stitching_tolerates_repeats_and_overlaps_and_stops_at_a_gap() {
+        assert_eq!(stitch([(0, "abc"), (0, "abc"), (2, "cde"), (5, "f")]), "abcdef");
+        assert_eq!(stitch([(0, "ab"), (4, "ef")]), "ab");
     }
 }

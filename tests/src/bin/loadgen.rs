@@ -72,6 +72,17 @@ enum Cmd {
         #[arg(long)]
         db: PathBuf,
     },
+    /// Create one job for every simulated agent and measure until each result is stored. The
+    /// simulated agents answer at the protocol level (started, output, finished) without
+    /// starting a process, so this measures the server.
+    Broadcast {
+        /// The server's SQLite file, read to see what was stored.
+        #[arg(long)]
+        db: PathBuf,
+        /// Jobs to run, one after another.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -110,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
             }
             heartbeats(&cli, &agents, tls, addr, *interval, *duration, db).await
         }
+        Cmd::Broadcast { db, rounds } => broadcast(&cli, &agents, tls, addr, db, (*rounds).clamp(1, 20)).await,
     }
 }
 
@@ -297,6 +309,151 @@ async fn heartbeats(
     println!("ingest_rate={:.0} heartbeats/s end to end", stored as f64 / all_stored_secs);
     if stored < total {
         bail!("{} heartbeats sent but not stored", total - stored);
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn describe(name: &str, mut v: Vec<f64>) -> String {
+    v.sort_by(|a, b| a.total_cmp(b));
+    format!(
+        "{name}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (n={})",
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        percentile(&v, 1.0),
+        v.len()
+    )
+}
+
+async fn broadcast(
+    cli: &Cli,
+    agents: &[SimAgent],
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    db: &Path,
+    rounds: u32,
+) -> anyhow::Result<()> {
+    use shared::job::{CommandSpec, CreateJob, JobSummary, Program, Stream, Target};
+    use shared::protocol::{AgentMessage, Outcome, RunFinished, RunOutput, RunStarted};
+
+    let conns = connect_all(cli, agents, tls, addr, Duration::from_secs(60)).await?;
+    let n = conns.len();
+    // When each `run` reached its simulated agent, relative to the moment the job was posted.
+    let t0 = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let received = Arc::new(std::sync::Mutex::new(Vec::<f64>::with_capacity(n)));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::with_capacity(n);
+    for mut conn in conns {
+        let (t0, received, stop) = (t0.clone(), received.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = conn.next() => m,
+                    _ = stop.cancelled() => break,
+                };
+                let Some(Ok(Message::Text(t))) = msg else {
+                    if matches!(msg, Some(Ok(_))) {
+                        continue;
+                    }
+                    break;
+                };
+                let Ok(ServerMessage::Run(run)) = ServerMessage::decode(t.as_str()) else { continue };
+                let at = t0.lock().map(|t| t.elapsed().as_secs_f64() * 1000.0).unwrap_or(0.0);
+                if let Ok(mut r) = received.lock() {
+                    r.push(at);
+                }
+                let id = run.run_id;
+                let replies = [
+                    AgentMessage::RunStarted(RunStarted { run_id: id.clone() }),
+                    AgentMessage::RunOutput(RunOutput { run_id: id.clone(), stream: Stream::Stdout, offset: 0, data: "ok\n".into() }),
+                    AgentMessage::RunFinished(RunFinished {
+                        run_id: id,
+                        outcome: Outcome::Succeeded,
+                        exit_code: Some(0),
+                        signal: None,
+                        error: None,
+                        stdout_len: 3,
+                        stderr_len: 0,
+                        stdout_truncated: false,
+                        stderr_truncated: false,
+                    }),
+                ];
+                for m in &replies {
+                    if ws::send(&mut conn, m).await.is_err() {
+                        return conn;
+                    }
+                }
+            }
+            conn
+        }));
+    }
+
+    let api = tests::Api::new(&cli.server, &cli.token, &cli.ca);
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true))
+        .await
+        .context("opening the server's database")?;
+    for round in 1..=rounds {
+        if let Ok(mut r) = received.lock() {
+            r.clear();
+        }
+        let req = CreateJob {
+            target: Target::Selector(shared::Selector::parse("loadgen=yes")?),
+            command: CommandSpec { program: Program::Argv(vec!["true".into()]), cwd: None, env: Default::default() },
+            timeout_secs: Some(60),
+            ttl_secs: Some(60),
+            concurrency: None,
+            max_errors: None,
+            output_limit: None,
+            dry_run: false,
+        };
+        let started = Instant::now();
+        if let Ok(mut t) = t0.lock() {
+            *t = started;
+        }
+        let job: JobSummary = api.post("/jobs", &req).await;
+        let posted_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let deadline = started + Duration::from_secs(120);
+        let (all_stored_ms, from_creation_ms) = loop {
+            let (done,): (i64,) =
+                sqlx::query_as("SELECT COUNT(*) FROM runs WHERE job_id = ? AND state NOT IN ('pending', 'dispatched', 'running')")
+                    .bind(&job.id)
+                    .fetch_one(&pool)
+                    .await?;
+            if done as usize >= n {
+                break (started.elapsed().as_secs_f64() * 1000.0, Timestamp::now().unix_millis() - job.created_at.unix_millis());
+            }
+            if Instant::now() > deadline {
+                bail!("only {done} of {n} results stored after 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT r.dispatched_at - j.created_at, r.finished_at - j.created_at, (SELECT COUNT(*) FROM run_output o WHERE o.run_id = r.id) \
+             FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = ?",
+        ).bind(&job.id).fetch_all(&pool).await?;
+        let received_ms = received.lock().map(|r| r.clone()).unwrap_or_default();
+        let ok = rows.iter().filter(|r| r.2 == 1).count();
+        println!("round {round}: {n} agents, job {}", job.id);
+        println!("  POST /jobs answered (job and {n} runs committed) after {posted_ms:.0} ms");
+        println!("  {}", describe("run message received by the agent (from the POST)", received_ms));
+        println!("  {}", describe("result received by the server (from job creation)", rows.iter().map(|r| r.1 as f64).collect()));
+        println!(
+            "  every result stored (committed) {all_stored_ms:.0} ms after the POST, {from_creation_ms} ms after the job's creation; {ok}/{n} with their output"
+        );
+    }
+    stop.cancel();
+    for t in tasks {
+        if let Ok(mut c) = t.await {
+            let _ = c.close(None).await;
+        }
     }
     Ok(())
 }
