@@ -629,12 +629,9 @@ impl Store for SqliteStore {
     async fn run_counts(&self, job_ids: &[JobId]) -> Result<HashMap<JobId, StateCounts>> {
         let mut out: HashMap<JobId, StateCounts> = HashMap::new();
         for chunk in job_ids.chunks(ROWS_PER_STATEMENT) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT job_id, state, COUNT(*) FROM runs WHERE job_id IN (");
-            let mut sep = q.separated(", ");
-            for id in chunk {
-                sep.push_bind(id.clone());
-            }
-            q.push(") GROUP BY job_id, state");
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT job_id, state, COUNT(*) FROM runs WHERE job_id IN ");
+            push_in_list(&mut q, chunk);
+            q.push(" GROUP BY job_id, state");
             let rows: Vec<(String, String, i64)> = q.build_query_as().fetch_all(&self.pool).await.map_err(db_err)?;
             for (job, state, n) in rows {
                 out.entry(job).or_default().insert(parse_run_state(&state)?, to_u64(n));
@@ -918,6 +915,16 @@ impl SqliteStore {
     }
 }
 
+/// Pushes `(?, ?, ...)` with one bind per id.
+fn push_in_list<S: AsRef<str>>(q: &mut QueryBuilder<Sqlite>, ids: &[S]) {
+    q.push("(");
+    let mut sep = q.separated(", ");
+    for id in ids {
+        sep.push_bind(id.as_ref().to_owned());
+    }
+    q.push(")");
+}
+
 /// Runs `UPDATE runs SET <set> WHERE <guard> AND id IN (...) RETURNING id` over chunks of
 /// ids; `set` pushes the assignments and their binds.
 async fn update_runs<F>(pool: &SqlitePool, ids: &[RunId], guard: &str, set: F) -> Result<Vec<RunId>>
@@ -930,12 +937,9 @@ where
         set(&mut q);
         q.push(" WHERE ");
         q.push(guard);
-        q.push(" AND id IN (");
-        let mut sep = q.separated(", ");
-        for id in chunk {
-            sep.push_bind(id.clone());
-        }
-        q.push(") RETURNING id");
+        q.push(" AND id IN ");
+        push_in_list(&mut q, chunk);
+        q.push(" RETURNING id");
         let rows: Vec<(String,)> = q.build_query_as().fetch_all(pool).await.map_err(db_err)?;
         changed.extend(rows.into_iter().map(|(id,)| id));
     }
@@ -995,12 +999,9 @@ async fn insert_outputs(tx: &mut sqlx::Transaction<'_, Sqlite>, records: &[&Reco
 async fn job_ids(tx: &mut sqlx::Transaction<'_, Sqlite>, run_ids: Vec<String>) -> Result<HashMap<String, String>> {
     let mut out = HashMap::new();
     for chunk in run_ids.chunks(ROWS_PER_STATEMENT) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, job_id FROM runs WHERE id IN (");
-        let mut sep = q.separated(", ");
-        for id in chunk {
-            sep.push_bind(id.clone());
-        }
-        q.push(")");
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, job_id FROM runs WHERE id IN ");
+        push_in_list(&mut q, chunk);
+        q.push("");
         let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
         out.extend(rows);
     }
@@ -1189,12 +1190,9 @@ async fn contiguous(tx: &mut sqlx::Transaction<'_, Sqlite>, run_ids: &[&str]) ->
     let mut held: HashMap<String, [(u64, bool); 2]> = HashMap::new();
     for chunk in run_ids.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT run_id, stream, offset, length(CAST(data AS BLOB)) FROM run_output WHERE run_id IN (");
-        let mut sep = q.separated(", ");
-        for id in chunk {
-            sep.push_bind(id.to_string());
-        }
-        q.push(") ORDER BY run_id, stream, offset");
+            QueryBuilder::new("SELECT run_id, stream, offset, length(CAST(data AS BLOB)) FROM run_output WHERE run_id IN ");
+        push_in_list(&mut q, chunk);
+        q.push(" ORDER BY run_id, stream, offset");
         let rows: Vec<(String, i64, i64, i64)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
         for (run, stream, offset, len) in rows {
             let slot = &mut held.entry(run).or_default()[usize::from(stream != 0)];
@@ -1226,13 +1224,9 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
     let mut known: HashMap<String, (String, String, RunState, u64)> = HashMap::new();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN (",
+            "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
         );
-        let mut sep = q.separated(", ");
-        for id in chunk {
-            sep.push_bind(id.to_string());
-        }
-        q.push(")");
+        push_in_list(&mut q, chunk);
         let rows: Vec<(String, String, String, String, i64)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
         for (id, job, agent, state, limit) in rows {
             known.insert(id, (job, agent, parse_run_state(&state)?, to_u64(limit)));
