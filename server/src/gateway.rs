@@ -248,16 +248,6 @@ async fn run_session(app: AppState, mut socket: WebSocket, who: Authenticated, r
     };
     let interval = Duration::from_millis(hello.heartbeat_interval_ms);
     let labels = hello.labels.overlaid_with(&who.token_labels);
-    // Before this session can receive runs: settle what the agent has against what the server
-    // believes it sent.
-    let held = match app.dispatcher.reconcile(&agent_id, &hello.open_runs).await {
-        Ok(held) => held,
-        Err(e) => {
-            tracing::error!(agent = %agent_id, error = %e, "cannot reconcile the agent's runs");
-            finish(&mut socket, &Ending::close(close::INTERNAL_ERROR, "server cannot read its database")).await;
-            return;
-        }
-    };
     let (out_tx, mut out_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let closer = Closer::default();
     let now = Timestamp::now();
@@ -278,6 +268,20 @@ async fn run_session(app: AppState, mut socket: WebSocket, who: Authenticated, r
         app.recorder.send(health::record_for(change, now)).await;
     }
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, %remote, version = %hello.agent_version, "agent connected");
+    // Settle what the agent holds against what the server believes it sent. This comes after
+    // registering, which closes any older session of this agent: a run sent into that dying
+    // session is then reset here and sent again (a repeat the agent's ledger makes harmless)
+    // instead of waiting out its timeout.
+    let held = match app.dispatcher.reconcile(&agent_id, &hello.open_runs).await {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::error!(agent = %agent_id, error = %e, "cannot reconcile the agent's runs");
+            let ending = Ending::close(close::INTERNAL_ERROR, "server cannot read its database");
+            finish(&mut socket, &ending).await;
+            leave(&app, &agent_id, reg.conn, &ending).await;
+            return;
+        }
+    };
 
     let welcome = ServerMessage::Welcome(Welcome {
         agent_id: agent_id.clone(),
@@ -297,7 +301,12 @@ async fn run_session(app: AppState, mut socket: WebSocket, who: Authenticated, r
         }
     };
     finish(&mut socket, &ending).await;
-    if let Some(change) = app.registry.unregister(&agent_id, reg.conn, &ending.reason) {
+    leave(&app, &agent_id, reg.conn, &ending).await;
+}
+
+/// A registered session is over: unless a newer one replaced it, the agent is offline.
+async fn leave(app: &AppState, agent_id: &AgentId, conn: u64, ending: &Ending) {
+    if let Some(change) = app.registry.unregister(agent_id, conn, &ending.reason) {
         let at = Timestamp::now();
         app.recorder.send(health::record_for(change, at)).await;
         app.recorder.send(Record::Disconnected { agent_id: agent_id.clone(), at }).await;
