@@ -14,42 +14,53 @@ use shared::Labels;
 pub struct Cli {
     #[command(flatten)]
     pub settings: Settings,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Connect to the server and serve it (the default).
+    Run,
+    /// Check the config, the credential, and that the server is reachable, trusted and accepts
+    /// this agent. Prints what is wrong in one line and exits non-zero.
+    Check,
 }
 
 #[derive(Debug, Default, Args)]
 pub struct Settings {
     /// TOML config file. [default: /etc/muster/agent.toml if it exists]
-    #[arg(long, env = "MUSTER_AGENT_CONFIG")]
+    #[arg(long, global = true, env = "MUSTER_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
     /// Server URL: https://host:port (or wss://host:port).
-    #[arg(long, env = "MUSTER_SERVER")]
+    #[arg(long, global = true, env = "MUSTER_SERVER")]
     pub server: Option<String>,
     /// CA certificate (PEM) to trust for the server. Without it, the system's roots are used.
-    #[arg(long, env = "MUSTER_CA")]
+    #[arg(long, global = true, env = "MUSTER_CA")]
     pub ca: Option<PathBuf>,
     /// Where the agent keeps its credential. [default: /var/lib/muster-agent]
-    #[arg(long, env = "MUSTER_STATE_DIR")]
+    #[arg(long, global = true, env = "MUSTER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Enrollment token, used once when the agent has no credential yet.
-    #[arg(long, env = "MUSTER_ENROLL_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "MUSTER_ENROLL_TOKEN", hide_env_values = true)]
     pub enroll_token: Option<String>,
     /// A label, key=value; repeat for more. Labels from the enrollment token win on conflict.
-    #[arg(long = "label", env = "MUSTER_LABELS", value_delimiter = ',')]
+    #[arg(long = "label", env = "MUSTER_LABELS", value_delimiter = ',', global = true)]
     pub labels: Vec<String>,
     /// Time between heartbeats (±10% jitter). [default: 10s]
-    #[arg(long, env = "MUSTER_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MUSTER_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
     pub heartbeat_interval: Option<Duration>,
     /// First reconnect delay. [default: 1s]
-    #[arg(long, env = "MUSTER_BACKOFF_INITIAL", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MUSTER_BACKOFF_INITIAL", value_parser = parse_duration)]
     pub backoff_initial: Option<Duration>,
     /// Longest reconnect delay. [default: 60s]
-    #[arg(long, env = "MUSTER_BACKOFF_MAX", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MUSTER_BACKOFF_MAX", value_parser = parse_duration)]
     pub backoff_max: Option<Duration>,
     /// Commands run at once; more wait their turn. [default: 8]
-    #[arg(long, env = "MUSTER_MAX_RUNS")]
+    #[arg(long, global = true, env = "MUSTER_MAX_RUNS")]
     pub max_runs: Option<usize>,
     /// Log filter. [default: info]
-    #[arg(long, env = "MUSTER_LOG")]
+    #[arg(long, global = true, env = "MUSTER_LOG")]
     pub log: Option<String>,
 }
 

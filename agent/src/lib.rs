@@ -5,6 +5,7 @@
 //! by itself when the server or the network comes back.
 
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod credential;
 pub mod executor;

@@ -1,6 +1,6 @@
 //! muster-agent: parse the config, start logging, run the reconnect loop on a single thread.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -37,6 +37,22 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(agent::config::Command::Check) = cli.command {
+        return runtime.block_on(async {
+            let outcome = agent::check::run(&config).await;
+            let mut out = std::io::stdout().lock();
+            match outcome {
+                Ok(ok) => {
+                    let _ = writeln!(out, "{ok}");
+                    ExitCode::SUCCESS
+                }
+                Err(problem) => {
+                    let _ = writeln!(std::io::stderr(), "muster-agent check: {problem}");
+                    ExitCode::FAILURE
+                }
+            }
+        });
+    }
     let result = runtime.block_on(async {
         let cancel = CancellationToken::new();
         let mut term = signal(SignalKind::terminate())?;

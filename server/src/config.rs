@@ -28,6 +28,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve agents and operators (the default).
     Serve,
+    /// Check the config, the TLS identity, the data directory and the database, changing
+    /// nothing. Prints what is wrong in one line and exits non-zero.
+    Check,
     /// Create an admin token directly in the database and print it once. Needs write access to
     /// the data directory, which is the root of trust; works while the server runs.
     Bootstrap {

@@ -95,9 +95,15 @@ impl From<crate::store::StoreError> for Refusal {
     }
 }
 
-async fn authenticate(app: &AppState, header: Option<&str>) -> Result<Authenticated, Refusal> {
+/// A credential that checked out, before anything is done with it.
+enum Verified {
+    Agent(crate::store::AgentCredentialRow),
+    EnrollToken(crate::store::EnrollTokenRow),
+}
+
+/// Checks an agent credential or an enrollment token, changing nothing.
+async fn verify(app: &AppState, header: Option<&str>) -> Result<Verified, Refusal> {
     let presented = Presented::from_header(header).map_err(Refusal::Auth)?;
-    let now = Timestamp::now();
     match presented.kind {
         Kind::Agent => {
             let id = AgentId::parse(&presented.id).map_err(|_| Refusal::Auth(AuthError::Malformed))?;
@@ -108,7 +114,7 @@ async fn authenticate(app: &AppState, header: Option<&str>) -> Result<Authentica
             if row.revoked {
                 return Err(Refusal::Auth(AuthError::Revoked));
             }
-            Ok(Authenticated { agent_id: id, token_labels: row.token_labels, credential: None })
+            Ok(Verified::Agent(row))
         }
         Kind::Enroll => {
             let token = app.store.enroll_token(&presented.id).await?.ok_or(Refusal::Auth(AuthError::Wrong))?;
@@ -118,30 +124,60 @@ async fn authenticate(app: &AppState, header: Option<&str>) -> Result<Authentica
             if token.revoked_at.is_some() {
                 return Err(Refusal::Auth(AuthError::Revoked));
             }
-            if token.expires_at <= now {
+            if token.expires_at <= Timestamp::now() {
                 return Err(Refusal::Auth(AuthError::Expired));
             }
-            let mut id_bytes = [0u8; 8];
-            getrandom::fill(&mut id_bytes).map_err(|e| Refusal::Internal(crate::store::StoreError::Database(e.to_string())))?;
-            let agent_id = AgentId::from_bytes(id_bytes);
-            let issued = auth::issue(Kind::Agent, Some(agent_id.as_str()))
-                .map_err(|e| Refusal::Internal(crate::store::StoreError::Database(e.to_string())))?;
-            let new = NewAgent { id: agent_id.clone(), secret_hash: issued.hash, token_labels: token.labels.clone(), at: now };
-            if !app.store.enroll_agent(&token.id, &new).await? {
+            if token.uses_left == 0 {
                 return Err(Refusal::Auth(AuthError::UsedUp));
             }
-            app.audit(AuditEntry {
-                at: now,
-                actor: format!("enroll-token:{}", token.id),
-                action: "agent.enroll".into(),
-                target: Some(agent_id.to_string()),
-                detail: serde_json::json!({ "labels": token.labels }),
-            })
-            .await;
-            tracing::info!(agent = %agent_id, token = %token.id, "agent enrolled");
-            Ok(Authenticated { agent_id, token_labels: token.labels, credential: Some(issued.token) })
+            Ok(Verified::EnrollToken(token))
         }
         Kind::Operator => Err(Refusal::Auth(AuthError::WrongKind)),
+    }
+}
+
+async fn authenticate(app: &AppState, header: Option<&str>) -> Result<Authenticated, Refusal> {
+    let token = match verify(app, header).await? {
+        Verified::Agent(row) => return Ok(Authenticated { agent_id: row.id, token_labels: row.token_labels, credential: None }),
+        Verified::EnrollToken(token) => token,
+    };
+    let now = Timestamp::now();
+    let internal = |e: String| Refusal::Internal(crate::store::StoreError::Database(e));
+    let mut id_bytes = [0u8; 8];
+    getrandom::fill(&mut id_bytes).map_err(|e| internal(e.to_string()))?;
+    let agent_id = AgentId::from_bytes(id_bytes);
+    let issued = auth::issue(Kind::Agent, Some(agent_id.as_str())).map_err(|e| internal(e.to_string()))?;
+    let new = NewAgent { id: agent_id.clone(), secret_hash: issued.hash, token_labels: token.labels.clone(), at: now };
+    if !app.store.enroll_agent(&token.id, &new).await? {
+        return Err(Refusal::Auth(AuthError::UsedUp));
+    }
+    app.audit(AuditEntry {
+        at: now,
+        actor: format!("enroll-token:{}", token.id),
+        action: "agent.enroll".into(),
+        target: Some(agent_id.to_string()),
+        detail: serde_json::json!({ "labels": token.labels }),
+    })
+    .await;
+    tracing::info!(agent = %agent_id, token = %token.id, "agent enrolled");
+    Ok(Authenticated { agent_id, token_labels: token.labels, credential: Some(issued.token) })
+}
+
+/// `GET /api/v1/agent/check`: whether an agent credential or an enrollment token would be
+/// accepted, without connecting a session or using the token. For `muster-agent check`.
+pub async fn check(State(app): State<AppState>, ConnectInfo(remote): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    let auth_header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match verify(&app, auth_header).await {
+        Ok(Verified::Agent(row)) => Json(serde_json::json!({ "agent_id": row.id })).into_response(),
+        Ok(Verified::EnrollToken(t)) => Json(serde_json::json!({ "enroll_token": t.id, "uses_left": t.uses_left })).into_response(),
+        Err(Refusal::Auth(e)) => {
+            tracing::warn!(%remote, reason = %e, "agent check refused");
+            refuse(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
+        }
+        Err(Refusal::Internal(e)) => {
+            tracing::error!(%remote, error = %e, "agent check failed");
+            refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the server cannot check credentials right now".into())
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod dev;
 pub mod dispatch;
@@ -31,6 +32,14 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     shutdown::cancel_on_signal(cancel.clone()).context("installing signal handlers")?;
     match (cli.command, cli.dev) {
         (Some(Command::Bootstrap { name }), _) => bootstrap(&config, &name).await,
+        (Some(Command::Check), _) => {
+            let lines = check::run(&config).await.map_err(|problem| anyhow::anyhow!("check: {problem}"))?;
+            let mut out = std::io::stdout().lock();
+            for l in lines {
+                writeln!(out, "ok: {l}")?;
+            }
+            Ok(())
+        }
         (_, true) => dev::run(config, cancel).await,
         (None | Some(Command::Serve), false) => Application::build(config, cancel).await?.run().await,
     }

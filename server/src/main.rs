@@ -1,6 +1,6 @@
 //! muster-server: parse the config, start logging, hand over to the library.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -37,7 +37,8 @@ fn main() -> ExitCode {
     match runtime.block_on(server::run(cli, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            // One plain line on stderr, whatever the log format: scripts and `check` read it.
+            let _ = writeln!(std::io::stderr(), "muster-server: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -82,11 +82,16 @@ pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
-fn ca_params() -> Result<CertificateParams, rcgen::Error> {
+/// The CA's parameters. Its name carries a digest of its own public key: unique per CA (two
+/// servers' CAs are never confused), yet derived again exactly from the key on disk, so a
+/// reloaded key issues certificates whose issuer matches the CA certificate.
+fn ca_params(key: &KeyPair) -> Result<CertificateParams, rcgen::Error> {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.public_key_raw());
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Muster");
-    dn.push(DnType::CommonName, "Muster generated CA");
+    dn.push(DnType::CommonName, format!("Muster generated CA {}", hex::encode(&digest[..6])));
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
@@ -107,7 +112,7 @@ fn ensure_generated(paths: &GeneratedPaths, extra_names: &[String]) -> Result<()
         KeyPair::from_pem(&pem)?
     } else {
         let key = KeyPair::generate()?;
-        let cert = ca_params()?.self_signed(&key)?;
+        let cert = ca_params(&key)?.self_signed(&key)?;
         write_file(&paths.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
         write_file(&paths.ca_cert, cert.pem().as_bytes(), 0o644)?;
         tracing::info!(path = %paths.ca_cert.display(), "generated a CA for this server");
@@ -115,7 +120,7 @@ fn ensure_generated(paths: &GeneratedPaths, extra_names: &[String]) -> Result<()
     };
     // The issuer's name and key identifier derive from these parameters and the key, so a
     // reloaded CA key signs certificates that chain to the CA certificate on disk.
-    let issuer = Issuer::new(ca_params()?, ca_key);
+    let issuer = Issuer::new(ca_params(&ca_key)?, ca_key);
 
     let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
     if let Ok(host) = rustix::system::uname().nodename().to_str() {

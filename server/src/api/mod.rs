@@ -38,7 +38,8 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}", get(jobs::get))
         .route("/jobs/{id}/cancel", post(jobs::cancel))
         .route("/jobs/{id}/events", get(jobs::events))
-        .route("/agent/connect", get(gateway::connect));
+        .route("/agent/connect", get(gateway::connect))
+        .route("/agent/check", get(gateway::check));
     Router::new()
         .route("/healthz", get(healthz))
         .nest(shared::api::PREFIX, api)
