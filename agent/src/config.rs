@@ -25,6 +25,11 @@ pub enum Command {
     /// Check the config, the credential, and that the server is reachable, trusted and accepts
     /// this agent. Prints what is wrong in one line and exits non-zero.
     Check,
+    /// Install as a service (as root): config, CA, state directory, enrollment, systemd unit.
+    /// Safe to run again.
+    Install(crate::install::InstallArgs),
+    /// Remove the service; with --purge, also the agent's identity and state.
+    Uninstall(crate::install::UninstallArgs),
 }
 
 #[derive(Debug, Default, Args)]

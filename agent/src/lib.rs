@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod credential;
 pub mod executor;
+pub mod install;
 pub mod ledger;
 pub mod metrics;
 pub mod session;

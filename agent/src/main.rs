@@ -13,6 +13,9 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = agent::config::Cli::parse();
+    if let Some(agent::config::Command::Uninstall(args)) = &cli.command {
+        return report("uninstall", agent::install::uninstall(args));
+    }
     let config = match agent::config::Config::resolve(&cli.settings) {
         Ok(c) => c,
         Err(e) => {
@@ -37,6 +40,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(agent::config::Command::Install(args)) = &cli.command {
+        return report("install", runtime.block_on(agent::install::install(&config, args)));
+    }
     if let Some(agent::config::Command::Check) = cli.command {
         return runtime.block_on(async {
             let outcome = agent::check::run(&config).await;
@@ -71,6 +77,23 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints what a one-shot command did, or its one-line failure.
+fn report(what: &str, result: Result<Vec<String>, String>) -> ExitCode {
+    match result {
+        Ok(done) => {
+            let mut out = std::io::stdout().lock();
+            for line in done {
+                let _ = writeln!(out, "{line}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "muster-agent {what}: {e}");
             ExitCode::FAILURE
         }
     }

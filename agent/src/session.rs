@@ -79,6 +79,21 @@ pub struct Session<'a> {
     pub cancel: &'a CancellationToken,
 }
 
+/// Enrolls once and disconnects: connect with the token, `hello`, store the credential from
+/// `welcome`, close. For `muster-agent install`.
+pub async fn enroll(config: &Config, tls: Arc<rustls::ClientConfig>, token: &str) -> Result<shared::AgentId, String> {
+    let executor = Executor::open(&config.state_dir, 1).map_err(|e| format!("state directory {}: {e}", config.state_dir.display()))?;
+    let mut collector = Collector::default();
+    let cancel = CancellationToken::new();
+    let session = Session { config, tls, collector: &mut collector, executor: &executor, cancel: &cancel };
+    let presenting = Presenting::EnrollToken(token.to_owned());
+    let mut ws = session.connect(&presenting).await?;
+    let welcome = session.open(&mut ws, &presenting).await;
+    let frame = CloseFrame { code: CloseCode::Normal, reason: "enrolled".into() };
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+    welcome.map(|w| w.agent_id)
+}
+
 impl Session<'_> {
     pub async fn run(self, presenting: &Presenting) -> Outcome {
         let mut ws = match self.connect(presenting).await {

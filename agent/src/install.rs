@@ -1,0 +1,201 @@
+//! `muster-agent install` and `uninstall`: put the agent on a terminal in one step, safely and
+//! repeatably. Install writes the config and the CA, creates the state directory, enrolls (once:
+//! an agent that already holds a credential keeps it), installs the systemd unit, and enables
+//! and starts the service. Running it again converges to the same state.
+//!
+//! `--root DIR` (or `MUSTER_INSTALL_ROOT`) installs into a directory tree instead of `/`, for
+//! images and tests; the service is then not started.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use shared::Labels;
+
+use crate::config::Config;
+use crate::credential;
+
+pub const UNIT: &str = include_str!("../../packaging/muster-agent.service");
+pub const CONFIG_PATH: &str = "/etc/muster/agent.toml";
+pub const CA_PATH: &str = "/etc/muster/ca.pem";
+pub const STATE_DIR: &str = "/var/lib/muster-agent";
+const PACKAGED_UNIT: &str = "/lib/systemd/system/muster-agent.service";
+const LOCAL_UNIT: &str = "/etc/systemd/system/muster-agent.service";
+const PACKAGED_BIN: &str = "/usr/bin/muster-agent";
+const LOCAL_BIN: &str = "/usr/local/bin/muster-agent";
+
+#[derive(Debug, clap::Args)]
+pub struct InstallArgs {
+    /// Enrollment token from `muster enroll-token create`. Not needed if already enrolled.
+    #[arg(long, env = "MUSTER_ENROLL_TOKEN", hide_env_values = true)]
+    pub enroll_token: Option<String>,
+    /// Install under this directory instead of `/` (the service is not started).
+    #[arg(long, env = "MUSTER_INSTALL_ROOT")]
+    pub root: Option<PathBuf>,
+    /// Write everything but do not enable or start the service.
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UninstallArgs {
+    /// Also delete the agent's identity (credential), undelivered results and config. Without
+    /// it, installing again brings the same agent back.
+    #[arg(long)]
+    pub purge: bool,
+    #[arg(long, env = "MUSTER_INSTALL_ROOT")]
+    pub root: Option<PathBuf>,
+}
+
+/// `/etc/x` under the install root.
+fn under(root: &Path, path: &str) -> PathBuf {
+    root.join(path.trim_start_matches('/'))
+}
+
+fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn toml_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+/// The config file install writes: paths as the service will see them.
+pub fn config_text(server: &str, labels: &Labels, heartbeat: Option<std::time::Duration>) -> String {
+    let mut out = String::from("# Written by `muster-agent install`; running it again rewrites this file.\n");
+    out += &format!("server = {}\nca = {}\nstate_dir = {}\n", toml_string(server), toml_string(CA_PATH), toml_string(STATE_DIR));
+    if let Some(h) = heartbeat {
+        out += &format!("heartbeat_interval = {}\n", toml_string(&shared::duration::format(h)));
+    }
+    if !labels.is_empty() {
+        out += "\n[labels]\n";
+        for (k, v) in labels.iter() {
+            out += &format!("{} = {}\n", toml_string(k), toml_string(v));
+        }
+    }
+    out
+}
+
+pub async fn install(config: &Config, args: &InstallArgs) -> Result<Vec<String>, String> {
+    let root = args.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let live = args.root.is_none();
+    if live && !rustix::process::geteuid().is_root() {
+        return Err("install needs root (or --root DIR to install into a directory)".into());
+    }
+    let mut done = Vec::new();
+    let ca = config.ca.clone().ok_or("give the server's CA with --ca FILE")?;
+    let ca_pem = std::fs::read(&ca).map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+    let state_dir = under(&root, STATE_DIR);
+    std::fs::create_dir_all(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", state_dir.display()))?;
+    write(&under(&root, CA_PATH), &ca_pem, 0o644)?;
+    let heartbeat = (config.heartbeat_interval != std::time::Duration::from_secs(10)).then_some(config.heartbeat_interval);
+    write(&under(&root, CONFIG_PATH), config_text(&config.server, &config.labels, heartbeat).as_bytes(), 0o600)?;
+    done.push(format!("config {} and CA {}", CONFIG_PATH, CA_PATH));
+
+    // Enroll with the files just written, exactly as the service will run.
+    let mut effective = config.clone();
+    effective.state_dir = state_dir.clone();
+    effective.ca = Some(under(&root, CA_PATH));
+    match credential::load(&state_dir).map_err(|e| e.to_string())? {
+        Some(c) if c.server.trim_end_matches('/') == config.server.trim_end_matches('/') => {
+            done.push(format!("already enrolled as {}; identity kept", c.agent_id));
+        }
+        Some(c) => return Err(format!("this agent is enrolled with {}; run `muster-agent uninstall --purge` first to move it", c.server)),
+        None => {
+            let token = args.enroll_token.as_deref().ok_or("not enrolled yet: give --enroll-token")?;
+            let tls = crate::tls::client_config(effective.ca.as_deref()).map_err(|e| e.to_string())?;
+            let id = crate::session::enroll(&effective, tls, token).await.map_err(|e| format!("enrollment failed: {e}"))?;
+            done.push(format!("enrolled as {id}"));
+        }
+    }
+
+    let bin = if under(&root, PACKAGED_BIN).exists() {
+        PACKAGED_BIN
+    } else {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
+        let target = under(&root, LOCAL_BIN);
+        if std::fs::canonicalize(&exe).ok() != std::fs::canonicalize(&target).ok() {
+            let bytes = std::fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+            write(&target, &bytes, 0o755)?;
+        }
+        LOCAL_BIN
+    };
+    if !under(&root, PACKAGED_UNIT).exists() {
+        write(&under(&root, LOCAL_UNIT), UNIT.replace(PACKAGED_BIN, bin).as_bytes(), 0o644)?;
+        done.push(format!("systemd unit {LOCAL_UNIT} running {bin}"));
+    }
+
+    if live && !args.no_start {
+        for argv in [&["daemon-reload"][..], &["enable", "muster-agent"][..], &["restart", "muster-agent"][..]] {
+            let status = Command::new("systemctl").args(argv).status().map_err(|e| format!("systemctl: {e}"))?;
+            if !status.success() {
+                return Err(format!("systemctl {} failed ({status})", argv.join(" ")));
+            }
+        }
+        done.push("service muster-agent enabled and (re)started".into());
+    }
+    Ok(done)
+}
+
+pub fn uninstall(args: &UninstallArgs) -> Result<Vec<String>, String> {
+    let root = args.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let live = args.root.is_none();
+    if live && !rustix::process::geteuid().is_root() {
+        return Err("uninstall needs root (or --root DIR)".into());
+    }
+    let mut done = Vec::new();
+    if live && Path::new(LOCAL_UNIT).exists() {
+        let _ = Command::new("systemctl").args(["disable", "--now", "muster-agent"]).status();
+        done.push("service stopped and disabled".into());
+    }
+    for path in [LOCAL_UNIT, LOCAL_BIN] {
+        let p = under(&root, path);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            done.push(format!("removed {path}"));
+        }
+    }
+    if args.purge {
+        for path in [CONFIG_PATH, CA_PATH] {
+            let _ = std::fs::remove_file(under(&root, path));
+        }
+        let state = under(&root, STATE_DIR);
+        if state.exists() {
+            std::fs::remove_dir_all(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        }
+        done.push(format!("removed the agent's identity and state ({STATE_DIR}) and config"));
+    } else {
+        done.push(format!("kept the agent's identity in {STATE_DIR} and its config: installing again brings it back"));
+    }
+    if live && done.iter().any(|d| d.starts_with("service")) {
+        let _ = Command::new("systemctl").arg("daemon-reload").status();
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_written_config_reads_back_as_the_same_settings() {
+        let labels = Labels::from_pairs(["site=paris", "role=pos"]).unwrap();
+        let text = config_text("https://muster.example:8443", &labels, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        let settings = crate::config::Settings { config: Some(path), ..Default::default() };
+        let c = Config::resolve(&settings).unwrap();
+        assert_eq!(c.server, "https://muster.example:8443");
+        assert_eq!(c.labels, labels);
+        assert_eq!(c.state_dir, Path::new(STATE_DIR));
+        assert_eq!(c.ca.as_deref(), Some(Path::new(CA_PATH)));
+    }
+}
