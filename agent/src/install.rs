@@ -29,6 +29,11 @@ pub struct InstallArgs {
     /// Enrollment token from `muster enroll-token create`. Not needed if already enrolled.
     #[arg(long, env = "MUSTER_ENROLL_TOKEN", hide_env_values = true)]
     pub enroll_token: Option<String>,
+    /// Learn the server's CA from the connection, accepting it only if its SHA-256 fingerprint
+    /// is this (`sha256:<hex>`). Instead of --ca; `muster enroll-token create --install-command`
+    /// prints it.
+    #[arg(long)]
+    pub ca_fingerprint: Option<String>,
     /// Install under this directory instead of `/` (the service is not started).
     #[arg(long, env = "MUSTER_INSTALL_ROOT")]
     pub root: Option<PathBuf>,
@@ -89,8 +94,16 @@ pub async fn install(config: &Config, args: &InstallArgs) -> Result<Vec<String>,
         return Err("install needs root (or --root DIR to install into a directory)".into());
     }
     let mut done = Vec::new();
-    let ca = config.ca.clone().ok_or("give the server's CA with --ca FILE")?;
-    let ca_pem = std::fs::read(&ca).map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+    let ca_pem = match (&config.ca, &args.ca_fingerprint) {
+        (Some(ca), None) => std::fs::read(ca).map_err(|e| format!("CA file {}: {e}", ca.display()))?,
+        (None, Some(pin)) => {
+            let pem = crate::pin::fetch_ca(&config.server, pin).await?;
+            done.push(format!("learned the server's CA, pinned by {pin}"));
+            pem.into_bytes()
+        }
+        (Some(_), Some(_)) => return Err("give --ca or --ca-fingerprint, not both".into()),
+        (None, None) => return Err("give the server's CA with --ca FILE or --ca-fingerprint sha256:...".into()),
+    };
     let state_dir = under(&root, STATE_DIR);
     std::fs::create_dir_all(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", state_dir.display()))?;

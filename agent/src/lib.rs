@@ -12,6 +12,7 @@ pub mod executor;
 pub mod install;
 pub mod ledger;
 pub mod metrics;
+pub mod pin;
 pub mod session;
 pub mod tls;
 

@@ -165,6 +165,10 @@ pub enum EnrollTokenCommand {
         /// A label every agent enrolled with it gets (key=value); repeat for more.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Also print a ready-to-paste `muster-agent install` line, with the server's CA pinned
+        /// by fingerprint (from --ca / MUSTER_CA).
+        #[arg(long)]
+        install_command: bool,
         #[arg(long)]
         json: bool,
     },

@@ -159,9 +159,19 @@ pub async fn whoami(client: &Client, out: Out<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn enroll_token(client: &Client, cmd: &EnrollTokenCommand, out: Out<'_>) -> anyhow::Result<()> {
+/// The SHA-256 fingerprint of the first certificate in a PEM file: what an agent pins.
+fn ca_fingerprint(ca: &std::path::Path) -> anyhow::Result<String> {
+    use rustls_pki_types::pem::PemObject;
+    use sha2::Digest;
+    let cert = rustls_pki_types::CertificateDer::pem_file_iter(ca)?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no certificate in {}", ca.display()))??;
+    Ok(format!("sha256:{}", hex::encode(sha2::Sha256::digest(cert.as_ref()))))
+}
+
+pub async fn enroll_token(client: &Client, conn: &crate::args::Connection, cmd: &EnrollTokenCommand, out: Out<'_>) -> anyhow::Result<()> {
     match cmd {
-        EnrollTokenCommand::Create { ttl, uses, labels, json: as_json } => {
+        EnrollTokenCommand::Create { ttl, uses, labels, install_command, json: as_json } => {
             let mut l = Labels::new();
             for (k, v) in labels {
                 l.insert(k, v)?;
@@ -181,11 +191,18 @@ pub async fn enroll_token(client: &Client, cmd: &EnrollTokenCommand, out: Out<'_
                 i.expires_at,
                 if i.labels.is_empty() { String::new() } else { format!(", labels {}", i.labels) }
             )?;
-            writeln!(
-                out,
-                "It is shown only this once. Start an agent with:\n\n    muster-agent --server {} --enroll-token <TOKEN>",
-                client_server_hint()
-            )?;
+            let server = conn.server.clone().unwrap_or_else(|| "https://<server>:8443".into());
+            if *install_command {
+                let trust = match &conn.ca {
+                    Some(ca) => format!("--ca-fingerprint {}", ca_fingerprint(ca)?),
+                    None => "--ca <the server's CA file>".into(),
+                };
+                writeln!(out, "It is shown only this once. On each terminal, as root:\n")?;
+                writeln!(out, "    muster-agent install --server {server} {trust} --enroll-token {}", created.token)?;
+            } else {
+                writeln!(out, "It is shown only this once. `--install-command` prints a ready install line; or:")?;
+                writeln!(out, "\n    muster-agent install --server {server} --ca <CA file> --enroll-token <TOKEN>")?;
+            }
             Ok(())
         }
         EnrollTokenCommand::List { json: as_json } => {
@@ -225,10 +242,6 @@ pub async fn enroll_token(client: &Client, cmd: &EnrollTokenCommand, out: Out<'_
             Ok(())
         }
     }
-}
-
-fn client_server_hint() -> String {
-    std::env::var("MUSTER_SERVER").unwrap_or_else(|_| "https://<server>:8443".into())
 }
 
 pub async fn token(client: &Client, cmd: &TokenCommand, out: Out<'_>) -> anyhow::Result<()> {

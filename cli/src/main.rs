@@ -51,7 +51,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Agents(a) => commands::agents(&client, a, &mut out).await.map(|()| true),
         Command::Agent(a) => commands::agent(&client, a, &mut out).await.map(|()| true),
         Command::Fleet { json } => commands::fleet(&client, *json, &mut out).await.map(|()| true),
-        Command::EnrollToken(c) => commands::enroll_token(&client, c, &mut out).await.map(|()| true),
+        Command::EnrollToken(c) => commands::enroll_token(&client, &cli.conn, c, &mut out).await.map(|()| true),
         Command::Token(c) => commands::token(&client, c, &mut out).await.map(|()| true),
         Command::Whoami => commands::whoami(&client, &mut out).await.map(|()| true),
         Command::Run(r) => run::run(&client, r, &mut out).await.map(|o| o.all_succeeded),

@@ -62,7 +62,12 @@ pub fn load(source: &TlsSource, data_dir: &Path) -> Result<Identity, TlsError> {
             (paths.cert, paths.key, Some(paths.ca_cert))
         }
     };
-    let chain = read_certs(&cert)?;
+    let mut chain = read_certs(&cert)?;
+    // A generated identity presents its CA too, so an agent can pin the CA by fingerprint
+    // (`muster-agent install --ca-fingerprint`) without having the file beforehand.
+    if let Some(ca) = &ca_file {
+        chain.extend(read_certs(ca)?);
+    }
     let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| TlsError::Pem { path: key.clone(), message: e.to_string() })?;
     let mut config = ServerConfig::builder().with_no_client_auth().with_single_cert(chain, key)?;
     // WebSocket upgrades need HTTP/1.1; the API is served over it too.

@@ -119,3 +119,33 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         assert!(out.status.success() && said.trim().is_empty(), "{unit}: {said}");
     }
 }
+
+#[tokio::test]
+async fn the_printed_install_command_pins_the_servers_ca_and_a_wrong_pin_is_refused() {
+    let server = TestServer::spawn().await;
+    let printed = ok(&server.cli(&["enroll-token", "create", "--uses", "2", "--install-command"]));
+    let line = printed.lines().map(str::trim).find(|l| l.starts_with("muster-agent install")).unwrap_or_else(|| panic!("{printed}"));
+    let args: Vec<&str> = line.split_whitespace().skip(1).collect();
+    assert!(args.contains(&"--ca-fingerprint"), "{line}");
+
+    let root = tempfile::tempdir().unwrap();
+    let said = ok(&agent(&args, root.path()));
+    assert!(said.contains("learned the server's CA") && said.contains("enrolled as"), "{said}");
+    let squash = |s: String| s.split_whitespace().collect::<String>();
+    let saved = std::fs::read_to_string(root.path().join("etc/muster/ca.pem")).unwrap();
+    assert_eq!(squash(saved), squash(std::fs::read_to_string(&server.ca).unwrap()), "the saved CA is the server's");
+
+    let pin_at = args.iter().position(|a| *a == "--ca-fingerprint").unwrap() + 1;
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let mut bad: Vec<&str> = args.clone();
+    bad[pin_at] = &wrong;
+    let other_root = tempfile::tempdir().unwrap();
+    let out = agent(&bad, other_root.path());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not match the pinned fingerprint"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!other_root.path().join("var/lib/muster-agent/credential.json").exists(), "nothing enrolled with an unverified server");
+}
