@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds Muster's packages into target/package/: a .deb for muster-agent, a .deb for
+# Builds Muster's packages into target/package/ (under $CARGO_TARGET_DIR if set): a .deb for muster-agent, a .deb for
 # muster-server with the muster CLI, and a tarball of all three binaries with the unit files
 # for other distributions. Needs cargo-deb (`cargo install cargo-deb --locked`).
 #
@@ -9,13 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
 AGENT_PROFILE=${AGENT_PROFILE:-$([ "$PROFILE" = release ] && echo release-agent || echo "$PROFILE")}
-out=target/package
+target=${CARGO_TARGET_DIR:-target}
+out=$target/package
 mkdir -p "$out"
 command -v cargo-deb >/dev/null || { echo "cargo-deb is missing: cargo install cargo-deb --locked" >&2; exit 1; }
 
 cargo build -q --profile "$PROFILE" -p server -p cli
 cargo build -q --profile "$AGENT_PROFILE" -p agent
-dir_of() { [ "$1" = dev ] && echo target/debug || echo "target/$1"; }
+dir_of() { [ "$1" = dev ] && echo "$target/debug" || echo "$target/$1"; }
 fast=$([ "$PROFILE" = dev ] && echo --fast || true)
 cargo deb -q --no-build $fast --profile "$AGENT_PROFILE" -p agent -o "$out/"
 cargo deb -q --no-build $fast --profile "$PROFILE" -p server -o "$out/"

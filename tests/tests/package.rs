@@ -39,7 +39,9 @@ fn unit_in(root: &Path, name: &str) -> PathBuf {
 fn the_debs_and_the_tarball_contain_what_a_terminal_and_a_server_need() {
     let ws = workspace();
     run(Command::new("bash").arg("packaging/build.sh").env("PROFILE", "dev").current_dir(&ws));
-    let out = ws.join("target/package");
+    // The target directory this test runs from (it may not be ./target).
+    let exe = std::env::current_exe().unwrap();
+    let out = exe.parent().and_then(Path::parent).and_then(Path::parent).unwrap().join("package");
 
     // The agent: its binary and unit; nothing of an agent's state, so an upgrade keeps it.
     let agent_deb = find(&out, "muster-agent_", ".deb");
