@@ -81,6 +81,7 @@ pub async fn open_store(config: &Config) -> Result<SqliteStore, StartError> {
 impl Application {
     pub async fn build(config: Config, shutdown: CancellationToken) -> Result<Self, StartError> {
         let store = open_store(&config).await?;
+        crate::telemetry::handle();
         let identity = tls::load(&config.tls, &config.data_dir)?;
         let listener = TcpListener::bind(config.listen).await.map_err(|source| StartError::Bind { addr: config.listen, source })?;
 

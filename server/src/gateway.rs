@@ -207,6 +207,7 @@ async fn send(socket: &mut WebSocket, msg: Message) -> Result<(), ()> {
 }
 
 async fn send_json(socket: &mut WebSocket, msg: &ServerMessage) -> Result<(), ()> {
+    crate::telemetry::message_sent(msg.type_name());
     let text = serde_json::to_string(msg).map_err(|_| ())?;
     send(socket, Message::Text(text.into())).await
 }
@@ -444,7 +445,11 @@ async fn session_loop(
 }
 
 async fn handle_text(app: &AppState, agent_id: &AgentId, conn: u64, text: &str) -> Result<(), Ending> {
-    match AgentMessage::decode(text) {
+    let decoded = AgentMessage::decode(text);
+    if let Ok(m) = &decoded {
+        crate::telemetry::message_received(m.type_name());
+    }
+    match decoded {
         Ok(AgentMessage::Heartbeat(hb)) => {
             let now = Timestamp::now();
             if let Some(change) = app.registry.heartbeat(agent_id, conn) {

@@ -15,6 +15,7 @@ pub mod recorder;
 pub mod registry;
 pub mod shutdown;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 
 pub use app::Application;

@@ -85,6 +85,7 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<S
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let t = std::time::Instant::now();
         let effects = write_with_retry(store.as_ref(), &batch).await;
+        crate::telemetry::db_batch(batch.len(), t.elapsed());
         tracing::debug!(records = batch.len(), ms = t.elapsed().as_millis() as u64, "batch written");
         announce(&hooks, effects);
         stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -139,8 +140,11 @@ fn announce(hooks: &Hooks, effects: Vec<Effect>) {
                     let _ = tx.try_send(ServerMessage::Resend(Resend { run_id, stdout_from, stderr_from }));
                 }
             }
-            Effect::RunState { job_id, run_id, agent_id, state, exit_code, error } => {
+            Effect::RunState { job_id, run_id, agent_id, state, exit_code, error, latency_ms } => {
                 run_ended |= state.is_final();
+                if let Some(ms) = latency_ms {
+                    crate::telemetry::run_result(Duration::from_millis(ms));
+                }
                 hooks.events.publish(&job_id, JobEvent::Run { run_id, agent_id, state, exit_code, error });
             }
             Effect::Output { job_id, run_id, agent_id, stream, offset, data } => {

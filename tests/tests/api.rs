@@ -145,3 +145,66 @@ async fn cli_reports_a_refused_token_and_bad_arguments_with_non_zero_status() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).to_lowercase().contains("certificate"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Parses Prometheus text exposition into (series, value), failing on any malformed line.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(rest) = line.strip_prefix('#') {
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            assert!(matches!(words.first(), Some(&"HELP") | Some(&"TYPE")), "bad comment line: {line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                && !name.starts_with(|c: char| c.is_ascii_digit()),
+            "bad metric name in: {line}"
+        );
+        if name_end < series.len() {
+            assert!(series.ends_with('}'), "unclosed labels: {line}");
+        }
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value: {line}")),
+        };
+        out.push((series.to_owned(), value));
+    }
+    out
+}
+
+#[tokio::test]
+async fn metrics_are_prometheus_text_need_a_token_and_their_counters_move() {
+    let server = TestServer::spawn().await;
+    let anonymous = server.api.http().get(format!("{}/metrics", server.url)).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+
+    let token = server.enroll_token(1, &[]).await;
+    let agent = server.spawn_agent(Some(&token), &[]);
+    let id = agent.id().await;
+    server.api.wait_status(&id, AgentStatus::Online, Duration::from_secs(15)).await;
+
+    let scrape = || async {
+        let resp = server.api.http().get(format!("{}/metrics", server.url)).bearer_auth(&server.admin_token).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        parse_prometheus(&resp.text().await.unwrap())
+    };
+    let value = |m: &[(String, f64)], series: &str| m.iter().find(|(s, _)| s == series).map(|(_, v)| *v);
+    let first = scrape().await;
+    assert_eq!(value(&first, "muster_agents_connected"), Some(1.0));
+    assert_eq!(value(&first, r#"muster_agents{status="online"}"#), Some(1.0));
+    assert_eq!(value(&first, &format!(r#"muster_build_info{{version="{}"}}"#, shared::VERSION)), Some(1.0));
+    assert!(first.iter().any(|(s, _)| s.starts_with("muster_db_batch_write_seconds_bucket")), "a histogram of write latency");
+    let heartbeats = r#"muster_ws_messages_received_total{type="heartbeat"}"#;
+    let before = value(&first, heartbeats).unwrap_or(0.0);
+    tests::wait_for("the heartbeat counter to move", Duration::from_secs(15), || async {
+        let now = scrape().await;
+        (value(&now, heartbeats).unwrap_or(0.0) > before).then_some(())
+    })
+    .await;
+    drop(agent);
+}

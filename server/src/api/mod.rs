@@ -42,6 +42,7 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/check", get(gateway::check));
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .nest(shared::api::PREFIX, api)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -50,6 +51,17 @@ pub fn router(state: AppState) -> Router {
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok", "version": shared::VERSION }))
+}
+
+/// `GET /metrics`: Prometheus text. Fleet state is information, so it takes a token (any
+/// role); point Prometheus's `authorization` at a viewer token.
+async fn metrics(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    caller: Caller,
+) -> Result<impl axum::response::IntoResponse, Error> {
+    caller.require(shared::api::Role::Viewer)?;
+    let text = crate::telemetry::render(&app).await?;
+    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
 async fn not_found(uri: axum::http::Uri) -> (StatusCode, Json<ApiError>) {

@@ -182,6 +182,8 @@ pub enum Effect {
         state: RunState,
         exit_code: Option<i32>,
         error: Option<String>,
+        /// For a result: how long since the run was dispatched.
+        latency_ms: Option<u64>,
     },
     Output {
         job_id: JobId,
@@ -283,6 +285,8 @@ pub trait Store: Send + Sync + 'static {
     async fn transitions(&self, id: &AgentId, limit: u32) -> Result<Vec<Transition>>;
     async fn heartbeats(&self, id: &AgentId, since: Timestamp, limit: u32) -> Result<Vec<HeartbeatSample>>;
     async fn fleet_counts(&self) -> Result<FleetCounts>;
+    /// Runs by state, and jobs by `running`/`finished`, over everything stored.
+    async fn state_totals(&self) -> Result<(Vec<(RunState, u64)>, Vec<(&'static str, u64)>)>;
     async fn revoke_agent(&self, id: &AgentId, at: Timestamp) -> Result<bool>;
 
     /// Writes a batch of session records in one transaction.

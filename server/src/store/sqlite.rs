@@ -483,6 +483,18 @@ impl Store for SqliteStore {
         Ok(counts)
     }
 
+    async fn state_totals(&self) -> Result<(Vec<(RunState, u64)>, Vec<(&'static str, u64)>)> {
+        let runs: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, COUNT(*) FROM runs GROUP BY state").fetch_all(&self.pool).await.map_err(db_err)?;
+        let (running, finished): (i64, i64) =
+            sqlx::query_as("SELECT COALESCE(SUM(finished_at IS NULL), 0), COALESCE(SUM(finished_at IS NOT NULL), 0) FROM jobs")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_err)?;
+        let runs = runs.into_iter().map(|(s, n)| Ok((parse_run_state(&s)?, to_u64(n)))).collect::<Result<Vec<_>>>()?;
+        Ok((runs, vec![("running", to_u64(running)), ("finished", to_u64(finished))]))
+    }
+
     async fn revoke_agent(&self, id: &AgentId, at: Timestamp) -> Result<bool> {
         let _gate = self.writer().await;
         let done = sqlx::query("UPDATE agents SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
@@ -1178,6 +1190,7 @@ async fn write_run_progress(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Rec
                 state: RunState::Running,
                 exit_code: None,
                 error: None,
+                latency_ms: None,
             });
         }
     }
@@ -1221,15 +1234,16 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
         return Ok(());
     }
     let ids: Vec<&str> = finished.iter().map(|(_, f, _)| f.run_id.as_str()).collect();
-    let mut known: HashMap<String, (String, String, RunState, u64)> = HashMap::new();
+    let mut known: HashMap<String, (String, String, RunState, u64, Option<i64>)> = HashMap::new();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
+            "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit, r.dispatched_at FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
         );
         push_in_list(&mut q, chunk);
-        let rows: Vec<(String, String, String, String, i64)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
-        for (id, job, agent, state, limit) in rows {
-            known.insert(id, (job, agent, parse_run_state(&state)?, to_u64(limit)));
+        let rows: Vec<(String, String, String, String, i64, Option<i64>)> =
+            q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
+        for (id, job, agent, state, limit, dispatched_at) in rows {
+            known.insert(id, (job, agent, parse_run_state(&state)?, to_u64(limit), dispatched_at));
         }
     }
     let have = contiguous(tx, &ids).await?;
@@ -1243,7 +1257,7 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
     let mut updates = Vec::new();
     for (agent_id, f, at) in finished {
         let ack = Effect::Ack { agent_id: agent_id.clone(), run_id: f.run_id.clone() };
-        let Some((job_id, owner, state, limit)) = known.get(&f.run_id) else {
+        let Some((job_id, owner, state, limit, dispatched_at)) = known.get(&f.run_id) else {
             tracing::warn!(agent = %agent_id, run = %f.run_id, "result for an unknown run");
             effects.push(ack);
             continue;
@@ -1294,6 +1308,7 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
             state: new_state,
             exit_code: f.exit_code,
             error: f.error.clone(),
+            latency_ms: dispatched_at.map(|d| to_u64(at - d)),
         });
         effects.push(ack);
     }

@@ -95,6 +95,16 @@ impl AgentMessage {
 
 impl ServerMessage {
     pub const TYPES: &'static [&'static str] = &["welcome", "run", "cancel", "result_ack", "resend"];
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ServerMessage::Welcome(_) => "welcome",
+            ServerMessage::Run(_) => "run",
+            ServerMessage::Cancel(_) => "cancel",
+            ServerMessage::ResultAck(_) => "result_ack",
+            ServerMessage::Resend(_) => "resend",
+        }
+    }
 }
 
 /// Why a text message could not be decoded, and so which close code answers it.
