@@ -61,6 +61,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Follow the fleet's changes live: status changes, enrollments, jobs. Ctrl-C stops.
+    Watch {
+        /// One JSON event per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one job and its runs, or cancel it.
     #[command(args_conflicts_with_subcommands = true)]
     Job(JobArgs),

@@ -12,6 +12,8 @@ mod client;
 mod commands;
 mod output;
 mod run;
+mod sse;
+mod watch;
 
 use args::{Cli, Command};
 
@@ -57,6 +59,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Run(r) => run::run(&client, r, &mut out).await.map(|o| o.all_succeeded),
         Command::Jobs { limit, json } => run::jobs(&client, *limit, *json, &mut out).await.map(|()| true),
         Command::Job(j) => run::job(&client, j, &mut out).await.map(|o| o.all_succeeded),
+        Command::Watch { json } => watch::watch(&client, *json, &mut out).await.map(|()| true),
     }?;
     out.flush()?;
     Ok(ok)

@@ -125,14 +125,8 @@ async fn stream_once(client: &Client, id: &str, view: &mut View, out: Out<'_>) -
     let mut buf: Vec<u8> = Vec::new();
     while let Some(chunk) = body.next().await {
         buf.extend_from_slice(&chunk.context("reading the event stream")?);
-        while let Some(end) = find_blank_line(&buf) {
-            let frame: Vec<u8> = buf.drain(..end).collect();
-            let text = String::from_utf8_lossy(&frame);
-            let data: String = text.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect::<Vec<_>>().join("\n");
-            if data.is_empty() {
-                continue;
-            }
-            let event: JobEvent = serde_json::from_str(&data).context("an event this CLI does not understand")?;
+        for frame in crate::sse::take_frames(&mut buf) {
+            let event: JobEvent = serde_json::from_str(&frame.data).context("an event this CLI does not understand")?;
             if matches!(event, JobEvent::Resync) {
                 let job: JobDetail = client.get(&format!("/jobs/{id}")).await?;
                 view.apply(JobEvent::Snapshot(Box::new(job)), out)?;
@@ -144,11 +138,6 @@ async fn stream_once(client: &Client, id: &str, view: &mut View, out: Out<'_>) -
         }
     }
     Ok(false)
-}
-
-/// Index just past the first blank line (the end of one event).
-fn find_blank_line(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2)
 }
 
 struct RunView {

@@ -36,6 +36,7 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub recorder: Recorder,
     pub events: Events,
+    pub fleet: crate::fleet_events::FleetEvents,
     pub dispatcher: Dispatcher,
     pub config: Arc<Config>,
     pub shutdown: CancellationToken,
@@ -96,14 +97,23 @@ impl Application {
         let registry = Registry::new();
         let events = Events::default();
         let kick = Arc::new(tokio::sync::Notify::new());
-        let hooks = Hooks { registry: registry.clone(), events: events.clone(), dispatch: kick.clone() };
+        let fleet = crate::fleet_events::FleetEvents::default();
+        let hooks = Hooks { registry: registry.clone(), events: events.clone(), fleet: fleet.clone(), dispatch: kick.clone() };
         let (recorder, recorder_task) = Recorder::spawn(shared_store.clone(), hooks);
-        let dispatcher = Dispatcher { store: shared_store.clone(), registry: registry.clone(), events: events.clone(), kick };
+        let dispatcher = Dispatcher {
+            store: shared_store.clone(),
+            registry: registry.clone(),
+            events: events.clone(),
+            fleet: fleet.clone(),
+            progress: Default::default(),
+            kick,
+        };
         let state = AppState {
             store: shared_store,
             registry,
             recorder,
             events,
+            fleet,
             dispatcher,
             config: Arc::new(config),
             shutdown,

@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Events;
+use crate::fleet_events::FleetEvents;
 use crate::registry::Registry;
 use crate::store::{JobRow, OpenRun, Store, StoreError};
 
@@ -33,8 +34,14 @@ pub struct Dispatcher {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
     pub events: Events,
+    pub fleet: FleetEvents,
+    /// When each job's progress last went to the fleet stream, and with which counts.
+    pub progress: Arc<std::sync::Mutex<std::collections::HashMap<String, (tokio::time::Instant, shared::job::StateCounts)>>>,
     pub kick: Arc<Notify>,
 }
+
+/// Job progress reaches the fleet stream at most this often per job.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 impl Dispatcher {
     pub async fn run(self, cancel: CancellationToken) {
@@ -53,6 +60,16 @@ impl Dispatcher {
             if sweeping && let Err(e) = self.sweep_overdue().await {
                 tracing::warn!(error = %e, "overdue sweep failed; retrying");
             }
+        }
+    }
+
+    fn announce_progress(&self, job_id: &str, counts: &shared::job::StateCounts) {
+        let mut progress = self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = tokio::time::Instant::now();
+        let due = progress.get(job_id).is_none_or(|(t, last)| last != counts && now.duration_since(*t) >= PROGRESS_EVERY);
+        if due {
+            progress.insert(job_id.to_owned(), (now, counts.clone()));
+            self.fleet.publish(shared::api::FleetEvent::JobProgress { job_id: job_id.to_owned(), counts: counts.clone() });
         }
     }
 
@@ -107,10 +124,13 @@ impl Dispatcher {
             if pending + in_flight == 0 {
                 if self.store.finish_job_if_done(&job.id, now).await? {
                     tracing::info!(job = %job.id, "job finished");
-                    self.events.publish(&job.id, JobEvent::Finished { counts: c });
+                    self.events.publish(&job.id, JobEvent::Finished { counts: c.clone() });
+                    self.fleet.publish(shared::api::FleetEvent::JobFinished { job_id: job.id.clone(), counts: c });
+                    self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.id);
                 }
                 continue;
             }
+            self.announce_progress(&job.id, &c);
             if pending == 0 || job.cancelled_at.is_some() {
                 continue;
             }

@@ -160,6 +160,7 @@ async fn authenticate(app: &AppState, header: Option<&str>) -> Result<Authentica
     })
     .await;
     tracing::info!(agent = %agent_id, token = %token.id, "agent enrolled");
+    app.fleet.publish(shared::api::FleetEvent::AgentEnrolled { agent_id: agent_id.clone(), labels: token.labels.clone(), at: now });
     Ok(Authenticated { agent_id, token_labels: token.labels, credential: Some(issued.token) })
 }
 

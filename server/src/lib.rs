@@ -9,6 +9,7 @@ pub mod config;
 pub mod dev;
 pub mod dispatch;
 pub mod events;
+pub mod fleet_events;
 pub mod gateway;
 pub mod health;
 pub mod recorder;

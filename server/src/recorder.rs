@@ -20,6 +20,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::events::Events;
+use crate::fleet_events::FleetEvents;
 use crate::registry::Registry;
 use crate::store::{Effect, Record, Store, StoreError};
 
@@ -29,8 +30,12 @@ use crate::store::{Effect, Record, Store, StoreError};
 pub struct Hooks {
     pub registry: Arc<Registry>,
     pub events: Events,
+    pub fleet: FleetEvents,
     pub dispatch: Arc<Notify>,
 }
+
+/// Heartbeats reach the fleet stream at most this often per agent.
+const HEARTBEAT_EVENT_EVERY: Duration = Duration::from_secs(15);
 
 const QUEUE: usize = 65_536;
 const MAX_BATCH: usize = 8_192;
@@ -82,10 +87,12 @@ impl Recorder {
 
 async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<Stats>, hooks: Hooks) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut last_heartbeat_event: std::collections::HashMap<shared::AgentId, tokio::time::Instant> = Default::default();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let t = std::time::Instant::now();
         let effects = write_with_retry(store.as_ref(), &batch).await;
         crate::telemetry::db_batch(batch.len(), t.elapsed());
+        announce_fleet(&hooks.fleet, &batch, &mut last_heartbeat_event);
         tracing::debug!(records = batch.len(), ms = t.elapsed().as_millis() as u64, "batch written");
         announce(&hooks, effects);
         stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -154,5 +161,35 @@ fn announce(hooks: &Hooks, effects: Vec<Effect>) {
     }
     if run_ended {
         hooks.dispatch.notify_one();
+    }
+}
+
+/// Status changes, and heartbeats (throttled), to the fleet event stream, once committed.
+fn announce_fleet(fleet: &FleetEvents, batch: &[Record], last: &mut std::collections::HashMap<shared::AgentId, tokio::time::Instant>) {
+    use shared::api::FleetEvent;
+    let now = tokio::time::Instant::now();
+    for r in batch {
+        match r {
+            Record::Transition { agent_id, at, from, to, reason } => {
+                fleet.publish(FleetEvent::AgentStatus { agent_id: agent_id.clone(), from: *from, to: *to, reason: reason.clone(), at: *at })
+            }
+            Record::Heartbeat { agent_id, at, metrics, .. } => {
+                if last.get(agent_id).is_some_and(|t| now.duration_since(*t) < HEARTBEAT_EVENT_EVERY) {
+                    continue;
+                }
+                last.insert(agent_id.clone(), now);
+                let (disk_used_bytes, disk_total_bytes) = metrics.disk_totals();
+                fleet.publish(FleetEvent::Heartbeat {
+                    agent_id: agent_id.clone(),
+                    at: *at,
+                    cpu_percent: metrics.cpu_percent,
+                    mem_used_bytes: metrics.mem_used_bytes,
+                    mem_total_bytes: metrics.mem_total_bytes,
+                    disk_used_bytes,
+                    disk_total_bytes,
+                });
+            }
+            _ => {}
+        }
     }
 }

@@ -293,3 +293,76 @@ mod tests {
         assert!("up".parse::<AgentStatus>().is_err());
     }
 }
+
+/// Events on `GET /api/v1/events` (server-sent events; the SSE event name is `type`, the SSE
+/// id is `<server epoch>-<sequence>`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FleetEvent {
+    /// An agent's status changed.
+    AgentStatus {
+        agent_id: AgentId,
+        from: Option<AgentStatus>,
+        to: AgentStatus,
+        reason: String,
+        at: Timestamp,
+    },
+    AgentEnrolled {
+        agent_id: AgentId,
+        labels: Labels,
+        at: Timestamp,
+    },
+    AgentRevoked {
+        agent_id: AgentId,
+        at: Timestamp,
+    },
+    /// The latest health of an agent, at most once per agent every 15 seconds.
+    Heartbeat {
+        agent_id: AgentId,
+        at: Timestamp,
+        cpu_percent: f64,
+        mem_used_bytes: u64,
+        mem_total_bytes: u64,
+        disk_used_bytes: u64,
+        disk_total_bytes: u64,
+    },
+    JobCreated {
+        job_id: String,
+        command: String,
+        target: String,
+        total: u64,
+        created_by: String,
+        at: Timestamp,
+    },
+    /// Run counts of a running job, at most once a second per job.
+    JobProgress {
+        job_id: String,
+        counts: crate::job::StateCounts,
+    },
+    JobFinished {
+        job_id: String,
+        counts: crate::job::StateCounts,
+    },
+    /// The client asked to resume from an event this server no longer holds (too old, or from
+    /// before a restart): fetch the state again.
+    Resync,
+}
+
+#[cfg(test)]
+mod fleet_event_tests {
+    use super::*;
+
+    #[test]
+    fn fleet_events_round_trip() {
+        let e = FleetEvent::AgentStatus {
+            agent_id: AgentId::parse("0123456789abcdef").unwrap(),
+            from: Some(AgentStatus::Online),
+            to: AgentStatus::Offline,
+            reason: "connection closed".into(),
+            at: Timestamp::from_unix_millis(1),
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains("\"type\":\"agent_status\""), "{json}");
+        assert_eq!(serde_json::from_str::<FleetEvent>(&json).unwrap(), e);
+    }
+}

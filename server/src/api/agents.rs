@@ -132,6 +132,7 @@ pub async fn revoke(State(app): State<AppState>, caller: Caller, Path(id): Path<
         return Err(Error::NotFound(format!("no agent {id}, or it is already revoked")));
     }
     app.registry.close(&id, close::REVOKED, "credential revoked");
+    app.fleet.publish(shared::api::FleetEvent::AgentRevoked { agent_id: id.clone(), at: now });
     app.audit(AuditEntry {
         at: now,
         actor: caller.actor(),

@@ -164,6 +164,14 @@ pub async fn create(
     })
     .await;
     tracing::info!(job = %job.id, by = %job.created_by, agents = runs.len(), command = %job.command.summary(), "job created");
+    app.fleet.publish(shared::api::FleetEvent::JobCreated {
+        job_id: job.id.clone(),
+        command: job.command.summary(),
+        target: job.target.to_string(),
+        total: runs.len() as u64,
+        created_by: job.created_by.clone(),
+        at: now,
+    });
     app.dispatcher.kick.notify_one();
     // The summary, not every run: a broadcast's detail is large, and dispatch is running now.
     let counts = BTreeMap::from([(RunState::Pending, runs.len() as u64)]);

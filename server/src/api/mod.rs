@@ -4,6 +4,7 @@
 mod agents;
 mod caller;
 mod error;
+mod events;
 mod jobs;
 mod tokens;
 
@@ -27,6 +28,7 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/whoami", get(tokens::whoami))
         .route("/fleet", get(agents::fleet))
+        .route("/events", get(events::stream))
         .route("/agents", get(agents::list))
         .route("/agents/{id}", get(agents::get).delete(agents::revoke))
         .route("/agents/{id}/heartbeats", get(agents::heartbeats))
