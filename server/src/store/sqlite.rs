@@ -100,6 +100,14 @@ impl SqliteStore {
         self.write.lock().await
     }
 
+    /// Marks a token or an agent revoked; false if there is none, or it already was.
+    async fn revoke(&self, table: &'static str, id: &str, at: Timestamp) -> Result<bool> {
+        let _gate = self.writer().await;
+        let sql = format!("UPDATE {table} SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL");
+        let done = sqlx::query(AssertSqlSafe(sql)).bind(at.unix_millis()).bind(id).execute(&self.pool).await.map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }
@@ -270,14 +278,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_api_token(&self, id: &str, at: Timestamp) -> Result<bool> {
-        let _gate = self.writer().await;
-        let done = sqlx::query("UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(at.unix_millis())
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        self.revoke("api_tokens", id, at).await
     }
 
     async fn touch_api_token(&self, id: &str, at: Timestamp) -> Result<()> {
@@ -324,14 +325,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_enroll_token(&self, id: &str, at: Timestamp) -> Result<bool> {
-        let _gate = self.writer().await;
-        let done = sqlx::query("UPDATE enroll_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(at.unix_millis())
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        self.revoke("enroll_tokens", id, at).await
     }
 
     async fn enroll_agent(&self, token_id: &str, agent: &NewAgent) -> Result<bool> {
@@ -496,14 +490,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_agent(&self, id: &AgentId, at: Timestamp) -> Result<bool> {
-        let _gate = self.writer().await;
-        let done = sqlx::query("UPDATE agents SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(at.unix_millis())
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(done.rows_affected() == 1)
+        self.revoke("agents", id.as_str(), at).await
     }
 
     async fn record(&self, batch: &[Record]) -> Result<Vec<Effect>> {
