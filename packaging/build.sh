@@ -5,6 +5,8 @@
 #
 #   packaging/build.sh                 # release builds (the agent with the small release-agent profile)
 #   PROFILE=dev packaging/build.sh     # quick, for tests of the packaging itself
+#   NO_BUILD=1 ...                     # package the binaries already built (the tests do: a
+#                                      # build here would replace binaries other tests are running)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE=${PROFILE:-release}
@@ -14,8 +16,10 @@ out=$target/package
 mkdir -p "$out"
 command -v cargo-deb >/dev/null || { echo "cargo-deb is missing: cargo install cargo-deb --locked" >&2; exit 1; }
 
-cargo build -q --profile "$PROFILE" -p server -p cli
-cargo build -q --profile "$AGENT_PROFILE" -p agent
+if [ -z "${NO_BUILD:-}" ]; then
+  cargo build -q --profile "$PROFILE" -p server -p cli
+  cargo build -q --profile "$AGENT_PROFILE" -p agent
+fi
 dir_of() { [ "$1" = dev ] && echo "$target/debug" || echo "$target/$1"; }
 fast=$([ "$PROFILE" = dev ] && echo --fast || true)
 cargo deb -q --no-build $fast --profile "$AGENT_PROFILE" -p agent -o "$out/"

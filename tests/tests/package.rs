@@ -1,5 +1,6 @@
 //! The packages: what `packaging/build.sh` puts in each .deb and in the tarball, unpacked the
-//! way dpkg would. Built with the dev profile here (the contents do not depend on it).
+//! way dpkg would. Packaged from the dev binaries `cargo test` built (the contents do not
+//! depend on the profile).
 
 // Helpers below are test code: a panic is a failed test with its message.
 #![allow(clippy::unwrap_used)]
@@ -38,7 +39,9 @@ fn unit_in(root: &Path, name: &str) -> PathBuf {
 #[test]
 fn the_debs_and_the_tarball_contain_what_a_terminal_and_a_server_need() {
     let ws = workspace();
-    run(Command::new("bash").arg("packaging/build.sh").env("PROFILE", "dev").current_dir(&ws));
+    // Package the binaries `cargo test` built: building here would replace them under the
+    // feet of the other tests running them.
+    run(Command::new("bash").arg("packaging/build.sh").env("PROFILE", "dev").env("NO_BUILD", "1").current_dir(&ws));
     // The target directory this test runs from (it may not be ./target).
     let exe = std::env::current_exe().unwrap();
     let out = exe.parent().and_then(Path::parent).and_then(Path::parent).unwrap().join("package");
