@@ -148,6 +148,10 @@ impl Application {
         tracker.spawn(health::run_sweeper(state.registry.clone(), state.recorder.clone(), state.config.sweep_interval, cancel.clone()));
         tracker.spawn(health::run_pruner(state.store.clone(), state.config.heartbeat_retention, cancel.clone()));
         tracker.spawn(state.dispatcher.clone().run(cancel.clone()));
+        if let Some(secret) = state.config.webhook_secret.clone() {
+            let (urls, hold) = (state.config.webhooks.clone(), state.config.alert_hold_down);
+            tracker.spawn(crate::alerts::run(state.fleet.clone(), urls, secret, hold, cancel.clone()));
+        }
 
         let router = api::router(state.clone());
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();

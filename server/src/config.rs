@@ -74,6 +74,16 @@ pub struct Settings {
     /// How often liveness is evaluated. [default: 1s]
     #[arg(long, env = "MUSTER_SWEEP_INTERVAL", value_parser = parse_duration)]
     pub sweep_interval: Option<Duration>,
+    /// URL that gets a signed JSON POST when an agent goes offline or stale or recovers, and
+    /// when a job fails. Repeat (or comma-separate) for more.
+    #[arg(long = "webhook", env = "MUSTER_WEBHOOKS", value_delimiter = ',')]
+    pub webhooks: Option<Vec<String>>,
+    /// Secret for the webhooks' HMAC-SHA256 signature header (X-Muster-Signature).
+    #[arg(long, env = "MUSTER_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// After an alert about an agent, further problem alerts about it wait this long. [default: 5m]
+    #[arg(long, env = "MUSTER_ALERT_HOLD_DOWN", value_parser = parse_duration)]
+    pub alert_hold_down: Option<Duration>,
     /// Log filter, in tracing's EnvFilter syntax. [default: info]
     #[arg(long, env = "MUSTER_LOG")]
     pub log: Option<String>,
@@ -96,6 +106,9 @@ struct FileSettings {
     ping_interval: Option<String>,
     heartbeat_retention: Option<String>,
     sweep_interval: Option<String>,
+    webhooks: Option<Vec<String>>,
+    webhook_secret: Option<String>,
+    alert_hold_down: Option<String>,
     log: Option<String>,
 }
 
@@ -109,6 +122,9 @@ pub struct Config {
     pub ping_interval: Duration,
     pub heartbeat_retention: Duration,
     pub sweep_interval: Duration,
+    pub webhooks: Vec<String>,
+    pub webhook_secret: Option<String>,
+    pub alert_hold_down: Duration,
     pub log: String,
 }
 
@@ -172,6 +188,9 @@ impl Config {
                 Duration::from_secs(7 * 86_400),
             )?,
             sweep_interval: dur(settings.sweep_interval, &file.sweep_interval, "sweep_interval", Duration::from_secs(1))?,
+            webhooks: settings.webhooks.clone().or(file.webhooks).unwrap_or_default().into_iter().filter(|w| !w.is_empty()).collect(),
+            webhook_secret: settings.webhook_secret.clone().or(file.webhook_secret),
+            alert_hold_down: dur(settings.alert_hold_down, &file.alert_hold_down, "alert_hold_down", Duration::from_secs(300))?,
             log: settings.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
         };
         config.validate()?;
@@ -188,6 +207,12 @@ impl Config {
         }
         if self.heartbeat_retention < Duration::from_secs(60) {
             return bad("heartbeat_retention must be at least 1m");
+        }
+        if let Some(w) = self.webhooks.iter().find(|w| !(w.starts_with("https://") || w.starts_with("http://"))) {
+            return Err(ConfigError::Invalid(format!("webhook {w:?} must be an http:// or https:// URL")));
+        }
+        if !self.webhooks.is_empty() && self.webhook_secret.as_deref().is_none_or(str::is_empty) {
+            return bad("webhooks need a webhook_secret, so receivers can check who sent them");
         }
         if self.node_id.is_empty()
             || self.node_id.len() > 64
@@ -237,6 +262,20 @@ mod tests {
         std::fs::write(&path, "lisen = \"127.0.0.1:9000\"\n").unwrap();
         let err = Config::resolve(&Settings { config: Some(path), ..Settings::default() }).unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn webhooks_need_a_secret_and_an_http_url() {
+        let s = Settings { webhooks: Some(vec!["https://hooks.example/muster".into()]), ..Settings::default() };
+        assert!(Config::resolve(&s).unwrap_err().to_string().contains("webhook_secret"));
+        let s = Settings { webhooks: Some(vec!["ftp://x".into()]), webhook_secret: Some("k".into()), ..Settings::default() };
+        assert!(Config::resolve(&s).is_err());
+        let s = Settings {
+            webhooks: Some(vec!["https://hooks.example/muster".into()]),
+            webhook_secret: Some("k".into()),
+            ..Settings::default()
+        };
+        assert_eq!(Config::resolve(&s).unwrap().alert_hold_down, Duration::from_secs(300));
     }
 
     #[test]

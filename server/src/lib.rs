@@ -1,6 +1,7 @@
 //! muster-server as a library: `main.rs` parses the config and calls [`run`]; tests build an
 //! [`app::Application`] directly.
 
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;

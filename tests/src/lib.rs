@@ -122,12 +122,19 @@ pub struct TestServer {
     pub admin_token: String,
     pub process: Option<Process>,
     pub api: Api,
+    /// Extra flags for every start of this server.
+    pub extra_args: Vec<String>,
 }
 
 impl TestServer {
     /// A fresh server: new data directory, `muster-server bootstrap` for an admin token, then
     /// the server itself on a free port, waited for until `/healthz` answers.
     pub async fn spawn() -> TestServer {
+        Self::spawn_with(&[]).await
+    }
+
+    /// A fresh server started with extra flags.
+    pub async fn spawn_with(extra_args: &[&str]) -> TestServer {
         tls_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let out = Command::new(bin("muster-server"))
@@ -143,7 +150,16 @@ impl TestServer {
         let port = free_port();
         let url = format!("https://127.0.0.1:{port}");
         let ca = dir.path().join("tls/ca.pem");
-        let mut server = TestServer { api: Api::placeholder(&url, &admin_token), dir, port, url, ca, admin_token, process: None };
+        let mut server = TestServer {
+            api: Api::placeholder(&url, &admin_token),
+            dir,
+            port,
+            url,
+            ca,
+            admin_token,
+            process: None,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
         server.start().await;
         server
     }
@@ -161,6 +177,7 @@ impl TestServer {
             .arg(TEST_PING_INTERVAL)
             .arg("--sweep-interval")
             .arg("100ms")
+            .args(&self.extra_args)
             .env("MUSTER_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))

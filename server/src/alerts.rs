@@ -1,0 +1,228 @@
+//! Webhook alerts: an agent went offline or stale, or recovered; a job finished with failures.
+//!
+//! The alerter follows the fleet event stream, so it never holds up the server: deliveries go
+//! through a bounded queue (full: the alert is dropped and logged) to one sender that retries
+//! with backoff. Each POST carries `X-Muster-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+//!
+//! Hold-down: after a problem alert about an agent, further problem alerts about it wait
+//! `alert_hold_down` (5 min by default); a recovery is sent only for an agent whose problem was
+//! alerted. A flapping agent thus yields at most one problem and one recovery per window.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use serde::Serialize;
+use sha2::Sha256;
+use shared::api::{AgentStatus, FleetEvent};
+use shared::job::{RunState, StateCounts};
+use shared::{AgentId, Timestamp};
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet_events::FleetEvents;
+
+const QUEUE: usize = 1024;
+const ATTEMPTS: u32 = 5;
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The JSON body of every webhook.
+#[derive(Clone, Debug, Serialize)]
+pub struct Alert {
+    /// `agent.offline`, `agent.stale`, `agent.recovered` or `job.failed`.
+    pub event: &'static str,
+    pub at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counts: Option<StateCounts>,
+}
+
+pub fn signature(secret: &str, body: &[u8]) -> String {
+    // HMAC takes keys of any length, so this never returns early.
+    let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(secret.as_bytes()) else { return String::new() };
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Which alerts an event calls for, after hold-down.
+#[derive(Default)]
+pub struct Policy {
+    hold_down: Duration,
+    agents: HashMap<AgentId, (Instant, bool)>,
+}
+
+impl Policy {
+    pub fn new(hold_down: Duration) -> Self {
+        Policy { hold_down, agents: HashMap::new() }
+    }
+
+    pub fn decide(&mut self, event: &FleetEvent, now: Instant) -> Option<Alert> {
+        match event {
+            FleetEvent::AgentStatus { agent_id, to, reason, at, .. } => {
+                let kind = match to {
+                    AgentStatus::Offline => "agent.offline",
+                    AgentStatus::Stale => "agent.stale",
+                    AgentStatus::Online => {
+                        let alerted = self.agents.get_mut(agent_id).is_some_and(|(_, down)| std::mem::replace(down, false));
+                        return alerted.then(|| Alert {
+                            event: "agent.recovered",
+                            at: *at,
+                            agent_id: Some(agent_id.clone()),
+                            reason: Some(reason.clone()),
+                            job_id: None,
+                            counts: None,
+                        });
+                    }
+                };
+                if self.agents.get(agent_id).is_some_and(|(last, _)| now.duration_since(*last) < self.hold_down) {
+                    return None;
+                }
+                self.agents.insert(agent_id.clone(), (now, true));
+                Some(Alert {
+                    event: kind,
+                    at: *at,
+                    agent_id: Some(agent_id.clone()),
+                    reason: Some(reason.clone()),
+                    job_id: None,
+                    counts: None,
+                })
+            }
+            FleetEvent::JobFinished { job_id, counts } => {
+                let failed = counts.iter().any(|(s, n)| *n > 0 && (s.is_error() || *s == RunState::Expired));
+                failed.then(|| Alert {
+                    event: "job.failed",
+                    at: Timestamp::now(),
+                    agent_id: None,
+                    reason: None,
+                    job_id: Some(job_id.clone()),
+                    counts: Some(counts.clone()),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Follows the fleet events and delivers alerts until cancelled.
+pub async fn run(fleet: FleetEvents, urls: Vec<String>, secret: String, hold_down: Duration, cancel: CancellationToken) {
+    if urls.is_empty() {
+        return;
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let http = match reqwest::Client::builder().use_preconfigured_tls(tls).timeout(ATTEMPT_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "webhooks disabled: cannot build an HTTP client");
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::channel::<Alert>(QUEUE);
+    let sender = tokio::spawn(deliver(http, urls, secret, rx, cancel.clone()));
+    let (mut events, _) = fleet.subscribe(None);
+    let mut policy = Policy::new(hold_down);
+    loop {
+        let event = tokio::select! {
+            _ = cancel.cancelled() => break,
+            e = events.recv() => e,
+        };
+        match event {
+            Ok((_, event)) => {
+                if let Some(alert) = policy.decide(&event, Instant::now())
+                    && tx.try_send(alert).is_err()
+                {
+                    tracing::warn!("webhook queue full: an alert was dropped");
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!(missed = n, "the alerter fell behind the fleet events"),
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
+    }
+    drop(tx);
+    let _ = sender.await;
+}
+
+async fn deliver(http: reqwest::Client, urls: Vec<String>, secret: String, mut rx: mpsc::Receiver<Alert>, cancel: CancellationToken) {
+    let mut delivery = 0u64;
+    while let Some(alert) = rx.recv().await {
+        delivery += 1;
+        let body = serde_json::to_vec(&alert).unwrap_or_default();
+        let sig = signature(&secret, &body);
+        for url in &urls {
+            let mut delay = Duration::from_secs(1);
+            for attempt in 1..=ATTEMPTS {
+                let sent = http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .header("x-muster-event", alert.event)
+                    .header("x-muster-delivery", delivery.to_string())
+                    .header("x-muster-signature", &sig)
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => break,
+                    Ok(r) => tracing::warn!(%url, attempt, status = r.status().as_u16(), "webhook refused"),
+                    Err(e) => tracing::warn!(%url, attempt, error = %e, "webhook failed"),
+                }
+                if attempt == ATTEMPTS {
+                    tracing::error!(%url, event = alert.event, "webhook given up after {ATTEMPTS} attempts");
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                delay *= 2;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(to: AgentStatus) -> FleetEvent {
+        FleetEvent::AgentStatus {
+            agent_id: AgentId::from_bytes([1; 8]),
+            from: None,
+            to,
+            reason: "r".into(),
+            at: Timestamp::from_unix_millis(0),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flapping_agent_yields_one_problem_and_one_recovery_per_hold_down() {
+        let mut p = Policy::new(Duration::from_secs(300));
+        let mut sent = Vec::new();
+        for _ in 0..5 {
+            for to in [AgentStatus::Offline, AgentStatus::Online] {
+                if let Some(a) = p.decide(&status(to), Instant::now()) {
+                    sent.push(a.event);
+                }
+            }
+            tokio::time::advance(Duration::from_secs(10)).await;
+        }
+        assert_eq!(sent, ["agent.offline", "agent.recovered"]);
+        tokio::time::advance(Duration::from_secs(300)).await;
+        assert_eq!(p.decide(&status(AgentStatus::Stale), Instant::now()).map(|a| a.event), Some("agent.stale"));
+    }
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_the_body() {
+        // RFC 4231, test case 2.
+        let sig = signature("Jefe", b"what do ya want for nothing?");
+        assert_eq!(sig, "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+}
