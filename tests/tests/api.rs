@@ -208,3 +208,25 @@ async fn metrics_are_prometheus_text_need_a_token_and_their_counters_move() {
     .await;
     drop(agent);
 }
+
+/// Every operation in the served OpenAPI document reaches a handler: no "no route" 404 and no
+/// 405, whatever else it says without credentials.
+#[tokio::test]
+async fn every_documented_operation_is_served() {
+    let server = TestServer::spawn().await;
+    let doc: serde_json::Value = server.api.http().get(server.api.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let mut probed = 0;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        let concrete = path.replace("{id}", "0123456789abcdef");
+        for method in ops.as_object().unwrap().keys() {
+            let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let resp = server.api.http().request(method.clone(), format!("{}{concrete}", server.url)).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.text().await.unwrap_or_default();
+            assert_ne!(status, 405, "{method} {path}");
+            assert!(!(status == 404 && body.contains("no route")), "{method} {path} is not served");
+            probed += 1;
+        }
+    }
+    assert!(probed >= 20, "only {probed} operations documented");
+}

@@ -10,7 +10,7 @@ mod tokens;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use axum::{Json, Router};
 use shared::api::ApiError;
 
@@ -24,24 +24,58 @@ use crate::gateway;
 /// Largest request body the API accepts.
 const MAX_BODY: usize = 1024 * 1024;
 
+/// Every API route under `/api/v1`: the router is built from this table, and a test checks the
+/// OpenAPI document against it in both directions.
+fn api_routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
+    vec![
+        ("GET", "/whoami", get(tokens::whoami)),
+        ("GET", "/fleet", get(agents::fleet)),
+        ("GET", "/events", get(events::stream)),
+        ("GET", "/agents", get(agents::list)),
+        ("GET", "/agents/{id}", get(agents::get)),
+        ("DELETE", "/agents/{id}", delete(agents::revoke)),
+        ("GET", "/agents/{id}/heartbeats", get(agents::heartbeats)),
+        ("GET", "/enroll-tokens", get(tokens::list_enroll)),
+        ("POST", "/enroll-tokens", post(tokens::create_enroll)),
+        ("DELETE", "/enroll-tokens/{id}", delete(tokens::revoke_enroll)),
+        ("GET", "/tokens", get(tokens::list_tokens)),
+        ("POST", "/tokens", post(tokens::create_token)),
+        ("DELETE", "/tokens/{id}", delete(tokens::revoke_token)),
+        ("GET", "/jobs", get(jobs::list)),
+        ("POST", "/jobs", post(jobs::create)),
+        ("GET", "/jobs/{id}", get(jobs::get)),
+        ("POST", "/jobs/{id}/cancel", post(jobs::cancel)),
+        ("GET", "/jobs/{id}/events", get(jobs::events)),
+        ("GET", "/agent/connect", get(gateway::connect)),
+        ("GET", "/agent/check", get(gateway::check)),
+        ("GET", "/openapi.json", get(openapi)),
+    ]
+}
+
+/// Every route the server serves, as (method, full path).
+pub fn route_table() -> Vec<(&'static str, String)> {
+    let mut table = vec![("GET", "/healthz".to_owned()), ("GET", "/metrics".to_owned())];
+    table.extend(api_routes().into_iter().map(|(m, p, _)| (m, format!("{}{p}", shared::api::PREFIX))));
+    table
+}
+
+/// The OpenAPI 3.1 description of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> ([(axum::http::HeaderName, &'static str); 1], &'static str) {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
-        .route("/whoami", get(tokens::whoami))
-        .route("/fleet", get(agents::fleet))
-        .route("/events", get(events::stream))
-        .route("/agents", get(agents::list))
-        .route("/agents/{id}", get(agents::get).delete(agents::revoke))
-        .route("/agents/{id}/heartbeats", get(agents::heartbeats))
-        .route("/enroll-tokens", get(tokens::list_enroll).post(tokens::create_enroll))
-        .route("/enroll-tokens/{id}", delete(tokens::revoke_enroll))
-        .route("/tokens", get(tokens::list_tokens).post(tokens::create_token))
-        .route("/tokens/{id}", delete(tokens::revoke_token))
-        .route("/jobs", get(jobs::list).post(jobs::create))
-        .route("/jobs/{id}", get(jobs::get))
-        .route("/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/jobs/{id}/events", get(jobs::events))
-        .route("/agent/connect", get(gateway::connect))
-        .route("/agent/check", get(gateway::check));
+    let mut by_path: std::collections::BTreeMap<&'static str, MethodRouter<AppState>> = std::collections::BTreeMap::new();
+    for (_, path, route) in api_routes() {
+        let merged = match by_path.remove(path) {
+            Some(existing) => existing.merge(route),
+            None => route,
+        };
+        by_path.insert(path, merged);
+    }
+    let api = by_path.into_iter().fold(Router::new(), |r, (path, route)| r.route(path, route));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -68,4 +102,42 @@ async fn metrics(
 
 async fn not_found(uri: axum::http::Uri) -> (StatusCode, Json<ApiError>) {
     (StatusCode::NOT_FOUND, Json(ApiError { error: "not_found".into(), message: format!("no route for {}", uri.path()) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| ops.as_object().unwrap().keys().map(move |m| (m.to_uppercase(), path.clone())))
+            .collect()
+    }
+
+    #[test]
+    fn every_route_is_in_the_openapi_document_and_every_documented_route_exists() {
+        let served: BTreeSet<(String, String)> = route_table().into_iter().map(|(m, p)| (m.to_owned(), p)).collect();
+        let documented = documented();
+        let undocumented: Vec<_> = served.difference(&documented).collect();
+        let phantom: Vec<_> = documented.difference(&served).collect();
+        assert!(undocumented.is_empty(), "routes missing from openapi.json: {undocumented:?}");
+        assert!(phantom.is_empty(), "openapi.json documents routes the server does not have: {phantom:?}");
+    }
+
+    #[test]
+    fn every_schema_reference_resolves() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let text = OPENAPI;
+        for part in text.split("\"$ref\": \"#/components/schemas/").skip(1) {
+            let name = part.split('"').next().unwrap();
+            assert!(doc["components"]["schemas"].get(name).is_some(), "dangling $ref {name}");
+        }
+    }
 }
