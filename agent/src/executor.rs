@@ -264,27 +264,16 @@ impl Executor {
         lock(status).phase = Phase::Running;
         self.poke();
 
-        let ledger_path = |s| lock(&self.inner.ledger).output_path(&run.run_id, s);
+        let capture_to_ledger = |pipe: Box<dyn AsyncRead + Unpin + Send>, stream| {
+            let path = lock(&self.inner.ledger).output_path(&run.run_id, stream);
+            tokio::spawn(capture(pipe, path, run.output_limit, status.clone(), stream, self.clone()))
+        };
         let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            readers.push(tokio::spawn(capture(
-                out,
-                ledger_path(Stream::Stdout),
-                run.output_limit,
-                status.clone(),
-                Stream::Stdout,
-                self.clone(),
-            )));
+            readers.push(capture_to_ledger(Box::new(out), Stream::Stdout));
         }
         if let Some(err) = child.stderr.take() {
-            readers.push(tokio::spawn(capture(
-                err,
-                ledger_path(Stream::Stderr),
-                run.output_limit,
-                status.clone(),
-                Stream::Stderr,
-                self.clone(),
-            )));
+            readers.push(capture_to_ledger(Box::new(err), Stream::Stderr));
         }
 
         let timeout = Duration::from_millis(run.timeout_ms);

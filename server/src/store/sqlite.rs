@@ -1408,6 +1408,15 @@ mod tests {
         }
     }
 
+    /// A store holding one enrolled agent.
+    async fn enrolled() -> (tempfile::TempDir, SqliteStore, NewAgent) {
+        let (dir, store) = open().await;
+        store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
+        let a = agent(1);
+        store.enroll_agent("00000000000000aa", &a).await.unwrap();
+        (dir, store, a)
+    }
+
     fn enroll_token(uses: u32, expires_at: i64) -> EnrollTokenRow {
         EnrollTokenRow {
             id: "00000000000000aa".into(),
@@ -1442,10 +1451,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_of_heartbeats_keeps_history_and_the_newest_metrics() {
-        let (_dir, store) = open().await;
-        store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
-        let a = agent(1);
-        store.enroll_agent("00000000000000aa", &a).await.unwrap();
+        let (_dir, store, a) = enrolled().await;
         let hb = |seq: u64, at: i64, cpu: f64| Record::Heartbeat {
             agent_id: a.id.clone(),
             at: Timestamp::from_unix_millis(at),
@@ -1465,10 +1471,7 @@ mod tests {
 
     #[tokio::test]
     async fn transitions_set_status_and_restart_marks_the_nodes_agents_offline() {
-        let (_dir, store) = open().await;
-        store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
-        let a = agent(1);
-        store.enroll_agent("00000000000000aa", &a).await.unwrap();
+        let (_dir, store, a) = enrolled().await;
         let at = Timestamp::from_unix_millis(5_000);
         store
             .record(&[
@@ -1518,10 +1521,7 @@ mod tests {
 
     #[tokio::test]
     async fn connection_records_in_one_batch_apply_in_their_order() {
-        let (_dir, store) = open().await;
-        store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
-        let a = agent(1);
-        store.enroll_agent("00000000000000aa", &a).await.unwrap();
+        let (_dir, store, a) = enrolled().await;
         let gone = Record::Disconnected { agent_id: a.id.clone(), at: Timestamp::from_unix_millis(6_000) };
         store.record(&[connected(&a.id, 5_000), gone.clone()]).await.unwrap();
         let row = store.agent(&a.id).await.unwrap().unwrap();
@@ -1534,10 +1534,7 @@ mod tests {
     #[tokio::test]
     async fn a_result_whose_output_has_a_gap_asks_for_the_rest_before_it_is_stored() {
         use shared::job::{CommandSpec, Program, Target};
-        let (_dir, store) = open().await;
-        store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
-        let a = agent(1);
-        store.enroll_agent("00000000000000aa", &a).await.unwrap();
+        let (_dir, store, a) = enrolled().await;
         let job = JobRow {
             id: "00000000000000j1".into(),
             created_at: Timestamp::from_unix_millis(1),
