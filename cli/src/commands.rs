@@ -9,6 +9,7 @@ use shared::api::{
     AgentDetail, AgentSummary, CreateEnrollToken, CreateToken, EnrollTokenCreated, EnrollTokenInfo, FleetCounts, TokenCreated, TokenInfo,
     WhoAmI,
 };
+use shared::job::AgentRun;
 use shared::{Labels, Timestamp};
 
 use crate::args::{AgentAction, AgentArgs, AgentsArgs, EnrollTokenCommand, TokenCommand};
@@ -140,6 +141,22 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
             .map(|t| vec![t.at.to_string(), t.from.map_or("-".into(), |f| f.to_string()), t.to.to_string(), t.reason.clone()])
             .collect();
         write!(out, "{}", table(&["AT", "FROM", "TO", "REASON"], &rows))?;
+    }
+    let runs: Vec<AgentRun> = client.get(&format!("/agents/{id}/runs?limit=10")).await?;
+    if !runs.is_empty() {
+        writeln!(out, "\nRecent runs:")?;
+        let rows: Vec<Vec<String>> = runs
+            .iter()
+            .map(|r| {
+                let exit = match (r.exit_code, r.signal) {
+                    (Some(c), _) => c.to_string(),
+                    (None, Some(s)) => format!("signal {s}"),
+                    (None, None) => "-".into(),
+                };
+                vec![r.job_id.clone(), r.state.to_string(), exit, r.created_at.to_string(), r.command.summary()]
+            })
+            .collect();
+        write!(out, "{}", table(&["JOB", "STATE", "EXIT", "CREATED", "COMMAND"], &rows))?;
     }
     Ok(())
 }

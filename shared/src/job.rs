@@ -284,6 +284,23 @@ pub struct JobDetail {
 }
 
 /// The answer to a dry run.
+/// One run on one agent, as `GET /api/v1/agents/{id}/runs` lists them (newest job first).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentRun {
+    pub job_id: JobId,
+    pub run_id: RunId,
+    /// When the job was created, and by whom.
+    pub created_at: Timestamp,
+    pub created_by: String,
+    pub command: CommandSpec,
+    pub state: RunState,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub error: Option<String>,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DryRun {
     pub matched: u64,
@@ -392,5 +409,24 @@ mod tests {
         let json = serde_json::to_string(&e).unwrap();
         assert!(json.contains("\"type\":\"output\""));
         assert_eq!(serde_json::from_str::<JobEvent>(&json).unwrap(), e);
+    }
+
+    #[test]
+    fn agent_runs_round_trip() {
+        let run = AgentRun {
+            job_id: "00000000000000ab".into(),
+            run_id: "00000000000000aa".into(),
+            created_at: Timestamp::from_unix_millis(1_763_776_000_000),
+            created_by: "token ci".into(),
+            command: CommandSpec { program: Program::Shell("uptime".into()), cwd: None, env: BTreeMap::new() },
+            state: RunState::Failed,
+            exit_code: Some(2),
+            signal: None,
+            error: None,
+            started_at: Some(Timestamp::from_unix_millis(1_763_776_000_100)),
+            finished_at: Some(Timestamp::from_unix_millis(1_763_776_000_200)),
+        };
+        let json = serde_json::to_string(&run).unwrap();
+        assert_eq!(serde_json::from_str::<AgentRun>(&json).unwrap(), run, "{json}");
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use shared::Selector;
 use shared::api::AgentStatus;
-use shared::job::{Concurrency, DryRun, JobDetail, Program, RunState, Target};
+use shared::job::{AgentRun, Concurrency, DryRun, JobDetail, Program, RunState, Target};
 use tests::{TestServer, job, processes_with, shell, wait_for};
 
 const SOON: Duration = Duration::from_secs(30);
@@ -105,6 +105,16 @@ async fn an_offline_agent_gets_its_run_when_it_reconnects_and_one_away_past_the_
     let delivered = server.api.wait_job_finished(&waits.id, SOON).await;
     assert_eq!(states(&delivered), [RunState::Succeeded]);
     assert_eq!(delivered.runs[0].stdout, "delivered\n");
+
+    // Each agent's run history says what it was asked to do and how that ended.
+    let history: Vec<AgentRun> = server.api.get(&format!("/agents/{late_id}/runs")).await;
+    let seen: Vec<(&str, RunState)> = history.iter().map(|r| (r.job_id.as_str(), r.state)).collect();
+    assert_eq!(seen, [(waits.id.as_str(), RunState::Succeeded)]);
+    let history: Vec<AgentRun> = server.api.get(&format!("/agents/{gone_id}/runs")).await;
+    assert_eq!(history.iter().map(|r| r.state).collect::<Vec<_>>(), [RunState::Expired]);
+    let out = server.cli(&["agent", late_id.as_str()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Recent runs:") && stdout.contains("succeeded") && stdout.contains("echo delivered"), "{stdout}");
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use shared::api::{AgentDetail, AgentStatus, AgentSummary, ConnectionInfo, FleetCounts, HeartbeatSample, Role};
+use shared::job::AgentRun;
 use shared::protocol::close;
 use shared::{AgentId, Selector, Timestamp};
 
@@ -116,6 +117,32 @@ pub async fn heartbeats(
         return Err(Error::NotFound(format!("no agent {id}")));
     }
     Ok(Json(app.store.heartbeats(&id, since, limit).await?))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RunsQuery {
+    /// At most this many runs, newest job first. Default 20, at most 500.
+    limit: Option<u32>,
+}
+
+/// `GET /api/v1/agents/{id}/runs`: what the agent was asked to run, and how each run ended.
+pub async fn runs(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: std::result::Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<AgentRun>>> {
+    caller.require(Role::Viewer)?;
+    let Query(q) = query?;
+    let id = parse_id(&id)?;
+    let limit = q.limit.unwrap_or(20);
+    if limit == 0 || limit > 500 {
+        return Err(Error::BadRequest("limit must be between 1 and 500".into()));
+    }
+    if app.store.agent(&id).await?.is_none() {
+        return Err(Error::NotFound(format!("no agent {id}")));
+    }
+    Ok(Json(app.store.agent_runs(&id, limit).await?))
 }
 
 pub async fn fleet(State(app): State<AppState>, caller: Caller) -> Result<Json<FleetCounts>> {

@@ -35,6 +35,7 @@ fn api_routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("GET", "/agents/{id}", get(agents::get)),
         ("DELETE", "/agents/{id}", delete(agents::revoke)),
         ("GET", "/agents/{id}/heartbeats", get(agents::heartbeats)),
+        ("GET", "/agents/{id}/runs", get(agents::runs)),
         ("GET", "/enroll-tokens", get(tokens::list_enroll)),
         ("POST", "/enroll-tokens", post(tokens::create_enroll)),
         ("DELETE", "/enroll-tokens/{id}", delete(tokens::revoke_enroll)),

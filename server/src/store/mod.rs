@@ -307,6 +307,8 @@ pub trait Store: Send + Sync + 'static {
     async fn active_jobs(&self) -> Result<Vec<JobRow>>;
     async fn run_counts(&self, job_ids: &[JobId]) -> Result<std::collections::HashMap<JobId, StateCounts>>;
     async fn runs(&self, job_id: &str) -> Result<Vec<RunRow>>;
+    /// An agent's runs, newest job first.
+    async fn agent_runs(&self, agent_id: &AgentId, limit: u32) -> Result<Vec<shared::job::AgentRun>>;
     async fn run_outputs(&self, job_id: &str) -> Result<std::collections::HashMap<RunId, RunOutputText>>;
     /// Pending runs of a job in dispatch order.
     async fn pending_runs(&self, job_id: &str) -> Result<Vec<OpenRun>>;

@@ -15,7 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{AssertSqlSafe, FromRow, QueryBuilder, Sqlite, SqlitePool};
 
 use shared::api::{AgentStatus, FleetCounts, HeartbeatSample, Role, Transition};
-use shared::job::{JobId, RunId, RunState, StateCounts, Stream};
+use shared::job::{AgentRun, JobId, RunId, RunState, StateCounts, Stream};
 use shared::protocol::{Metrics, Outcome, RunFinished};
 use shared::{AgentId, Labels, Timestamp};
 
@@ -671,6 +671,37 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn agent_runs(&self, agent_id: &AgentId, limit: u32) -> Result<Vec<AgentRun>> {
+        let rows: Vec<AgentRunDb> = sqlx::query_as(
+            "SELECT r.job_id, r.id AS run_id, j.created_at, j.created_by, j.command, r.state, r.exit_code, r.signal, r.error, \
+             r.started_at, r.finished_at FROM runs r JOIN jobs j ON j.id = r.job_id \
+             WHERE r.agent_id = ? ORDER BY j.created_at DESC, r.job_id LIMIT ?",
+        )
+        .bind(agent_id.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(AgentRun {
+                    command: serde_json::from_str(&r.command)
+                        .map_err(|e| StoreError::Corrupt(format!("job {}: command: {e}", r.job_id)))?,
+                    state: parse_run_state(&r.state)?,
+                    job_id: r.job_id,
+                    run_id: r.run_id,
+                    created_at: ts(r.created_at),
+                    created_by: r.created_by,
+                    exit_code: r.exit_code.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
+                    signal: r.signal.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
+                    error: r.error,
+                    started_at: r.started_at.map(ts),
+                    finished_at: r.finished_at.map(ts),
+                })
+            })
+            .collect()
+    }
+
     async fn run_outputs(&self, job_id: &str) -> Result<HashMap<RunId, RunOutputText>> {
         let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
             "SELECT o.run_id, o.stream, o.offset, o.data FROM run_output o JOIN runs r ON r.id = o.run_id \
@@ -859,6 +890,21 @@ impl TryFrom<JobDb> for JobRow {
             finished_at: r.finished_at.map(ts),
         })
     }
+}
+
+#[derive(FromRow)]
+struct AgentRunDb {
+    job_id: String,
+    run_id: String,
+    created_at: i64,
+    created_by: String,
+    command: String,
+    state: String,
+    exit_code: Option<i64>,
+    signal: Option<i64>,
+    error: Option<String>,
+    started_at: Option<i64>,
+    finished_at: Option<i64>,
 }
 
 #[derive(FromRow)]
@@ -1531,13 +1577,12 @@ mod tests {
         assert!(row.connected && row.disconnected_at.is_none() && row.connected_at == Some(Timestamp::from_unix_millis(7_000)));
     }
 
-    #[tokio::test]
-    async fn a_result_whose_output_has_a_gap_asks_for_the_rest_before_it_is_stored() {
+    /// A job created at `created_at` (ms) that runs `true`.
+    fn job_row(id: &str, created_at: i64) -> JobRow {
         use shared::job::{CommandSpec, Program, Target};
-        let (_dir, store, a) = enrolled().await;
-        let job = JobRow {
-            id: "00000000000000j1".into(),
-            created_at: Timestamp::from_unix_millis(1),
+        JobRow {
+            id: id.into(),
+            created_at: Timestamp::from_unix_millis(created_at),
             created_by: "t".into(),
             target: Target::All,
             command: CommandSpec { program: Program::Argv(vec!["true".into()]), cwd: None, env: Default::default() },
@@ -1547,10 +1592,32 @@ mod tests {
             max_in_flight: None,
             max_errors: None,
             output_limit: 1 << 20,
-            expires_at: Timestamp::from_unix_millis(1_001),
+            expires_at: Timestamp::from_unix_millis(created_at + 1_000),
             cancelled_at: None,
             finished_at: None,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agents_runs_are_listed_newest_job_first_with_their_command() {
+        let (_dir, store, a) = enrolled().await;
+        let other = agent(2);
+        store.enroll_agent("00000000000000aa", &other).await.unwrap();
+        for (n, id) in ["00000000000000j1", "00000000000000j2", "00000000000000j3"].into_iter().enumerate() {
+            let runs = [(format!("r{n}a"), a.id.clone()), (format!("r{n}b"), other.id.clone())];
+            store.create_job(&job_row(id, n as i64), &runs).await.unwrap();
+        }
+        let runs = store.agent_runs(&a.id, 2).await.unwrap();
+        let seen: Vec<(&str, &str)> = runs.iter().map(|r| (r.job_id.as_str(), r.run_id.as_str())).collect();
+        assert_eq!(seen, [("00000000000000j3", "r2a"), ("00000000000000j2", "r1a")]);
+        assert_eq!((runs[0].state, runs[0].command.summary().as_str()), (RunState::Pending, "true"));
+        assert!(store.agent_runs(&agent(9).id, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_result_whose_output_has_a_gap_asks_for_the_rest_before_it_is_stored() {
+        let (_dir, store, a) = enrolled().await;
+        let job = job_row("00000000000000j1", 1);
         store.create_job(&job, &[("r1".into(), a.id.clone())]).await.unwrap();
         let chunk = |offset: u64, data: &str| Record::RunOutput {
             agent_id: a.id.clone(),
