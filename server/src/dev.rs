@@ -69,6 +69,8 @@ fn print_banner(server_url: &str, env: &str, env_path: &Path) {
     for line in env.lines() {
         println!("    {line}");
     }
+    println!("\nThe dashboard is at {server_url}/ (sign in with the MUSTER_TOKEN above; the certificate is");
+    println!("signed by the generated CA in MUSTER_CA, so the browser asks once whether to trust it).");
     println!("\nDevelopment mode: the admin token above is not for production. Ctrl-C stops the server and the agent.\n");
 }
 

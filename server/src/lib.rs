@@ -19,6 +19,7 @@ pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod web;
 
 pub use app::Application;
 pub use config::{Cli, Command, Config};

@@ -1,0 +1,154 @@
+// Drives Debian's headless Chromium through the dashboard of a real muster-server.
+// Started by tests/tests/dashboard.rs, which owns the server and the agents:
+//   MUSTER_URL       https://127.0.0.1:PORT
+//   MUSTER_TOKEN     an operator token
+//   MUSTER_VIEWER_TOKEN  a viewer token
+//   MUSTER_VICTIM    id of an agent the test kills when this script prints "kill-agent"
+//   MUSTER_WORKER    id of an agent that stays up and runs a command
+//   MUSTER_SHOTS     optional directory for screenshots (1280 px and a phone)
+// The test answers "killed" on stdin once the victim is dead. Exit status 0 means every step
+// passed; anything else comes with the step that failed.
+
+import { chromium } from 'playwright-core';
+import { createInterface } from 'node:readline';
+
+const {
+  MUSTER_URL: url, MUSTER_TOKEN: token, MUSTER_VIEWER_TOKEN: viewer, MUSTER_VICTIM: victim, MUSTER_WORKER: worker, MUSTER_SHOTS: shots,
+} = process.env;
+if (!url || !token || !viewer || !victim || !worker) {
+  console.error('MUSTER_URL, MUSTER_TOKEN, MUSTER_VIEWER_TOKEN, MUSTER_VICTIM and MUSTER_WORKER must be set');
+  process.exit(2);
+}
+
+const STEP_TIMEOUT = 20_000;
+// The whole run stops by itself, whatever happens.
+setTimeout(() => { console.error('dashboard test: overall deadline passed'); process.exit(1); }, 150_000).unref();
+
+const lines = createInterface({ input: process.stdin });
+const fromTest = [];
+const waiters = [];
+lines.on('line', (l) => { const w = waiters.shift(); if (w) w(l); else fromTest.push(l); });
+const nextLine = () => new Promise((resolve) => { const l = fromTest.shift(); if (l !== undefined) resolve(l); else waiters.push(resolve); });
+
+let stepName = 'start';
+function step(name) {
+  stepName = name;
+  console.log(`step: ${name}`);
+}
+function check(cond, message) {
+  if (!cond) throw new Error(message);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.MUSTER_CHROMIUM || '/usr/bin/chromium',
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+    '--disable-component-update', '--disable-sync'],
+});
+const errors = [];
+let page = null;
+try {
+  // The server's certificate comes from its own generated CA, which this browser profile does not
+  // know; the connection is still real TLS.
+  const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 860 } });
+  context.setDefaultTimeout(STEP_TIMEOUT);
+  page = await context.newPage();
+  page.on('pageerror', (e) => errors.push(`page error: ${e.message}`));
+  // The refused sign-in is expected to log its 401; any other console error fails the test.
+  page.on('console', (m) => { if (m.type() === 'error' && !m.text().includes('status of 401')) errors.push(`console: ${m.text()}`); });
+  page.on('request', (r) => { if (r.url().includes(token)) errors.push(`token in a URL: ${r.url()}`); });
+
+  step('a wrong token is refused');
+  await page.goto(`${url}/`);
+  await page.fill('#token', 'mst_0000000000000000_wrongwrongwrong');
+  await page.click('button[type=submit]');
+  await page.getByRole('alert').filter({ hasText: 'refused' }).waitFor();
+
+  step('signing in with the operator token');
+  await page.fill('#token', token);
+  await page.click('button[type=submit]');
+  await page.locator('.live[data-state=live]').waitFor();
+  check(await page.evaluate(() => sessionStorage.getItem('muster.token')) === token, 'the token is kept in sessionStorage');
+  check(!page.url().includes(token), 'the token is not in the address');
+
+  step('the fleet shows both agents online');
+  const victimRow = page.locator(`#agents tr[data-agent-id="${victim}"]`);
+  await page.locator(`#agents tr[data-agent-id="${victim}"][data-status=online]`).waitFor();
+  await page.locator(`#agents tr[data-agent-id="${worker}"][data-status=online]`).waitFor();
+  check((await page.locator('.counter[data-status=online] .value').textContent()) === '2', 'two agents counted online');
+  check((await victimRow.locator('.chip').allTextContents()).includes('role=victim'), 'labels are shown');
+  if (shots) await page.screenshot({ path: `${shots}/fleet-1280.png`, fullPage: true });
+
+  step('filters: by status and by label');
+  await page.selectOption('select[aria-label=Status]', 'offline');
+  await page.locator('#agents td.empty').waitFor();
+  await page.selectOption('select[aria-label=Status]', '');
+  await page.fill('input[aria-label="Label selector"]', 'role=worker');
+  await victimRow.waitFor({ state: 'detached' });
+  await page.locator(`#agents tr[data-agent-id="${worker}"]`).waitFor();
+  await page.fill('input[aria-label="Label selector"]', '');
+  await victimRow.waitFor();
+
+  step('an agent killed turns offline without a reload');
+  await page.evaluate(() => { window.sameDocument = true; });
+  console.log('kill-agent');
+  check((await nextLine()) === 'killed', 'the test killed the agent');
+  await page.locator(`#agents tr[data-agent-id="${victim}"][data-status=offline]`).waitFor();
+  check(await page.evaluate(() => window.sameDocument === true), 'the page was not reloaded');
+  check((await page.locator('.counter[data-status=offline] .value').textContent()) === '1', 'one agent counted offline');
+
+  step('the Run page shows the dry-run count, then sends');
+  await page.click('nav >> text=Run');
+  await page.check('input[name=target][value=agents]');
+  await page.fill('#target', worker);
+  await page.fill('#command', 'echo "dashboard says hello from $MUSTER_AGENT_ID"');
+  await page.locator('#dry-run').filter({ hasText: 'Matches 1 agent' }).waitFor();
+  await page.locator('#run:enabled').filter({ hasText: 'Run on 1 agent' }).waitFor();
+  await page.click('#run');
+
+  step('the job page shows the output');
+  await page.waitForURL(/#\/jobs\/[0-9a-f]+$/);
+  const group = page.locator('.group[data-state=succeeded]');
+  await group.locator('pre.output').filter({ hasText: `dashboard says hello from ${worker}` }).waitFor();
+  await page.locator(`#runs tr[data-agent-id="${worker}"][data-state=succeeded]`).waitFor();
+  check((await page.locator('#job-command').textContent()).includes('dashboard says hello'), 'the command heads the page');
+  if (shots) await page.screenshot({ path: `${shots}/job-1280.png`, fullPage: true });
+
+  step('the jobs list and the agent page show the run');
+  await page.click('nav >> text=Jobs');
+  await page.locator('#jobs tbody tr').filter({ hasText: 'dashboard says hello' }).waitFor();
+  await page.goto(`${url}/#/agents/${worker}`);
+  await page.locator('.chart svg').first().waitFor();
+  await page.getByRole('link', { name: /dashboard says hello/ }).waitFor();
+  if (shots) await page.screenshot({ path: `${shots}/agent-1280.png`, fullPage: true });
+
+  step('on a phone the fleet is readable without scrolling sideways');
+  await page.setViewportSize({ width: 390, height: 844 });
+  await page.goto(`${url}/#/`);
+  await page.locator(`#agents tr[data-agent-id="${worker}"]`).waitFor();
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  check(overflow <= 0, `the page is ${overflow}px wider than the phone`);
+  if (shots) await page.screenshot({ path: `${shots}/fleet-phone.png`, fullPage: true });
+
+  step('signing out forgets the token; a viewer token may look but not run');
+  await page.setViewportSize({ width: 1280, height: 860 });
+  await page.click('text=Sign out');
+  await page.locator('#token').waitFor();
+  check(await page.evaluate(() => sessionStorage.getItem('muster.token')) === null, 'signing out clears the token');
+  await page.fill('#token', viewer);
+  await page.click('button[type=submit]');
+  await page.locator('.live[data-state=live]').waitFor();
+  await page.goto(`${url}/#/run`);
+  await page.getByRole('alert').filter({ hasText: 'viewer role' }).waitFor();
+  check(await page.locator('#run').isDisabled(), 'a viewer cannot press Run');
+
+  check(errors.length === 0, errors.join('\n'));
+  console.log('ok');
+} catch (e) {
+  console.error(`dashboard test failed at "${stepName}": ${e.message}`);
+  if (errors.length) console.error(errors.join('\n'));
+  if (shots && page) await page.screenshot({ path: `${shots}/failure.png`, fullPage: true }).catch(() => {});
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+  lines.close();
+}

@@ -1,0 +1,124 @@
+//! The web dashboard in a real browser: Debian's headless Chromium, driven by playwright-core
+//! (tests/browser/dashboard.mjs), against a real server and real agents over HTTPS.
+//!
+//! Needs `chromium` (Debian's package) and Node.js; `.ci/run` installs Chromium, and this test
+//! installs playwright-core from tests/browser/package-lock.json itself if it is missing.
+
+// Helpers below are test code: a panic is a failed test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use shared::api::{AgentStatus, CreateToken, Role, TokenCreated};
+use tests::TestServer;
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// The script stops itself after 150 s; this is the test's own bound on top of that.
+const DEADLINE: Duration = Duration::from_secs(180);
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
+}
+
+/// playwright-core, as pinned by the lock file; installed once per checkout.
+fn ensure_playwright() {
+    let dir = browser_dir();
+    if dir.join("node_modules/playwright-core/package.json").exists() {
+        return;
+    }
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&dir)
+        .output()
+        .expect("npm is needed for the dashboard test (Debian: apt-get install nodejs npm)");
+    assert!(out.status.success(), "npm ci in {} failed:\n{}", dir.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
+    let chromium = std::env::var("MUSTER_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned());
+    assert!(
+        Path::new(&chromium).exists(),
+        "{chromium} is missing: the dashboard test needs Debian's chromium (apt-get install chromium; .ci/run does this)"
+    );
+    ensure_playwright();
+
+    let server = TestServer::spawn().await;
+    let (mut victim, victim_id) = server.spawn_agents(1, &["role=victim"]).await.remove(0);
+    let (_worker, worker_id) = server.spawn_agents(1, &["role=worker"]).await.remove(0);
+    let operator: TokenCreated =
+        server.api.post("/tokens", &CreateToken { name: "browser".into(), role: Role::Operator, ttl_secs: Some(600) }).await;
+
+    let viewer: TokenCreated =
+        server.api.post("/tokens", &CreateToken { name: "onlooker".into(), role: Role::Viewer, ttl_secs: Some(600) }).await;
+
+    let shots = std::env::var("MUSTER_SCREENSHOTS").ok();
+    let mut node = Command::new("node")
+        .arg(browser_dir().join("dashboard.mjs"))
+        .current_dir(browser_dir())
+        .env("MUSTER_URL", &server.url)
+        .env("MUSTER_TOKEN", &operator.token)
+        .env("MUSTER_VIEWER_TOKEN", &viewer.token)
+        .env("MUSTER_VICTIM", victim_id.as_str())
+        .env("MUSTER_WORKER", worker_id.as_str())
+        .env("MUSTER_CHROMIUM", &chromium)
+        .envs(shots.iter().map(|s| ("MUSTER_SHOTS", s.as_str())))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node is needed for the dashboard test");
+    let mut stdin = node.stdin.take().unwrap();
+
+    // The script's stdout, line by line, on a thread: it asks for the kill by printing a line.
+    let (tx, rx) = mpsc::channel::<String>();
+    let stdout = node.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = node.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    let mut killed = false;
+    let status = loop {
+        if let Some(status) = node.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > DEADLINE {
+            let _ = node.kill();
+            panic!("the browser test did not finish in {DEADLINE:?}; it said:\n{}", seen.join("\n"));
+        }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                if line == "kill-agent" {
+                    victim.process().kill();
+                    killed = true;
+                    writeln!(stdin, "killed").unwrap();
+                }
+                seen.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = node.wait().unwrap();
+                break status;
+            }
+        }
+    };
+    seen.extend(rx.try_iter());
+    let errors = errors.join().unwrap_or_default();
+    assert!(status.success(), "the browser test failed:\n{}\n{errors}\nserver log:\n{}", seen.join("\n"), server.log());
+    assert!(killed && seen.last().map(String::as_str) == Some("ok"), "{}", seen.join("\n"));
+
+    // What the page showed is what the server holds.
+    assert_eq!(server.api.agent(&victim_id).await.summary.status, AgentStatus::Offline);
+}
