@@ -1128,8 +1128,12 @@ async function jobView(ctx) {
         output(r));
     }));
 
-    const rows = [...runs.values()];
-    clear(table).append(h('h2', {}, 'Runs'), h('div', { class: 'table-wrap' }, h('table', { class: 'cards', id: 'runs' },
+    const all = [...runs.values()];
+    const rows = all.slice(0, MAX_ROWS);
+    const cut = all.length > MAX_ROWS
+      ? h('div', { class: 'hint' }, `Showing the first ${MAX_ROWS} of ${all.length} runs; `, h('code', {}, `muster job ${id} --json`), ' has them all.')
+      : null;
+    append(clear(table), [h('h2', {}, 'Runs'), cut, h('div', { class: 'table-wrap' }, h('table', { class: 'cards', id: 'runs' },
       h('thead', {}, h('tr', {}, ['Agent', 'State', 'Exit', 'Started', 'Took', ''].map((t) => h('th', {}, t)))),
       h('tbody', {}, rows.map((r) => {
         const took = r.started_at && r.finished_at ? duration(parseTime(r.finished_at) - parseTime(r.started_at)) : r.started_at ? 'running' : '–';
@@ -1142,7 +1146,7 @@ async function jobView(ctx) {
           h('td', { class: 'num', 'data-label': 'Took' }, took),
           h('td', {}, h('button', { class: 'link', type: 'button', 'aria-expanded': String(open.has(r.id)) }, open.has(r.id) ? 'Hide output' : 'Output')));
         return open.has(r.id) ? [row, h('tr', { class: 'detail' }, h('td', { colspan: 6 }, r.error ? h('div', { class: 'muted' }, r.error) : null, output(r)))] : row;
-      })))));
+      }))))]);
   }
   const redraw = throttled(draw, 150);
 
