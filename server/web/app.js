@@ -13,7 +13,9 @@ const ROLE_RANK = { viewer: 0, operator: 1, admin: 2 };
 const FINAL_STATES = new Set(['succeeded', 'failed', 'timed_out', 'cancelled', 'expired', 'skipped', 'lost']);
 const STATE_ORDER = ['running', 'dispatched', 'pending', 'succeeded', 'failed', 'timed_out', 'cancelled', 'expired', 'skipped', 'lost'];
 const STATUS_RANK = { offline: 0, stale: 1, online: 2 };
-/// Rows the fleet table draws at most; the rest are counted and reachable by filtering.
+// Rows a table draws at first; the fleet table draws more on request. A table's layout is
+// redone on every live update, so the rows on screen, not the fleet, set the page's cost.
+const PAGE_ROWS = 200;
 const MAX_ROWS = 500;
 
 const session = { token: null, who: null };
@@ -501,9 +503,12 @@ function agentModel(s) {
   };
 }
 
+// Far cheaper than String.localeCompare over ten thousand rows; numeric, so pos-9 < pos-10.
+const collator = new Intl.Collator(undefined, { numeric: true });
+
 const SORTS = {
   status: (a, b) => STATUS_RANK[a.status] - STATUS_RANK[b.status],
-  hostname: (a, b) => a.hostname.localeCompare(b.hostname),
+  hostname: (a, b) => collator.compare(a.hostname, b.hostname),
   heartbeat: (a, b) => (parseTime(b.last_hb) || 0) - (parseTime(a.last_hb) || 0),
   cpu: (a, b) => (b.cpu ?? -1) - (a.cpu ?? -1),
   mem: (a, b) => (b.mem ?? -1) - (a.mem ?? -1),
@@ -532,7 +537,11 @@ async function fleetView(ctx) {
   const label = h('input', { type: 'text', class: 'grow', placeholder: 'Label selector: site=paris,role in (pos,kiosk)', value: filter.label, 'aria-label': 'Label selector', spellcheck: false });
   const labelError = h('div', { class: 'notice error hidden', role: 'alert' });
   const tbody = h('tbody');
-  const more = h('div', { class: 'hint hidden' });
+  let shown = PAGE_ROWS;
+  const moreText = h('span');
+  const more = h('div', { class: 'hint hidden', id: 'more-agents' }, moreText,
+    h('button', { class: 'link', type: 'button', onclick: () => { shown += PAGE_ROWS; draw(); } }, `Show ${PAGE_ROWS} more`),
+    ', or narrow the search.');
   const headers = [
     ['status', 'Status'], ['hostname', 'Agent'], [null, 'Labels'], ['heartbeat', 'Last heartbeat'],
     ['cpu', 'CPU'], ['mem', 'Memory'], ['disk', 'Disk'],
@@ -585,7 +594,7 @@ async function fleetView(ctx) {
       else th.removeAttribute('aria-sort');
     }
     const cmp = SORTS[sort.key];
-    const rows = visible().sort((a, b) => cmp(a, b) * sort.dir || a.hostname.localeCompare(b.hostname) || a.id.localeCompare(b.id));
+    const rows = visible().sort((a, b) => cmp(a, b) * sort.dir || collator.compare(a.hostname, b.hostname) || (a.id < b.id ? -1 : 1));
     ageCells.length = 0;
     clear(tbody);
     if (!loaded) {
@@ -594,7 +603,7 @@ async function fleetView(ctx) {
       tbody.append(h('tr', {}, h('td', { class: 'empty', colspan: 7 },
         agents.size ? 'No agent matches the filter.' : 'No agents yet. Enroll one with muster enroll-token create --install-command.')));
     }
-    for (const a of rows.slice(0, MAX_ROWS)) {
+    for (const a of rows.slice(0, shown)) {
       const age = h('td', { class: 'num', 'data-label': 'Heartbeat' }, ago(a.last_hb));
       ageCells.push([age, a.last_hb]);
       tbody.append(h('tr', { 'data-agent-id': a.id, 'data-status': a.status },
@@ -606,10 +615,13 @@ async function fleetView(ctx) {
         h('td', { 'data-label': 'Memory' }, meter(a.mem)),
         h('td', { 'data-label': 'Disk' }, meter(a.disk))));
     }
-    more.classList.toggle('hidden', rows.length <= MAX_ROWS);
-    more.textContent = `Showing ${MAX_ROWS} of ${rows.length} matching agents. Narrow the search or the filters to see the rest.`;
+    more.classList.toggle('hidden', rows.length <= shown);
+    moreText.textContent = `Showing ${shown} of ${rows.length} matching agents. `;
   }
+  // Status changes show within a quarter of a second; heartbeat figures, which for a large
+  // fleet arrive hundreds a second, redraw the table at most once a second.
   const redraw = throttled(draw, 250);
+  const redrawFigures = throttled(draw, 1000);
 
   async function loadLabelMatches() {
     filter.labelIds = null;
@@ -666,7 +678,8 @@ async function fleetView(ctx) {
         a.cpu = e.cpu_percent;
         a.mem = pct(e.mem_used_bytes, e.mem_total_bytes);
         a.disk = pct(e.disk_used_bytes, e.disk_total_bytes);
-        break;
+        redrawFigures();
+        return;
       case 'agent_enrolled':
         fetchAgent(e.agent_id);
         return;
