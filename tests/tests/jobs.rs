@@ -112,6 +112,9 @@ async fn an_offline_agent_gets_its_run_when_it_reconnects_and_one_away_past_the_
     assert_eq!(seen, [(waits.id.as_str(), RunState::Succeeded)]);
     let history: Vec<AgentRun> = server.api.get(&format!("/agents/{gone_id}/runs")).await;
     assert_eq!(history.iter().map(|r| r.state).collect::<Vec<_>>(), [RunState::Expired]);
+    assert_eq!(server.api.raw_get(&format!("/agents/{late_id}/runs?limit=0")).await.status(), 400);
+    assert_eq!(server.api.raw_get(&format!("/agents/{late_id}/runs?limit=501")).await.status(), 400);
+    assert_eq!(server.api.raw_get("/agents/0123456789abcdef/runs").await.status(), 404);
     let out = server.cli(&["agent", late_id.as_str()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("Recent runs:") && stdout.contains("succeeded") && stdout.contains("echo delivered"), "{stdout}");

@@ -37,6 +37,14 @@ fn parse_id(id: &str) -> Result<AgentId> {
     AgentId::parse(id).map_err(|e| Error::BadRequest(e.to_string()))
 }
 
+/// 404 for an agent the server never enrolled, rather than an empty history.
+async fn require_agent(app: &AppState, id: &AgentId) -> Result<()> {
+    match app.store.agent(id).await? {
+        Some(_) => Ok(()),
+        None => Err(Error::NotFound(format!("no agent {id}"))),
+    }
+}
+
 pub async fn list(
     State(app): State<AppState>,
     caller: Caller,
@@ -109,13 +117,8 @@ pub async fn heartbeats(
             ),
         },
     };
-    let limit = q.limit.unwrap_or(1000);
-    if limit == 0 || limit > 10_000 {
-        return Err(Error::BadRequest("limit must be between 1 and 10000".into()));
-    }
-    if app.store.agent(&id).await?.is_none() {
-        return Err(Error::NotFound(format!("no agent {id}")));
-    }
+    let limit = super::limit(q.limit, 1000, 10_000)?;
+    require_agent(&app, &id).await?;
     Ok(Json(app.store.heartbeats(&id, since, limit).await?))
 }
 
@@ -135,13 +138,8 @@ pub async fn runs(
     caller.require(Role::Viewer)?;
     let Query(q) = query?;
     let id = parse_id(&id)?;
-    let limit = q.limit.unwrap_or(20);
-    if limit == 0 || limit > 500 {
-        return Err(Error::BadRequest("limit must be between 1 and 500".into()));
-    }
-    if app.store.agent(&id).await?.is_none() {
-        return Err(Error::NotFound(format!("no agent {id}")));
-    }
+    let limit = super::limit(q.limit, 20, 500)?;
+    require_agent(&app, &id).await?;
     Ok(Json(app.store.agent_runs(&id, limit).await?))
 }
 

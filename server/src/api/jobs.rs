@@ -224,10 +224,7 @@ pub async fn list(
 ) -> Result<Json<Vec<JobSummary>>> {
     caller.require(Role::Viewer)?;
     let Query(q) = query?;
-    let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > 1000 {
-        return Err(Error::BadRequest("limit must be between 1 and 1000".into()));
-    }
+    let limit = super::limit(q.limit, 50, 1000)?;
     let jobs = app.store.list_jobs(limit).await?;
     let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
     let mut counts = app.store.run_counts(&ids).await?;

@@ -87,6 +87,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// A list's `limit` query parameter: `default` when absent, refused outside 1..=`max`.
+fn limit(requested: Option<u32>, default: u32, max: u32) -> Result<u32, Error> {
+    match requested.unwrap_or(default) {
+        n if (1..=max).contains(&n) => Ok(n),
+        _ => Err(Error::BadRequest(format!("limit must be between 1 and {max}"))),
+    }
+}
+
 async fn healthz() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok", "version": shared::VERSION }))
 }
