@@ -374,7 +374,7 @@ function renderLogin(message) {
     }
   } },
   h('h1', {}, h('img', { src: '/ui/icon.svg', alt: '' }), 'Muster'),
-  h('p', {}, 'Fleet health and commands. Sign in with an operator token; it is kept in this tab only.'),
+  h('p', {}, 'Fleet health and commands. Sign in with your Muster token (mst_…); it is kept in this browser tab only, until you sign out or close it.'),
   error,
   h('label', { class: 'field' }, h('span', {}, 'Token'), input,
     h('div', { class: 'hint' }, 'Create one with ', h('code', {}, 'muster token create'), ' or ', h('code', {}, 'muster-server bootstrap'), '.')),
