@@ -49,6 +49,9 @@ pub struct Settings {
     /// Enrollment token, used once when the agent has no credential yet.
     #[arg(long, global = true, env = "MUSTER_ENROLL_TOKEN", hide_env_values = true)]
     pub enroll_token: Option<String>,
+    /// The name this agent reports, instead of the machine's host name (containers, clones).
+    #[arg(long, global = true, env = "MUSTER_HOSTNAME")]
+    pub hostname: Option<String>,
     /// A label, key=value; repeat for more. Labels from the enrollment token win on conflict.
     #[arg(long = "label", env = "MUSTER_LABELS", value_delimiter = ',', global = true)]
     pub labels: Vec<String>,
@@ -80,6 +83,7 @@ struct FileSettings {
     ca: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     enroll_token: Option<String>,
+    hostname: Option<String>,
     labels: Option<Labels>,
     heartbeat_interval: Option<String>,
     backoff_initial: Option<String>,
@@ -96,6 +100,8 @@ pub struct Config {
     pub ca: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub enroll_token: Option<String>,
+    /// Reported instead of the machine's host name when set.
+    pub hostname: Option<String>,
     pub labels: Labels,
     pub heartbeat_interval: Duration,
     pub backoff_initial: Duration,
@@ -143,6 +149,7 @@ impl Config {
             ca: s.ca.clone().or(file.ca),
             state_dir: s.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/muster-agent")),
             enroll_token: s.enroll_token.clone().or(file.enroll_token).filter(|t| !t.is_empty()),
+            hostname: s.hostname.clone().or(file.hostname).filter(|h| !h.is_empty()),
             labels,
             heartbeat_interval: dur(s.heartbeat_interval, &file.heartbeat_interval, "heartbeat_interval", Duration::from_secs(10))?,
             backoff_initial: dur(s.backoff_initial, &file.backoff_initial, "backoff_initial", Duration::from_secs(1))?,
@@ -150,6 +157,11 @@ impl Config {
             max_runs: s.max_runs.or(file.max_runs).unwrap_or(8),
             log: s.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
         };
+        if let Some(h) = &config.hostname
+            && (h.len() > 255 || h.chars().any(char::is_control))
+        {
+            return Err(invalid(format!("hostname {h:?} must be at most 255 bytes, with no control characters")));
+        }
         if !(1..=256).contains(&config.max_runs) {
             return Err(invalid("max_runs must be between 1 and 256".into()));
         }
@@ -205,6 +217,19 @@ mod tests {
         assert_eq!(Config::resolve(&s).unwrap().labels.to_string(), "role=pos,site=paris");
         let s = Settings { config: Some(path), labels: vec!["bad label".into()], ..Settings::default() };
         assert!(Config::resolve(&s).is_err());
+    }
+
+    #[test]
+    fn a_hostname_override_is_taken_from_a_flag_or_the_file_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "server = \"https://h:1\"\nhostname = \"kiosk-7\"\n").unwrap();
+        let s = Settings { config: Some(path.clone()), ..Settings::default() };
+        assert_eq!(Config::resolve(&s).unwrap().hostname.as_deref(), Some("kiosk-7"));
+        let s = Settings { config: Some(path.clone()), hostname: Some("pos-1".into()), ..Settings::default() };
+        assert_eq!(Config::resolve(&s).unwrap().hostname.as_deref(), Some("pos-1"));
+        let s = Settings { config: Some(path), hostname: Some("bad\nname".into()), ..Settings::default() };
+        assert!(Config::resolve(&s).unwrap_err().to_string().contains("control characters"));
     }
 
     #[test]

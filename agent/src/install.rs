@@ -72,9 +72,12 @@ fn toml_string(s: &str) -> String {
 }
 
 /// The config file install writes: paths as the service will see them.
-pub fn config_text(server: &str, labels: &Labels, heartbeat: Option<std::time::Duration>) -> String {
+pub fn config_text(server: &str, hostname: Option<&str>, labels: &Labels, heartbeat: Option<std::time::Duration>) -> String {
     let mut out = String::from("# Written by `muster-agent install`; running it again rewrites this file.\n");
     out += &format!("server = {}\nca = {}\nstate_dir = {}\n", toml_string(server), toml_string(CA_PATH), toml_string(STATE_DIR));
+    if let Some(h) = hostname {
+        out += &format!("hostname = {}\n", toml_string(h));
+    }
     if let Some(h) = heartbeat {
         out += &format!("heartbeat_interval = {}\n", toml_string(&shared::duration::format(h)));
     }
@@ -109,7 +112,11 @@ pub async fn install(config: &Config, args: &InstallArgs) -> Result<Vec<String>,
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", state_dir.display()))?;
     write(&under(&root, CA_PATH), &ca_pem, 0o644)?;
     let heartbeat = (config.heartbeat_interval != std::time::Duration::from_secs(10)).then_some(config.heartbeat_interval);
-    write(&under(&root, CONFIG_PATH), config_text(&config.server, &config.labels, heartbeat).as_bytes(), 0o600)?;
+    write(
+        &under(&root, CONFIG_PATH),
+        config_text(&config.server, config.hostname.as_deref(), &config.labels, heartbeat).as_bytes(),
+        0o600,
+    )?;
     done.push(format!("config {} and CA {}", CONFIG_PATH, CA_PATH));
 
     // Enroll with the files just written, exactly as the service will run.
@@ -200,7 +207,7 @@ mod tests {
     #[test]
     fn the_written_config_reads_back_as_the_same_settings() {
         let labels = Labels::from_pairs(["site=paris", "role=pos"]).unwrap();
-        let text = config_text("https://muster.example:8443", &labels, None);
+        let text = config_text("https://muster.example:8443", Some("kiosk \"7\""), &labels, None);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, text).unwrap();
@@ -208,6 +215,7 @@ mod tests {
         let c = Config::resolve(&settings).unwrap();
         assert_eq!(c.server, "https://muster.example:8443");
         assert_eq!(c.labels, labels);
+        assert_eq!(c.hostname.as_deref(), Some("kiosk \"7\""));
         assert_eq!(c.state_dir, Path::new(STATE_DIR));
         assert_eq!(c.ca.as_deref(), Some(Path::new(CA_PATH)));
     }

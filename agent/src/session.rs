@@ -153,7 +153,7 @@ impl Session<'_> {
         let hello = AgentMessage::Hello(Hello {
             protocol: protocol::PROTOCOL_VERSION,
             agent_version: shared::VERSION.into(),
-            hostname: metrics::hostname(),
+            hostname: self.config.hostname.clone().unwrap_or_else(metrics::hostname),
             labels: self.config.labels.clone(),
             heartbeat_interval_ms: u64::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
             open_runs: self.executor.open_run_ids(),
@@ -212,7 +212,10 @@ impl Session<'_> {
                 }
                 _ = tokio::time::sleep_until(next_heartbeat) => {
                     seq += 1;
-                    let metrics = collect(self.collector, &mut last_metrics).await;
+                    let mut metrics = collect(self.collector, &mut last_metrics).await;
+                    if let Some(name) = &self.config.hostname {
+                        metrics.hostname.clone_from(name);
+                    }
                     if let Err(e) = send(&mut ws, &AgentMessage::Heartbeat(Heartbeat { seq, metrics })).await {
                         return ended(e);
                     }

@@ -106,6 +106,7 @@ fn agent_config(server_url: &str, ca: &Path, state_dir: &Path, enroll_token: Str
         ca: Some(ca.to_owned()),
         state_dir: state_dir.to_owned(),
         enroll_token: Some(enroll_token),
+        hostname: None,
         labels: Labels::new(),
         heartbeat_interval: Duration::from_secs(10),
         backoff_initial: Duration::from_secs(1),

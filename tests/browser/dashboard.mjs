@@ -76,9 +76,15 @@ try {
   await page.locator(`#agents tr[data-agent-id="${worker}"][data-status=online]`).waitFor();
   check((await page.locator('.counter[data-status=online] .value').textContent()) === '2', 'two agents counted online');
   check((await victimRow.locator('.chip').allTextContents()).includes('role=victim'), 'labels are shown');
+  check((await victimRow.locator('.host').textContent()) === 'kiosk-victim', 'the hostname is shown');
   if (shots) await page.screenshot({ path: `${shots}/fleet-1280.png`, fullPage: true });
 
-  step('filters: by status and by label');
+  step('filters: search by name, by status and by label');
+  await page.fill('input[aria-label=Search]', 'pos-w');
+  await victimRow.waitFor({ state: 'detached' });
+  await page.locator(`#agents tr[data-agent-id="${worker}"]`).waitFor();
+  await page.fill('input[aria-label=Search]', '');
+  await victimRow.waitFor();
   await page.selectOption('select[aria-label=Status]', 'offline');
   await page.locator('#agents td.empty').waitFor();
   await page.selectOption('select[aria-label=Status]', '');

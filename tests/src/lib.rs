@@ -224,12 +224,18 @@ impl TestServer {
 
     /// Starts a real agent that enrolls with `token` and keeps its state in a directory of its own.
     pub fn spawn_agent(&self, token: Option<&str>, labels: &[&str]) -> TestAgent {
+        self.spawn_agent_as(None, token, labels)
+    }
+
+    /// An agent that reports `hostname` (its `--hostname`) instead of this machine's name.
+    pub fn spawn_agent_as(&self, hostname: Option<&str>, token: Option<&str>, labels: &[&str]) -> TestAgent {
         let state = tempfile::tempdir().expect("tempdir");
         let agent = TestAgent {
             state,
             process: None,
             server: self.url.clone(),
             ca: self.ca.clone(),
+            hostname: hostname.map(str::to_owned),
             labels: labels.iter().map(|s| s.to_string()).collect(),
         };
         agent.start_with(token)
@@ -252,6 +258,7 @@ pub struct TestAgent {
     pub process: Option<Process>,
     server: String,
     ca: PathBuf,
+    hostname: Option<String>,
     labels: Vec<String>,
 }
 
@@ -278,6 +285,9 @@ impl TestAgent {
             .stderr(std::fs::File::create(&log).expect("log file"));
         for l in &self.labels {
             cmd.arg("--label").arg(l);
+        }
+        if let Some(h) = &self.hostname {
+            cmd.arg("--hostname").arg(h);
         }
         if let Some(t) = token {
             cmd.arg("--enroll-token").arg(t);

@@ -194,3 +194,22 @@ async fn heartbeat_history_is_kept_and_served() {
     assert!(samples.iter().all(|s| s.mem_total_bytes > 0 && s.disk_total_bytes > 0));
     drop(agent);
 }
+
+#[tokio::test]
+async fn an_agent_reports_the_hostname_it_is_given_in_hello_and_heartbeats() {
+    let server = TestServer::spawn().await;
+    let token = server.enroll_token(1, &[]).await;
+    let agent = server.spawn_agent_as(Some("kiosk-7"), Some(&token), &[]);
+    let id = agent.id().await;
+    let a = server.api.wait_status(&id, AgentStatus::Online, SOON).await;
+    assert_eq!(a.summary.hostname, "kiosk-7", "from hello");
+    let a = wait_for("a heartbeat with metrics", SOON, || async {
+        let a = server.api.agent(&id).await;
+        a.summary.metrics.is_some().then_some(a)
+    })
+    .await;
+    assert_eq!((a.summary.hostname.as_str(), a.summary.metrics.unwrap().hostname.as_str()), ("kiosk-7", "kiosk-7"));
+    let out = server.cli(&["agents"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kiosk-7"));
+    drop(agent);
+}

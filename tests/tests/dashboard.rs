@@ -13,8 +13,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use shared::AgentId;
 use shared::api::{AgentStatus, CreateToken, Role, TokenCreated};
-use tests::TestServer;
+use tests::{TestAgent, TestServer};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// The script stops itself after 150 s; this is the test's own bound on top of that.
@@ -38,6 +39,14 @@ fn ensure_playwright() {
     assert!(out.status.success(), "npm ci in {} failed:\n{}", dir.display(), String::from_utf8_lossy(&out.stderr));
 }
 
+async fn named_agent(server: &TestServer, hostname: &str, label: &str) -> (TestAgent, AgentId) {
+    let token = server.enroll_token(1, &[label]).await;
+    let agent = server.spawn_agent_as(Some(hostname), Some(&token), &[]);
+    let id = agent.id().await;
+    server.api.wait_status(&id, AgentStatus::Online, Duration::from_secs(30)).await;
+    (agent, id)
+}
+
 #[tokio::test]
 async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
     let chromium = std::env::var("MUSTER_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned());
@@ -48,8 +57,8 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
     ensure_playwright();
 
     let server = TestServer::spawn().await;
-    let (mut victim, victim_id) = server.spawn_agents(1, &["role=victim"]).await.remove(0);
-    let (_worker, worker_id) = server.spawn_agents(1, &["role=worker"]).await.remove(0);
+    let (mut victim, victim_id) = named_agent(&server, "kiosk-victim", "role=victim").await;
+    let (_worker, worker_id) = named_agent(&server, "pos-worker", "role=worker").await;
     let operator: TokenCreated =
         server.api.post("/tokens", &CreateToken { name: "browser".into(), role: Role::Operator, ttl_secs: Some(600) }).await;
 
