@@ -11,6 +11,9 @@
 
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 const {
   MUSTER_URL: url, MUSTER_TOKEN: token, MUSTER_VIEWER_TOKEN: viewer, MUSTER_VICTIM: victim, MUSTER_WORKER: worker, MUSTER_SHOTS: shots,
@@ -106,16 +109,23 @@ try {
   await page.click('nav >> text=Run');
   await page.check('input[name=target][value=agents]');
   await page.fill('#target', worker);
-  await page.fill('#command', 'echo "dashboard says hello from $MUSTER_AGENT_ID"');
+  // The command prints a line, then waits for a file this script creates (the agent runs on this
+  // machine), so the job page is seen running with partial output before it finishes.
+  const gate = join(mkdtempSync(join(tmpdir(), 'muster-dashboard-')), 'go');
+  await page.fill('#command', `echo "dashboard says hello from $MUSTER_AGENT_ID"; while [ ! -e ${gate} ]; do sleep 0.05; done; echo "and goodbye"`);
   await page.locator('#dry-run').filter({ hasText: 'Matches 1 agent' }).waitFor();
   await page.locator('#run:enabled').filter({ hasText: 'Run on 1 agent' }).waitFor();
   await page.click('#run');
 
-  step('the job page shows the output');
+  step('the job page shows the output as it comes, then the result');
   await page.waitForURL(/#\/jobs\/[0-9a-f]+$/);
+  await page.locator('.group[data-state=running] pre.output').filter({ hasText: `dashboard says hello from ${worker}` }).waitFor();
+  await page.locator(`#runs tr[data-agent-id="${worker}"][data-state=running]`).waitFor();
+  writeFileSync(gate, '');
   const group = page.locator('.group[data-state=succeeded]');
-  await group.locator('pre.output').filter({ hasText: `dashboard says hello from ${worker}` }).waitFor();
+  await group.locator('pre.output').filter({ hasText: `dashboard says hello from ${worker}\nand goodbye` }).waitFor();
   await page.locator(`#runs tr[data-agent-id="${worker}"][data-state=succeeded]`).waitFor();
+  rmSync(join(gate, '..'), { recursive: true, force: true });
   check((await page.locator('#job-command').textContent()).includes('dashboard says hello'), 'the command heads the page');
   if (shots) await page.screenshot({ path: `${shots}/job-1280.png`, fullPage: true });
 
@@ -123,7 +133,8 @@ try {
   await page.click('nav >> text=Jobs');
   await page.locator('#jobs tbody tr').filter({ hasText: 'dashboard says hello' }).waitFor();
   await page.goto(`${url}/#/agents/${worker}`);
-  await page.locator('.chart svg').first().waitFor();
+  // The CPU chart draws a line through the stored heartbeats.
+  await page.waitForFunction(() => (document.querySelector('.chart path.line')?.getAttribute('d') || '').includes('L'));
   await page.getByRole('link', { name: /dashboard says hello/ }).waitFor();
   if (shots) await page.screenshot({ path: `${shots}/agent-1280.png`, fullPage: true });
 
