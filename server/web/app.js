@@ -416,6 +416,7 @@ function renderShell() {
       h('button', { class: 'link', type: 'button', onclick: () => signOut() }, 'Sign out')));
   const main = h('main', { id: 'main' });
   app.append(header, main);
+  fleet.stateListeners.clear(); // the previous session's header is gone
   fleet.onState((state) => {
     live.dataset.state = state;
     live.textContent = state === 'live' ? 'Live' : state === 'reconnecting' ? 'Reconnecting…' : 'Connecting…';
