@@ -124,6 +124,12 @@ function localTime(ts) {
   return Number.isFinite(t) ? new Date(t).toLocaleString() : '–';
 }
 
+// '5s', '2m', '1h' in milliseconds.
+function parseStep(step) {
+  const n = parseInt(step, 10);
+  return n * { s: 1e3, m: 60e3, h: 3600e3 }[step.slice(-1)];
+}
+
 function pct(used, total) {
   return total > 0 ? (used / total) * 100 : null;
 }
@@ -715,7 +721,9 @@ async function fleetView(ctx) {
 // ---------------------------------------------------------------------------------------------
 // Charts
 
-const RANGES = [['1h', 3600e3], ['6h', 6 * 3600e3], ['24h', 24 * 3600e3]];
+// Each period with the bucket the server sums it up in (the highest of each figure): about
+// 700 points a chart, whatever the heartbeat interval. Heartbeats are kept for 7 days.
+const RANGES = [['1h', 3600e3, '5s'], ['6h', 6 * 3600e3, '30s'], ['24h', 24 * 3600e3, '2m'], ['7d', 7 * 24 * 3600e3, '15m']];
 
 function lineChart(title, unit) {
   const now = h('span', { class: 'now' }, '–');
@@ -741,13 +749,18 @@ function lineChart(title, unit) {
         svg('text', { class: 'axis', x: pad.l - 6, y: y(v) + 3, 'text-anchor': 'end' }, `${v}${unit}`));
     }
     for (const [i, t] of [start, start + range / 2, end].entries()) {
-      const label = new Date(t).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+      const label = range > 24 * 3600e3
+        ? new Date(t).toLocaleDateString([], { month: 'short', day: 'numeric' })
+        : new Date(t).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
       root.append(svg('text', { class: 'axis', x: x(t), y: height - 4, 'text-anchor': ['start', 'middle', 'end'][i] }, label));
     }
     let line = '';
     let area = '';
     let run = [];
+    const dots = [];
     const flush = () => {
+      // A lone sample between gaps has no line to be part of: it shows as a dot.
+      if (run.length === 1) dots.push(svg('circle', { class: 'dot', cx: x(run[0].t).toFixed(1), cy: y(run[0].v).toFixed(1), r: 2.5 }));
       if (run.length) {
         line += run.map((p, i) => `${i ? 'L' : 'M'}${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join('');
         area += `M${x(run[0].t).toFixed(1)},${y(0)}${run.map((p) => `L${x(p.t).toFixed(1)},${y(p.v).toFixed(1)}`).join('')}L${x(run[run.length - 1].t).toFixed(1)},${y(0)}Z`;
@@ -759,7 +772,7 @@ function lineChart(title, unit) {
       run.push(p);
     }
     flush();
-    root.append(svg('path', { class: 'area', d: area || 'M0,0' }), svg('path', { class: 'line', d: line || 'M0,0' }));
+    root.append(svg('path', { class: 'area', d: area || 'M0,0' }), svg('path', { class: 'line', d: line || 'M0,0' }), dots);
     const cursor = svg('line', { class: 'cursor hidden', y1: pad.t, y2: height - pad.b });
     root.append(cursor);
     root.addEventListener('pointermove', (ev) => {
@@ -892,25 +905,19 @@ async function agentView(ctx) {
   }
 
   function drawCharts() {
-    const range = RANGES[rangeIdx][1];
-    const gap = Math.max(3 * (detail.heartbeat_interval_ms || 10000), 30000);
+    const [, range, step] = RANGES[rangeIdx];
+    // A gap wider than this is time the agent was away: the line breaks there.
+    const gap = Math.max(3 * (detail.heartbeat_interval_ms || 10000), 2 * parseStep(step), 30000);
     for (const key of ['cpu', 'mem', 'disk']) {
       charts[key].set(samples.filter((s) => s[key] !== null).map((s) => ({ t: s.t, v: s[key] })), range, gap);
     }
   }
 
   async function loadHistory() {
-    const range = RANGES[rangeIdx][1];
-    let since = new Date(Date.now() - range).toISOString();
-    const out = [];
-    // Pages of at most 10,000 samples, oldest first; three cover a day at a 3 s interval.
-    for (let page = 0; page < 3; page += 1) {
-      const list = await api('GET', `/agents/${encodeURIComponent(id)}/heartbeats?since=${encodeURIComponent(since)}&limit=10000`);
-      for (const s of list) out.push(toSample(parseTime(s.at), s.cpu_percent, s.mem_used_bytes, s.mem_total_bytes, s.disk_used_bytes, s.disk_total_bytes));
-      if (list.length < 10000) break;
-      since = new Date(parseTime(list[list.length - 1].at) + 1).toISOString();
-    }
-    samples = out;
+    const [, range, step] = RANGES[rangeIdx];
+    const since = new Date(Date.now() - range).toISOString();
+    const list = await api('GET', `/agents/${encodeURIComponent(id)}/heartbeats?since=${encodeURIComponent(since)}&step=${step}&limit=10000`);
+    samples = list.map((s) => toSample(parseTime(s.at), s.cpu_percent, s.mem_used_bytes, s.mem_total_bytes, s.disk_used_bytes, s.disk_total_bytes));
     drawCharts();
   }
 

@@ -133,8 +133,11 @@ try {
   await page.click('nav >> text=Jobs');
   await page.locator('#jobs tbody tr').filter({ hasText: 'dashboard says hello' }).waitFor();
   await page.goto(`${url}/#/agents/${worker}`);
-  // The CPU chart draws a line through the stored heartbeats.
-  await page.waitForFunction(() => (document.querySelector('.chart path.line')?.getAttribute('d') || '').includes('L'));
+  // The CPU chart plots the stored heartbeats (a line, or a dot while there is one bucket).
+  await page.waitForFunction(() => {
+    const chart = document.querySelector('.chart');
+    return chart && ((chart.querySelector('path.line')?.getAttribute('d') || '').includes('L') || chart.querySelector('.dot'));
+  });
   await page.getByRole('link', { name: /dashboard says hello/ }).waitFor();
   if (shots) await page.screenshot({ path: `${shots}/agent-1280.png`, fullPage: true });
 

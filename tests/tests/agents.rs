@@ -192,6 +192,17 @@ async fn heartbeat_history_is_kept_and_served() {
     .await;
     assert!(samples.windows(2).all(|w| w[0].at <= w[1].at && w[0].seq < w[1].seq), "oldest first, in order");
     assert!(samples.iter().all(|s| s.mem_total_bytes > 0 && s.disk_total_bytes > 0));
+
+    // Summed up in hour-long buckets (one, or two across an hour's turn), each holding the
+    // highest figures of its hour, for charts of long periods.
+    let hourly: Vec<shared::api::HeartbeatSample> = server.api.get(&format!("/agents/{id}/heartbeats?since=10m&step=1h")).await;
+    assert!((1..=2).contains(&hourly.len()), "{hourly:?}");
+    assert!(hourly.iter().all(|b| b.at.unix_millis() % 3_600_000 == 0), "{hourly:?}");
+    let newest = samples.iter().map(|s| s.seq).max().unwrap();
+    assert!(hourly.iter().map(|b| b.seq).max().unwrap() >= newest);
+    let peak = samples.iter().map(|s| s.mem_used_bytes).max().unwrap();
+    assert!(hourly.iter().map(|b| b.mem_used_bytes).max().unwrap() >= peak);
+    assert_eq!(server.api.raw_get(&format!("/agents/{id}/heartbeats?step=0s")).await.status(), 400);
     drop(agent);
 }
 

@@ -95,6 +95,9 @@ pub struct HeartbeatQuery {
     since: Option<String>,
     /// At most this many samples, oldest first. Default 1000, at most 10000.
     limit: Option<u32>,
+    /// One sample per step (`1m`, `10m`), each field the highest in its step: for charts of
+    /// long periods. Default: every heartbeat.
+    step: Option<String>,
 }
 
 pub async fn heartbeats(
@@ -117,9 +120,16 @@ pub async fn heartbeats(
             ),
         },
     };
+    let step = match q.step.as_deref() {
+        None => None,
+        Some(s) => match shared::duration::parse(s) {
+            Ok(d) if d >= std::time::Duration::from_secs(1) => Some(d),
+            _ => return Err(Error::BadRequest(format!("step: {s:?} is not a duration of at least 1s"))),
+        },
+    };
     let limit = super::limit(q.limit, 1000, 10_000)?;
     require_agent(&app, &id).await?;
-    Ok(Json(app.store.heartbeats(&id, since, limit).await?))
+    Ok(Json(app.store.heartbeats(&id, since, step, limit).await?))
 }
 
 #[derive(Debug, Deserialize)]

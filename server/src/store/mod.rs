@@ -283,7 +283,15 @@ pub trait Store: Send + Sync + 'static {
     /// Every agent that is not revoked, with only what a target matches on.
     async fn agent_targets(&self) -> Result<Vec<AgentTarget>>;
     async fn transitions(&self, id: &AgentId, limit: u32) -> Result<Vec<Transition>>;
-    async fn heartbeats(&self, id: &AgentId, since: Timestamp, limit: u32) -> Result<Vec<HeartbeatSample>>;
+    /// Stored heartbeats since `since`, oldest first. With a `step`, one sample per step-long
+    /// bucket: each field the highest in the bucket, `at` the bucket's start.
+    async fn heartbeats(
+        &self,
+        id: &AgentId,
+        since: Timestamp,
+        step: Option<std::time::Duration>,
+        limit: u32,
+    ) -> Result<Vec<HeartbeatSample>>;
     async fn fleet_counts(&self) -> Result<FleetCounts>;
     /// Runs by state, and jobs by `running`/`finished`, over everything stored.
     async fn state_totals(&self) -> Result<(Vec<(RunState, u64)>, Vec<(&'static str, u64)>)>;

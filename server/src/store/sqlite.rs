@@ -432,17 +432,32 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn heartbeats(&self, id: &AgentId, since: Timestamp, limit: u32) -> Result<Vec<HeartbeatSample>> {
-        let rows: Vec<HeartbeatDb> = sqlx::query_as(
-            "SELECT at, seq, cpu_percent, load1, mem_used, mem_total, disk_used, disk_total, process_count \
-             FROM heartbeats WHERE agent_id = ? AND at >= ? ORDER BY at LIMIT ?",
-        )
-        .bind(id.as_str())
-        .bind(since.unix_millis())
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
+    async fn heartbeats(
+        &self,
+        id: &AgentId,
+        since: Timestamp,
+        step: Option<std::time::Duration>,
+        limit: u32,
+    ) -> Result<Vec<HeartbeatSample>> {
+        let query = match step {
+            None => sqlx::query_as(
+                "SELECT at, seq, cpu_percent, load1, mem_used, mem_total, disk_used, disk_total, process_count \
+                 FROM heartbeats WHERE agent_id = ? AND at >= ? ORDER BY at LIMIT ?",
+            ),
+            Some(step) => {
+                let ms = i64::try_from(step.as_millis()).unwrap_or(i64::MAX).max(1);
+                sqlx::query_as(
+                    "SELECT b * ? AS at, MAX(seq) AS seq, MAX(cpu_percent) AS cpu_percent, MAX(load1) AS load1, \
+                     MAX(mem_used) AS mem_used, MAX(mem_total) AS mem_total, MAX(disk_used) AS disk_used, \
+                     MAX(disk_total) AS disk_total, MAX(process_count) AS process_count \
+                     FROM (SELECT at / ? AS b, * FROM heartbeats WHERE agent_id = ? AND at >= ?) GROUP BY b ORDER BY b LIMIT ?",
+                )
+                .bind(ms)
+                .bind(ms)
+            }
+        };
+        let rows: Vec<HeartbeatDb> =
+            query.bind(id.as_str()).bind(since.unix_millis()).bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(db_err)?;
         Ok(rows
             .into_iter()
             .map(|r| HeartbeatSample {
@@ -1510,8 +1525,14 @@ mod tests {
         assert_eq!(row.last_heartbeat_at, Some(Timestamp::from_unix_millis(3_199)));
         assert_eq!(row.hostname, "h1");
         assert_eq!(row.last_metrics.unwrap().cpu_percent, 11.99);
-        let hist = store.heartbeats(&a.id, Timestamp::from_unix_millis(3_000), 1000).await.unwrap();
+        let hist = store.heartbeats(&a.id, Timestamp::from_unix_millis(3_000), None, 1000).await.unwrap();
         assert_eq!(hist.len(), 200);
+        assert!(hist.windows(2).all(|w| w[0].at < w[1].at && w[0].seq < w[1].seq));
+        // In buckets of 100 ms: 3,000..3,099 and 3,100..3,199, each with its highest figures.
+        let step = Some(std::time::Duration::from_millis(100));
+        let buckets = store.heartbeats(&a.id, Timestamp::from_unix_millis(3_000), step, 1000).await.unwrap();
+        let seen: Vec<(i64, u64, f64)> = buckets.iter().map(|b| (b.at.unix_millis(), b.seq, b.cpu_percent)).collect();
+        assert_eq!(seen, [(3_000, 1099, 10.99), (3_100, 1199, 11.99)]);
         assert_eq!(store.prune_heartbeats(Timestamp::from_unix_millis(3_000), 10_000).await.unwrap(), 1000);
     }
 
