@@ -148,15 +148,11 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
         let rows: Vec<Vec<String>> = runs
             .iter()
             .map(|r| {
-                let exit = match (r.exit_code, r.signal) {
-                    (Some(c), _) => c.to_string(),
-                    (None, Some(s)) => format!("signal {s}"),
-                    (None, None) => "-".into(),
-                };
-                vec![r.job_id.clone(), r.state.to_string(), exit, r.created_at.to_string(), r.command.summary()]
+                let ended = crate::run::ending(r.state, r.exit_code, r.signal);
+                vec![r.job_id.clone(), ended, r.created_at.to_string(), r.command.summary()]
             })
             .collect();
-        write!(out, "{}", table(&["JOB", "STATE", "EXIT", "CREATED", "COMMAND"], &rows))?;
+        write!(out, "{}", table(&["JOB", "RESULT", "CREATED", "COMMAND"], &rows))?;
     }
     Ok(())
 }

@@ -283,8 +283,8 @@ fn print_line(host: &str, stream: Stream, line: &str, out: Out<'_>) -> anyhow::R
 }
 
 /// How a run ended, in a few words: `succeeded`, `failed (exit 2)`, `timed_out`.
-fn ending(r: &RunInfo) -> String {
-    match (r.state, r.exit_code, r.signal) {
+pub fn ending(state: RunState, exit_code: Option<i32>, signal: Option<i32>) -> String {
+    match (state, exit_code, signal) {
         (RunState::Failed, Some(code), _) => format!("failed (exit {code})"),
         (RunState::Failed, None, Some(sig)) => format!("failed (signal {sig})"),
         (s, _, _) => s.to_string(),
@@ -300,7 +300,7 @@ pub fn summary(job: &JobDetail, out: Out<'_>) -> anyhow::Result<()> {
             (Some(e), true) => e.clone(),
             _ => text,
         };
-        groups.entry((ending(r), text)).or_default().push(r);
+        groups.entry((ending(r.state, r.exit_code, r.signal), text)).or_default().push(r);
     }
     let counts: Vec<String> = job.job.counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
     writeln!(out, "\n{} runs: {}", job.job.total, counts.join(", "))?;
@@ -387,7 +387,13 @@ pub async fn job(client: &Client, args: &JobArgs, out: Out<'_>) -> anyhow::Resul
                 (Some(s), Some(f)) => format!("{:.1}s", f.age(s).as_secs_f64()),
                 _ => "-".into(),
             };
-            vec![r.hostname.clone(), r.agent_id.to_string(), ending(r), took, r.error.clone().unwrap_or_default()]
+            vec![
+                r.hostname.clone(),
+                r.agent_id.to_string(),
+                ending(r.state, r.exit_code, r.signal),
+                took,
+                r.error.clone().unwrap_or_default(),
+            ]
         })
         .collect();
     writeln!(out)?;

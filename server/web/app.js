@@ -462,11 +462,21 @@ function render() {
   else if (parts[0] === 'run') { view = runView; section = 'run'; }
   for (const a of shell.nav.querySelectorAll('a')) a.classList.toggle('active', a.dataset.nav === section);
   const cleanups = [];
+  // Every "3s ago" the view draws, kept ticking until it leaves the page.
+  let ages = [];
+  cleanups.push(ticker.add(() => {
+    ages = ages.filter(([el]) => el.isConnected);
+    for (const [el, ts, prefix] of ages) el.textContent = `${prefix}${ago(ts)}`;
+  }));
   const ctx = {
     main, query, arg,
     on: (fn) => cleanups.push(fn),
     subscribe: (fn) => cleanups.push(fleet.subscribe(fn)),
-    tick: (fn) => cleanups.push(ticker.add(fn)),
+    aged: (ts, prefix = '') => {
+      const el = h('span', { title: localTime(ts) }, `${prefix}${ago(ts)}`);
+      ages.push([el, ts, prefix]);
+      return el;
+    },
   };
   unmount = () => { for (const fn of cleanups) fn(); };
   window.scrollTo(0, 0);
@@ -573,8 +583,6 @@ async function fleetView(ctx) {
       h('div', { class: 'table-wrap' }, table),
       more));
 
-  const ageCells = [];
-  ctx.tick(() => { for (const [el, ts] of ageCells) el.textContent = ago(ts); });
 
   function visible() {
     const q = filter.q.trim().toLowerCase();
@@ -602,7 +610,6 @@ async function fleetView(ctx) {
     }
     const cmp = SORTS[sort.key];
     const rows = visible().sort((a, b) => cmp(a, b) * sort.dir || collator.compare(a.hostname, b.hostname) || (a.id < b.id ? -1 : 1));
-    ageCells.length = 0;
     clear(tbody);
     if (!loaded) {
       tbody.append(h('tr', {}, h('td', { class: 'empty', colspan: 7 }, 'Loading…')));
@@ -611,8 +618,7 @@ async function fleetView(ctx) {
         agents.size ? 'No agent matches the filter.' : 'No agents yet. Enroll one with muster enroll-token create --install-command.')));
     }
     for (const a of rows.slice(0, shown)) {
-      const age = h('td', { class: 'num', 'data-label': 'Heartbeat' }, ago(a.last_hb));
-      ageCells.push([age, a.last_hb]);
+      const age = h('td', { class: 'num', 'data-label': 'Heartbeat' }, ctx.aged(a.last_hb));
       tbody.append(h('tr', { 'data-agent-id': a.id, 'data-status': a.status },
         h('td', { 'data-label': 'Status' }, pill('status', a.status)),
         h('td', { class: 'primary' }, h('a', { class: 'host', href: `#/agents/${encodeURIComponent(a.id)}` }, a.hostname), h('span', { class: 'host-id' }, a.id)),
@@ -837,16 +843,9 @@ async function agentView(ctx) {
     h('div', { class: 'grid cols-3' }, charts.cpu.el, charts.mem.el, charts.disk.el),
     h('div', { class: 'grid cols-2 section' }, transitions, runs));
 
-  const ages = [];
-  ctx.tick(() => { for (const [el, ts, prefix] of ages) el.textContent = `${prefix}${ago(ts)}`; });
-  const aged = (ts, prefix = '') => {
-    const el = h('span', { title: localTime(ts) }, `${prefix}${ago(ts)}`);
-    ages.push([el, ts, prefix]);
-    return el;
-  };
+  const { aged } = ctx;
 
   function drawDetail() {
-    ages.length = 0;
     const s = detail;
     const m = s.metrics;
     const actions = h('div', { class: 'actions' });
@@ -1002,8 +1001,6 @@ function jobStatus(j) {
 async function jobsView(ctx) {
   const jobs = new Map();
   const tbody = h('tbody');
-  const ages = [];
-  ctx.tick(() => { for (const [el, ts] of ages) el.textContent = ago(ts); });
   ctx.main.append(
     h('div', { class: 'page-head' },
       h('div', { class: 'titles' }, h('h1', {}, 'Jobs'), h('div', { class: 'sub' }, 'Commands sent to the fleet, newest first.')),
@@ -1013,13 +1010,11 @@ async function jobsView(ctx) {
       tbody))));
 
   function draw() {
-    ages.length = 0;
     clear(tbody);
     const list = [...jobs.values()].sort((a, b) => parseTime(b.created_at) - parseTime(a.created_at));
     if (!list.length) tbody.append(h('tr', {}, h('td', { class: 'empty', colspan: 6 }, 'No jobs yet.')));
     for (const j of list) {
-      const created = h('td', { class: 'num', 'data-label': 'Created', title: localTime(j.created_at) }, ago(j.created_at));
-      ages.push([created, j.created_at]);
+      const created = h('td', { class: 'num', 'data-label': 'Created' }, ctx.aged(j.created_at));
       tbody.append(h('tr', { 'data-job-id': j.id },
         h('td', { class: 'primary' }, h('a', { class: 'mono', href: `#/jobs/${encodeURIComponent(j.id)}` }, j.command)),
         h('td', { 'data-label': 'Target' }, j.target),

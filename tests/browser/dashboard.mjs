@@ -104,6 +104,10 @@ try {
   await page.locator(`#agents tr[data-agent-id="${victim}"][data-status=offline]`).waitFor();
   check(await page.evaluate(() => window.sameDocument === true), 'the page was not reloaded');
   check((await page.locator('.counter[data-status=offline] .value').textContent()) === '1', 'one agent counted offline');
+  // Its last heartbeat ages on the page by itself, second by second.
+  const age = victimRow.locator('td[data-label=Heartbeat]');
+  const then = await age.textContent();
+  await page.waitForFunction(([id, was]) => document.querySelector(`#agents tr[data-agent-id="${id}"] td[data-label=Heartbeat]`).textContent !== was, [victim, then]);
 
   step('the Run page shows the dry-run count, then sends');
   await page.click('nav >> text=Run');
