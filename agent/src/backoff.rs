@@ -39,6 +39,19 @@ impl Backoff {
     }
 }
 
+/// The wait after the server closed a session with a code that means "not again soon":
+/// another connection with this credential replaced this one (4002: two machines share the
+/// credential, and taking turns every few seconds would help neither), or the agent was over
+/// its message budget (4005). Uniform in [60 s, 180 s]; None for any other code, which takes
+/// the ordinary schedule.
+pub fn after_close(code: u16) -> Option<Duration> {
+    use shared::protocol::close;
+    matches!(code, close::REPLACED | close::RATE_LIMITED).then(|| HARD_BACKOFF_MIN + HARD_BACKOFF_SPREAD.mul_f64(random_fraction()))
+}
+
+pub const HARD_BACKOFF_MIN: Duration = Duration::from_secs(60);
+pub const HARD_BACKOFF_SPREAD: Duration = Duration::from_secs(120);
+
 /// A uniform fraction in [0, 1). Falls back to 0.5 if the OS has no randomness to give.
 pub fn random_fraction() -> f64 {
     match getrandom::u64() {
@@ -50,6 +63,18 @@ pub fn random_fraction() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replaced_and_rate_limited_sessions_wait_at_least_a_minute() {
+        use shared::protocol::close;
+        for _ in 0..100 {
+            let d = after_close(close::REPLACED).unwrap();
+            assert!((HARD_BACKOFF_MIN..=HARD_BACKOFF_MIN + HARD_BACKOFF_SPREAD).contains(&d), "{d:?}");
+        }
+        assert!(after_close(close::RATE_LIMITED).is_some());
+        assert_eq!(after_close(close::GOING_AWAY), None);
+        assert_eq!(after_close(close::NORMAL), None);
+    }
 
     #[test]
     fn bounds_double_up_to_the_cap_and_start_over_on_reset() {

@@ -47,11 +47,19 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             .await;
         match outcome {
             Outcome::Stopped => return Ok(()),
-            Outcome::Ended { healthy_for, reason } => {
+            Outcome::Ended { healthy_for, reason, close_code } => {
                 if healthy_for >= HEALTHY_AFTER {
                     backoff.reset();
                 }
                 tracing::warn!(%reason, "disconnected");
+                if let Some(delay) = close_code.and_then(backoff::after_close) {
+                    tracing::warn!(delay_s = delay.as_secs(), "the server said not to come back soon; waiting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => return Ok(()),
+                    }
+                    continue;
+                }
             }
             Outcome::Failed(reason) => tracing::warn!(%reason, "connection failed"),
         }

@@ -52,8 +52,9 @@ const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Outcome {
     /// The agent was told to stop; it closed the connection cleanly.
     Stopped,
-    /// The session was established and later ended; `healthy_for` is how long it lasted.
-    Ended { healthy_for: Duration, reason: String },
+    /// The session was established and later ended; `healthy_for` is how long it lasted, and
+    /// `close_code` the server's close code if it sent one.
+    Ended { healthy_for: Duration, reason: String, close_code: Option<u16> },
     /// The connection or handshake failed before the session was established.
     Failed(String),
 }
@@ -195,7 +196,7 @@ impl Session<'_> {
         let mut reported = Reported::default();
         // Whatever is open (from before a reconnect or a restart) is reported first.
         self.executor.poke();
-        let ended = |reason: String| Outcome::Ended { healthy_for: started.elapsed(), reason };
+        let ended = |reason: String| Outcome::Ended { healthy_for: started.elapsed(), reason, close_code: None };
         loop {
             tokio::select! {
                 _ = self.executor.changed() => {
@@ -216,6 +217,7 @@ impl Session<'_> {
                     if let Some(name) = &self.config.hostname {
                         metrics.hostname.clone_from(name);
                     }
+                    metrics.sanitize();
                     if let Err(e) = send(&mut ws, &AgentMessage::Heartbeat(Heartbeat { seq, metrics })).await {
                         return ended(e);
                     }
@@ -257,7 +259,11 @@ impl Session<'_> {
                                 if f.as_ref().is_some_and(|f| u16::from(f.code) == close::REVOKED) {
                                     tracing::error!("the server revoked this agent's credential; re-enroll it");
                                 }
-                                return ended(format!("server closed the connection: {why}"));
+                                return Outcome::Ended {
+                                    healthy_for: started.elapsed(),
+                                    reason: format!("server closed the connection: {why}"),
+                                    close_code: f.as_ref().map(|f| u16::from(f.code)),
+                                };
                             }
                             // tungstenite answers pings by itself.
                             _ => {}

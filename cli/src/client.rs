@@ -47,6 +47,9 @@ impl Client {
             bail!("server URL {server:?} must start with https://");
         }
         let http = reqwest::Client::builder()
+            // Below the server's keep-alive timeout (75 s by default), so a connection the
+            // server is closing is never reused.
+            .pool_idle_timeout(Duration::from_secs(30))
             .use_preconfigured_tls(tls_config(ca)?)
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("muster/", env!("CARGO_PKG_VERSION")))

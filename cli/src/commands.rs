@@ -14,7 +14,7 @@ use shared::{Labels, Timestamp};
 
 use crate::args::{AgentAction, AgentArgs, AgentsArgs, EnrollTokenCommand, TokenCommand};
 use crate::client::Client;
-use crate::output::{age, bytes, percent, table};
+use crate::output::{age, bytes, pct, percent, safe, table};
 
 type Out<'a> = &'a mut dyn Write;
 
@@ -51,7 +51,7 @@ pub async fn agents(client: &Client, args: &AgentsArgs, out: Out<'_>) -> anyhow:
             let (cpu, mem, disk) = match &a.metrics {
                 Some(m) => {
                     let (du, dt) = m.disk_totals();
-                    (format!("{:.0}%", m.cpu_percent), percent(m.mem_used_bytes, m.mem_total_bytes), percent(du, dt))
+                    (pct(m.cpu_percent), percent(m.mem_used_bytes, m.mem_total_bytes), percent(du, dt))
                 }
                 None => ("-".into(), "-".into(), "-".into()),
             };
@@ -85,11 +85,11 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
     let now = Timestamp::now();
     let s = &a.summary;
     writeln!(out, "Agent      {}", s.id)?;
-    writeln!(out, "Hostname   {}", s.hostname)?;
+    writeln!(out, "Hostname   {}", safe(&s.hostname))?;
     writeln!(out, "Status     {} (since {}, {})", s.status, s.status_since, age(s.status_since.age(now)))?;
     writeln!(out, "Labels     {}", if s.labels.is_empty() { "-".to_string() } else { s.labels.to_string() })?;
     writeln!(out, "Enrolled   {}", a.enrolled_at)?;
-    writeln!(out, "Version    {}", a.agent_version.as_deref().unwrap_or("-"))?;
+    writeln!(out, "Version    {}", safe(a.agent_version.as_deref().unwrap_or("-")))?;
     writeln!(
         out,
         "Heartbeat  {} (every {})",
@@ -98,21 +98,25 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
     )?;
     if let Some(c) = &a.connection {
         let state = if c.connected { "connected".to_string() } else { format!("disconnected {}", ago(c.disconnected_at, now)) };
-        writeln!(out, "Connection {state} from {} to node {} since {}", c.remote_addr, c.node, c.connected_at)?;
+        writeln!(out, "Connection {state} from {} to node {} since {}", safe(&c.remote_addr), safe(&c.node), c.connected_at)?;
     }
     if let Some(m) = &s.metrics {
         writeln!(
             out,
             "System     {} {} ({}), up {}",
-            m.os,
-            m.kernel,
-            m.arch,
+            safe(&m.os),
+            safe(&m.kernel),
+            safe(&m.arch),
             shared::duration::format(Duration::from_secs(m.uptime_secs))
         )?;
         writeln!(
             out,
-            "CPU        {:.1}%  load {:.2} {:.2} {:.2}  {} processes",
-            m.cpu_percent, m.load_avg[0], m.load_avg[1], m.load_avg[2], m.process_count
+            "CPU        {}  load {} {} {}  {} processes",
+            pct(m.cpu_percent),
+            load(m.load_avg[0]),
+            load(m.load_avg[1]),
+            load(m.load_avg[2]),
+            m.process_count
         )?;
         writeln!(
             out,
@@ -125,8 +129,8 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
             writeln!(
                 out,
                 "Disk       {} ({}) {} of {} ({})",
-                d.mount,
-                d.fs_type,
+                safe(&d.mount),
+                safe(&d.fs_type),
                 bytes(d.used_bytes),
                 bytes(d.total_bytes),
                 percent(d.used_bytes, d.total_bytes)
@@ -162,7 +166,7 @@ pub async fn fleet(client: &Client, as_json: bool, out: Out<'_>) -> anyhow::Resu
     if as_json {
         return json(out, &c);
     }
-    writeln!(out, "{} agents: {} online, {} stale, {} offline", c.total, c.online, c.stale, c.offline)?;
+    writeln!(out, "{}: {} online, {} stale, {} offline", crate::output::agents(c.total), c.online, c.stale, c.offline)?;
     Ok(())
 }
 
@@ -297,4 +301,9 @@ pub async fn token(client: &Client, cmd: &TokenCommand, out: Out<'_>) -> anyhow:
             Ok(())
         }
     }
+}
+
+/// A load average for people: two decimals, or `?` for a figure no machine reports.
+fn load(v: f64) -> String {
+    if v.is_finite() && (0.0..1e6).contains(&v) { format!("{v:.2}") } else { "?".into() }
 }

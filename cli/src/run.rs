@@ -15,7 +15,7 @@ use shared::job::{CommandSpec, CreateJob, DryRun, JobDetail, JobEvent, JobSummar
 
 use crate::args::{JobAction, JobArgs, RunArgs};
 use crate::client::{Client, check};
-use crate::output::table;
+use crate::output::{safe, safe_line, table};
 
 type Out<'a> = &'a mut dyn Write;
 
@@ -53,7 +53,13 @@ pub async fn run(client: &Client, args: &RunArgs, out: Out<'_>) -> anyhow::Resul
             serde_json::to_writer_pretty(&mut *out, &dry)?;
             writeln!(out)?;
         } else {
-            writeln!(out, "{} agents match, {} online now.", dry.matched, dry.online)?;
+            writeln!(
+                out,
+                "{} {}, {} online now.",
+                crate::output::agents(dry.matched),
+                if dry.matched == 1 { "matches" } else { "match" },
+                dry.online
+            )?;
             let rows: Vec<Vec<String>> = dry
                 .agents
                 .iter()
@@ -78,7 +84,7 @@ pub async fn run(client: &Client, args: &RunArgs, out: Out<'_>) -> anyhow::Resul
     let live = !args.json;
     if live {
         let mut err = std::io::stderr();
-        writeln!(err, "Job {}: {} on {} agents ({}).", job.id, job.command.summary(), job.total, job.target)?;
+        writeln!(err, "Job {}: {} on {} ({}).", job.id, safe(&job.command.summary()), crate::output::agents(job.total), job.target)?;
     }
     let finished = follow(client, &job.id, live, out).await?;
     if args.json {
@@ -117,6 +123,37 @@ async fn follow(client: &Client, id: &str, live: bool, out: Out<'_>) -> anyhow::
     client.get(&format!("/jobs/{id}")).await
 }
 
+/// Streams of runs whose output the snapshot carried only the head of: (run, stream, from).
+fn missing_output(job: &JobDetail) -> Vec<(String, Stream, u64)> {
+    let mut missing = Vec::new();
+    for r in &job.runs {
+        for (stream, text, len) in [(Stream::Stdout, &r.stdout, r.stdout_len), (Stream::Stderr, &r.stderr, r.stderr_len)] {
+            if (text.len() as u64) < len {
+                missing.push((r.id.clone(), stream, text.len() as u64));
+            }
+        }
+    }
+    missing
+}
+
+/// Reads one stream of a run from `from` to what the server holds, page by page.
+async fn fill(client: &Client, view: &mut View, run_id: &str, stream: Stream, mut from: u64, out: Out<'_>) -> anyhow::Result<()> {
+    // Bounded: each page moves `from` forward, and a stream holds at most 16 MiB.
+    for _ in 0..1024 {
+        let query = [("stream", stream.as_str().to_owned()), ("offset", from.to_string()), ("limit", "1048576".to_owned())];
+        let page: shared::job::OutputPage = client.get_query(&format!("/runs/{run_id}/output"), &query).await?;
+        view.output(run_id, stream, page.offset, &page.data, out)?;
+        if page.data.is_empty() || page.next_offset >= page.len {
+            break;
+        }
+        from = page.next_offset;
+    }
+    if view.runs.get(run_id).is_some_and(|r| r.state.is_final()) {
+        view.flush(run_id, out)?;
+    }
+    Ok(())
+}
+
 /// One connection to the event stream. True once the job has finished.
 async fn stream_once(client: &Client, id: &str, view: &mut View, out: Out<'_>) -> anyhow::Result<bool> {
     let resp = client.execute(client.request(Method::GET, &format!("/jobs/{id}/events"))).await?;
@@ -127,12 +164,21 @@ async fn stream_once(client: &Client, id: &str, view: &mut View, out: Out<'_>) -
         buf.extend_from_slice(&chunk.context("reading the event stream")?);
         for frame in crate::sse::take_frames(&mut buf) {
             let event: JobEvent = serde_json::from_str(&frame.data).context("an event this CLI does not understand")?;
-            if matches!(event, JobEvent::Resync) {
-                let job: JobDetail = client.get(&format!("/jobs/{id}")).await?;
-                view.apply(JobEvent::Snapshot(Box::new(job)), out)?;
-                continue;
+            let event = if matches!(event, JobEvent::Resync) {
+                JobEvent::Snapshot(Box::new(client.get::<JobDetail>(&format!("/jobs/{id}")).await?))
+            } else {
+                event
+            };
+            let missing = match &event {
+                JobEvent::Snapshot(job) if view.live => missing_output(job),
+                _ => Vec::new(),
+            };
+            let finished = view.apply(event, out)?;
+            // A snapshot carries the head of each run's output; the rest comes a page at a time.
+            for (run_id, stream, from) in missing {
+                fill(client, view, &run_id, stream, from, out).await?;
             }
-            if view.apply(event, out)? {
+            if finished {
                 return Ok(true);
             }
         }
@@ -172,7 +218,10 @@ impl View {
                         partial: [String::new(), String::new()],
                     });
                     entry.state = r.state;
-                    let (id, final_) = (r.id.clone(), r.state.is_final());
+                    // A run whose output continues past the snapshot's head is flushed once
+                    // the rest is read (`fill`).
+                    let whole = r.stdout.len() as u64 >= r.stdout_len && r.stderr.len() as u64 >= r.stderr_len;
+                    let (id, final_) = (r.id.clone(), r.state.is_final() && whole);
                     self.output(&id, Stream::Stdout, 0, &r.stdout, out)?;
                     self.output(&id, Stream::Stderr, 0, &r.stderr, out)?;
                     if final_ {
@@ -273,10 +322,10 @@ impl View {
 
 fn print_line(host: &str, stream: Stream, line: &str, out: Out<'_>) -> anyhow::Result<()> {
     match stream {
-        Stream::Stdout => writeln!(out, "{host}: {line}")?,
+        Stream::Stdout => writeln!(out, "{}: {}", safe(host), safe_line(line))?,
         Stream::Stderr => {
             out.flush()?;
-            writeln!(std::io::stderr(), "{host}: {line}")?;
+            writeln!(std::io::stderr(), "{}: {}", safe(host), safe_line(line))?;
         }
     }
     Ok(())
@@ -307,15 +356,22 @@ pub fn summary(job: &JobDetail, out: Out<'_>) -> anyhow::Result<()> {
     let mut groups: Vec<_> = groups.into_iter().collect();
     groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
     for ((how, text), runs) in groups {
-        let who = if runs.len() == 1 { "1 agent".to_string() } else { format!("{} agents", runs.len()) };
+        let who = crate::output::agents(runs.len() as u64);
         let hosts = if runs.len() <= 3 {
-            format!(" ({})", runs.iter().map(|r| r.hostname.as_str()).collect::<Vec<_>>().join(", "))
+            format!(" ({})", runs.iter().map(|r| safe(&r.hostname)).collect::<Vec<_>>().join(", "))
         } else {
             String::new()
         };
         let truncated = runs.iter().any(|r| r.stdout_truncated || r.stderr_truncated);
-        let text = if text.contains('\n') { format!("\n    {}", text.replace('\n', "\n    ")) } else { text };
-        writeln!(out, "  {who} {how}{hosts}: {text}{}", if truncated { " [output truncated]" } else { "" })?;
+        let text = text.lines().map(safe_line).collect::<Vec<_>>().join("\n    ");
+        let text = if text.contains('\n') { format!("\n    {text}") } else { text };
+        let more = runs.iter().any(|r| (r.stdout.len() as u64) < r.stdout_len || (r.stderr.len() as u64) < r.stderr_len);
+        let note = match (truncated, more) {
+            (true, _) => " [output truncated]",
+            (false, true) => " [output continues: muster job ID --json, or GET /api/v1/runs/{id}/output]",
+            _ => "",
+        };
+        writeln!(out, "  {who} {how}{hosts}: {text}{note}")?;
     }
     Ok(())
 }

@@ -13,17 +13,24 @@ use crate::client::{Client, check};
 use crate::sse::take_frames;
 
 fn line(e: &FleetEvent) -> String {
-    match e {
+    let text = match e {
         FleetEvent::AgentStatus { agent_id, from, to, reason, at } => {
             format!("{at}  agent {agent_id}  {} -> {to}  ({reason})", from.map_or("-".into(), |f| f.to_string()))
         }
         FleetEvent::AgentEnrolled { agent_id, labels, at } => format!("{at}  agent {agent_id}  enrolled  {labels}"),
         FleetEvent::AgentRevoked { agent_id, at } => format!("{at}  agent {agent_id}  revoked"),
+        FleetEvent::CredentialConflict { agent_id, previous_addr, current_addr, at } => {
+            format!("{at}  agent {agent_id}  credential in use twice: {current_addr} replaced a live session from {previous_addr}")
+        }
         FleetEvent::Heartbeat { agent_id, at, cpu_percent, mem_used_bytes, mem_total_bytes, .. } => {
-            format!("{at}  agent {agent_id}  cpu {cpu_percent:.0}%  mem {}", crate::output::percent(*mem_used_bytes, *mem_total_bytes))
+            format!(
+                "{at}  agent {agent_id}  cpu {}  mem {}",
+                crate::output::pct(*cpu_percent),
+                crate::output::percent(*mem_used_bytes, *mem_total_bytes)
+            )
         }
         FleetEvent::JobCreated { job_id, command, target, total, created_by, at } => {
-            format!("{at}  job {job_id}  created by {created_by}: {command} on {total} agents ({target})")
+            format!("{at}  job {job_id}  created by {created_by}: {command} on {} ({target})", crate::output::agents(*total))
         }
         FleetEvent::JobProgress { job_id, counts } | FleetEvent::JobFinished { job_id, counts } => {
             let done = if matches!(e, FleetEvent::JobFinished { .. }) { "finished" } else { "progress" };
@@ -31,7 +38,9 @@ fn line(e: &FleetEvent) -> String {
             format!("job {job_id}  {done}: {}", counts.join(", "))
         }
         FleetEvent::Resync => "(some events were missed; `muster agents` and `muster jobs` show the current state)".into(),
-    }
+    };
+    // Reasons and addresses come from agents and peers: one event, one line, no escapes.
+    crate::output::safe(&text)
 }
 
 pub async fn watch(client: &Client, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {

@@ -30,7 +30,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The JSON body of every webhook.
 #[derive(Clone, Debug, Serialize)]
 pub struct Alert {
-    /// `agent.offline`, `agent.stale`, `agent.recovered` or `job.failed`.
+    /// `agent.offline`, `agent.stale`, `agent.recovered`, `agent.credential_conflict` or
+    /// `job.failed`.
     pub event: &'static str,
     pub at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -55,11 +56,12 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
 pub struct Policy {
     hold_down: Duration,
     agents: HashMap<AgentId, (Instant, bool)>,
+    conflicts: HashMap<(AgentId, &'static str), Instant>,
 }
 
 impl Policy {
     pub fn new(hold_down: Duration) -> Self {
-        Policy { hold_down, agents: HashMap::new() }
+        Policy { hold_down, agents: HashMap::new(), conflicts: HashMap::new() }
     }
 
     pub fn decide(&mut self, event: &FleetEvent, now: Instant) -> Option<Alert> {
@@ -93,6 +95,23 @@ impl Policy {
                     counts: None,
                 })
             }
+            FleetEvent::CredentialConflict { agent_id, previous_addr, current_addr, at } => {
+                let key = (agent_id.clone(), "conflict");
+                if self.conflicts.get(&key).is_some_and(|last| now.duration_since(*last) < self.hold_down) {
+                    return None;
+                }
+                self.conflicts.insert(key, now);
+                Some(Alert {
+                    event: "agent.credential_conflict",
+                    at: *at,
+                    agent_id: Some(agent_id.clone()),
+                    reason: Some(format!(
+                        "the agent's credential is in use from {current_addr} while a session from {previous_addr} was still alive"
+                    )),
+                    job_id: None,
+                    counts: None,
+                })
+            }
             FleetEvent::JobFinished { job_id, counts } => {
                 let failed = counts.iter().any(|(s, n)| *n > 0 && (s.is_error() || *s == RunState::Expired));
                 failed.then(|| Alert {
@@ -107,6 +126,19 @@ impl Policy {
             _ => None,
         }
     }
+}
+
+/// A live session was replaced by another connection with the same credential: say so in the
+/// log, the metrics, the fleet event stream and (through the policy above) a webhook.
+pub fn credential_conflict(app: &crate::app::AppState, agent_id: &AgentId, c: crate::registry::Conflict) {
+    metrics::counter!("muster_agent_credential_conflicts_total").increment(1);
+    tracing::warn!(agent = %agent_id, previous = %c.previous, current = %c.current, "two connections share one agent credential");
+    app.fleet.publish(FleetEvent::CredentialConflict {
+        agent_id: agent_id.clone(),
+        previous_addr: c.previous.to_string(),
+        current_addr: c.current.to_string(),
+        at: Timestamp::now(),
+    });
 }
 
 /// Follows the fleet events and delivers alerts until cancelled.

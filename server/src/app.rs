@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use shared::Timestamp;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -24,10 +24,27 @@ use crate::registry::Registry;
 use crate::store::{AuditEntry, SqliteStore, Store};
 use crate::{api, health, tls};
 
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for open connections and sessions before giving up on them.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Logs refused connections at most once a second, with how many were refused since the
+/// last line: a flood must not become a flood of log lines.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<std::time::Instant>,
+    since: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, remote: SocketAddr, cap: crate::admission::Refused) {
+        self.since += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            tracing::warn!(%remote, cap = cap.as_str(), refused = self.since, "connections refused: over a connection cap");
+            self.last = Some(std::time::Instant::now());
+            self.since = 0;
+        }
+    }
+}
 
 /// What every handler and session shares.
 #[derive(Clone)]
@@ -42,6 +59,9 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Tracks agent sessions, which outlive the HTTP connection that upgraded to them.
     pub tracker: TaskTracker,
+    pub admission: Arc<crate::admission::Admission>,
+    /// Ids of operator tokens revoked on this node, for the streams that hold them.
+    pub revoked: tokio::sync::broadcast::Sender<String>,
 }
 
 impl AppState {
@@ -99,7 +119,7 @@ impl Application {
         let kick = Arc::new(tokio::sync::Notify::new());
         let fleet = crate::fleet_events::FleetEvents::default();
         let hooks = Hooks { registry: registry.clone(), events: events.clone(), fleet: fleet.clone(), dispatch: kick.clone() };
-        let (recorder, recorder_task) = Recorder::spawn(shared_store.clone(), hooks);
+        let (recorder, recorder_task) = Recorder::spawn(shared_store.clone(), hooks, config.limits.recorder_queue_bytes);
         let dispatcher = Dispatcher {
             store: shared_store.clone(),
             registry: registry.clone(),
@@ -108,6 +128,7 @@ impl Application {
             progress: Default::default(),
             kick,
         };
+        let config_limits = config.limits.clone();
         let state = AppState {
             store: shared_store,
             registry,
@@ -118,6 +139,12 @@ impl Application {
             config: Arc::new(config),
             shutdown,
             tracker: TaskTracker::new(),
+            revoked: tokio::sync::broadcast::channel(64).0,
+            admission: crate::admission::Admission::new(crate::admission::Caps {
+                max_connections: config_limits.max_connections,
+                max_unauthenticated: config_limits.max_unauthenticated,
+                max_unauthenticated_per_address: config_limits.max_unauthenticated_per_address,
+            }),
         };
         Ok(Application { listener, acceptor: TlsAcceptor::from(identity.config), state, recorder_task, store, ca_file: identity.ca_file })
     }
@@ -154,7 +181,8 @@ impl Application {
         }
 
         let router = api::router(state.clone());
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let connections = TaskTracker::new();
+        let mut refusals = RefusalLog::default();
         tracing::info!(addr = %listener.local_addr()?, "serving agents (wss) and operators (https)");
         loop {
             let (tcp, remote) = tokio::select! {
@@ -169,12 +197,23 @@ impl Application {
                     }
                 },
             };
+            let ticket = match state.admission.admit(remote.ip()) {
+                Ok(t) => t,
+                Err(cap) => {
+                    // Closed before TLS: the cheapest answer, and the peer sees it at once.
+                    crate::telemetry::connection_refused(cap.as_str());
+                    refusals.note(remote, cap);
+                    drop(tcp);
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let router = router.clone();
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let stop = cancel.clone();
+            let limits = state.config.limits.clone();
+            connections.spawn(async move {
+                let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -185,22 +224,57 @@ impl Application {
                         return;
                     }
                 };
+                let conn_ticket = ticket.clone();
+                let spoke = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let spoke_in_service = spoke.clone();
                 let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    spoke_in_service.store(true, std::sync::atomic::Ordering::Relaxed);
                     req.extensions_mut().insert(ConnectInfo(remote));
+                    req.extensions_mut().insert(conn_ticket.clone());
                     router.clone().oneshot(req)
                 });
-                let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
-                builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                // HTTP/1.1 only, as documented: hyper's own HTTP/1 connection. An HTTP/2 preface
+                // is refused as a bad request. Its header timeout bounds each request's headers
+                // and how long an idle keep-alive connection stays; the first request must
+                // arrive whole within `header_timeout` of the handshake, so a peer that never
+                // speaks (or trickles its first request) is closed.
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.keep_alive_timeout)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .with_upgrades();
+                let mut conn = std::pin::pin!(conn);
+                let first_request = tokio::time::sleep(limits.header_timeout);
+                tokio::pin!(first_request);
+                let mut waiting_first = true;
+                let ended = loop {
+                    tokio::select! {
+                        ended = conn.as_mut() => break ended,
+                        _ = &mut first_request, if waiting_first => {
+                            waiting_first = false;
+                            if !spoke.load(std::sync::atomic::Ordering::Relaxed) {
+                                tracing::debug!(%remote, "no request within the header timeout");
+                                return;
+                            }
+                        }
+                        _ = stop.cancelled() => {
+                            // Finish the request in flight, then close.
+                            conn.as_mut().graceful_shutdown();
+                            break conn.await;
+                        }
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(%remote, error = %e, "connection ended with an error");
                 }
+                drop(ticket);
             });
         }
 
         tracing::info!("shutting down: closing agent sessions and connections");
         drop(listener);
-        if tokio::time::timeout(DRAIN_GRACE, graceful.shutdown()).await.is_err() {
+        connections.close();
+        if tokio::time::timeout(DRAIN_GRACE, connections.wait()).await.is_err() {
             tracing::warn!("some HTTP connections did not finish within the grace period");
         }
         tracker.close();

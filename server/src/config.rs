@@ -17,7 +17,7 @@ pub struct Cli {
 
     /// Development mode: generated certificate, an admin token, and a local agent enrolled and
     /// connected. Writes `<data-dir>/dev.env` for the `muster` CLI.
-    #[arg(long)]
+    #[arg(long, global = true, global = true)]
     pub dev: bool,
 
     #[command(subcommand)]
@@ -44,49 +44,104 @@ pub enum Command {
 #[derive(Debug, Default, Args)]
 pub struct Settings {
     /// TOML config file. Values in it are overridden by environment variables and flags.
-    #[arg(long, env = "MUSTER_CONFIG")]
+    #[arg(long, global = true, env = "MUSTER_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address and port for agents (wss) and operators (HTTPS). [default: 127.0.0.1:8443]
-    #[arg(long, env = "MUSTER_LISTEN")]
+    #[arg(long, global = true, env = "MUSTER_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Directory for the database, generated certificates and dev files. [default: ./muster-data]
-    #[arg(long, env = "MUSTER_DATA_DIR")]
+    #[arg(long, global = true, env = "MUSTER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// Server certificate chain (PEM). Without it, one is generated into the data directory.
-    #[arg(long, env = "MUSTER_TLS_CERT", requires = "tls_key")]
+    #[arg(long, global = true, env = "MUSTER_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// Private key for --tls-cert (PEM).
-    #[arg(long, env = "MUSTER_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, global = true, env = "MUSTER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Extra DNS names or IP addresses for the generated certificate (localhost, 127.0.0.1 and ::1
     /// are always included). Comma separated.
-    #[arg(long, env = "MUSTER_TLS_HOSTNAMES", value_delimiter = ',')]
+    #[arg(long, global = true, env = "MUSTER_TLS_HOSTNAMES", value_delimiter = ',')]
     pub tls_hostnames: Option<Vec<String>>,
     /// Name of this server process among several sharing a database. [default: local]
-    #[arg(long, env = "MUSTER_NODE_ID")]
+    #[arg(long, global = true, env = "MUSTER_NODE_ID")]
     pub node_id: Option<String>,
     /// How often the server pings each agent. [default: 15s]
-    #[arg(long, env = "MUSTER_PING_INTERVAL", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MUSTER_PING_INTERVAL", value_parser = parse_duration)]
     pub ping_interval: Option<Duration>,
     /// How long heartbeat history is kept. [default: 7d]
-    #[arg(long, env = "MUSTER_HEARTBEAT_RETENTION", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MUSTER_HEARTBEAT_RETENTION", value_parser = parse_duration)]
     pub heartbeat_retention: Option<Duration>,
     /// How often liveness is evaluated. [default: 1s]
-    #[arg(long, env = "MUSTER_SWEEP_INTERVAL", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MUSTER_SWEEP_INTERVAL", value_parser = parse_duration)]
     pub sweep_interval: Option<Duration>,
     /// URL that gets a signed JSON POST when an agent goes offline or stale or recovers, and
     /// when a job fails. Repeat (or comma-separate) for more.
     #[arg(long = "webhook", env = "MUSTER_WEBHOOKS", value_delimiter = ',')]
     pub webhooks: Option<Vec<String>>,
     /// Secret for the webhooks' HMAC-SHA256 signature header (X-Muster-Signature).
-    #[arg(long, env = "MUSTER_WEBHOOK_SECRET", hide_env_values = true)]
+    #[arg(long, global = true, env = "MUSTER_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
     /// After an alert about an agent, further problem alerts about it wait this long. [default: 5m]
-    #[arg(long, env = "MUSTER_ALERT_HOLD_DOWN", value_parser = parse_duration)]
+    #[arg(long, global = true, env = "MUSTER_ALERT_HOLD_DOWN", value_parser = parse_duration)]
     pub alert_hold_down: Option<Duration>,
     /// Log filter, in tracing's EnvFilter syntax. [default: info]
-    #[arg(long, env = "MUSTER_LOG")]
+    #[arg(long, global = true, env = "MUSTER_LOG")]
     pub log: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitSettings,
+}
+
+/// Limits on what any one peer may cost the server. Each has a documented default
+/// (README, "Limits") and the same key in the config file.
+#[derive(Debug, Default, Args)]
+#[command(next_help_heading = "Limits")]
+pub struct LimitSettings {
+    /// Connections held at once, in total. [default: the open-files limit minus 512]
+    #[arg(long, global = true, env = "MUSTER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections that have not presented a valid credential yet, in total. [default: 4096, at most half of max_connections]
+    #[arg(long, global = true, env = "MUSTER_MAX_UNAUTHENTICATED")]
+    pub max_unauthenticated: Option<usize>,
+    /// Unauthenticated connections from one source address. [default: 128]
+    #[arg(long, global = true, env = "MUSTER_MAX_UNAUTHENTICATED_PER_ADDRESS")]
+    pub max_unauthenticated_per_address: Option<usize>,
+    /// Time for a TLS handshake. [default: 10s]
+    #[arg(long, global = true, env = "MUSTER_HANDSHAKE_TIMEOUT", value_parser = parse_duration)]
+    pub handshake_timeout: Option<Duration>,
+    /// Time from the TLS handshake until the first request's headers have arrived. [default: 10s]
+    #[arg(long, global = true, env = "MUSTER_HEADER_TIMEOUT", value_parser = parse_duration)]
+    pub header_timeout: Option<Duration>,
+    /// How long an idle keep-alive connection stays open, and the time for the headers of each
+    /// later request on it. [default: 75s]
+    #[arg(long, global = true, env = "MUSTER_KEEP_ALIVE_TIMEOUT", value_parser = parse_duration)]
+    pub keep_alive_timeout: Option<Duration>,
+    /// Time for a request's whole body. [default: 30s]
+    #[arg(long, global = true, env = "MUSTER_BODY_TIMEOUT", value_parser = parse_duration)]
+    pub body_timeout: Option<Duration>,
+    /// Largest request body, in bytes; larger ones get 413. [default: 1048576]
+    #[arg(long, global = true, env = "MUSTER_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Messages (frames, pings included) one agent may send per second, sustained. [default: 500]
+    #[arg(long, global = true, env = "MUSTER_AGENT_MESSAGES_PER_SECOND")]
+    pub agent_messages_per_second: Option<u32>,
+    /// Messages one agent may send in a burst above the sustained rate. [default: 5000]
+    #[arg(long, global = true, env = "MUSTER_AGENT_MESSAGE_BURST")]
+    pub agent_message_burst: Option<u32>,
+    /// Bytes one agent may send per second, sustained. [default: 8388608]
+    #[arg(long, global = true, env = "MUSTER_AGENT_BYTES_PER_SECOND")]
+    pub agent_bytes_per_second: Option<u64>,
+    /// Bytes one agent may send in a burst above the sustained rate. [default: 67108864]
+    #[arg(long, global = true, env = "MUSTER_AGENT_BYTE_BURST")]
+    pub agent_byte_burst: Option<u64>,
+    /// Bytes of output the recorder's queue holds before sessions wait for the database. [default: 67108864]
+    #[arg(long, global = true, env = "MUSTER_RECORDER_QUEUE_BYTES")]
+    pub recorder_queue_bytes: Option<usize>,
+    /// Longest ttl of an operator token. [default: 365d]
+    #[arg(long, global = true, env = "MUSTER_MAX_TOKEN_TTL", value_parser = parse_duration)]
+    pub max_token_ttl: Option<Duration>,
+    /// Longest ttl of an enrollment token. [default: 30d]
+    #[arg(long, global = true, env = "MUSTER_MAX_ENROLL_TOKEN_TTL", value_parser = parse_duration)]
+    pub max_enroll_token_ttl: Option<Duration>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -110,6 +165,21 @@ struct FileSettings {
     webhook_secret: Option<String>,
     alert_hold_down: Option<String>,
     log: Option<String>,
+    max_connections: Option<usize>,
+    max_unauthenticated: Option<usize>,
+    max_unauthenticated_per_address: Option<usize>,
+    handshake_timeout: Option<String>,
+    header_timeout: Option<String>,
+    keep_alive_timeout: Option<String>,
+    body_timeout: Option<String>,
+    max_body_bytes: Option<usize>,
+    agent_messages_per_second: Option<u32>,
+    agent_message_burst: Option<u32>,
+    agent_bytes_per_second: Option<u64>,
+    agent_byte_burst: Option<u64>,
+    recorder_queue_bytes: Option<usize>,
+    max_token_ttl: Option<String>,
+    max_enroll_token_ttl: Option<String>,
 }
 
 /// The resolved configuration the server runs with.
@@ -126,6 +196,56 @@ pub struct Config {
     pub webhook_secret: Option<String>,
     pub alert_hold_down: Duration,
     pub log: String,
+    pub limits: Limits,
+}
+
+/// What any one peer may cost the server (see `LimitSettings` for each one's meaning).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_address: usize,
+    pub handshake_timeout: Duration,
+    pub header_timeout: Duration,
+    pub keep_alive_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub agent_messages_per_second: u32,
+    pub agent_message_burst: u32,
+    pub agent_bytes_per_second: u64,
+    pub agent_byte_burst: u64,
+    pub recorder_queue_bytes: usize,
+    pub max_token_ttl: Duration,
+    pub max_enroll_token_ttl: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let max_connections = default_max_connections();
+        Limits {
+            max_connections,
+            max_unauthenticated: 4096.min(max_connections / 2).max(1),
+            max_unauthenticated_per_address: 128,
+            handshake_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(75),
+            body_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+            agent_messages_per_second: 500,
+            agent_message_burst: 5000,
+            agent_bytes_per_second: 8 << 20,
+            agent_byte_burst: 64 << 20,
+            recorder_queue_bytes: 64 << 20,
+            max_token_ttl: Duration::from_secs(365 * 86_400),
+            max_enroll_token_ttl: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// The process's open-files limit less 512 for the database, logs and outgoing requests.
+fn default_max_connections() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current.unwrap_or(1 << 20);
+    usize::try_from(soft).unwrap_or(usize::MAX).saturating_sub(512).max(64)
 }
 
 #[derive(Clone, Debug)]
@@ -170,6 +290,7 @@ impl Config {
                 (None, None) => Ok(default),
             }
         };
+        let limits = resolve_limits(&settings.limits, &file, dur)?;
         let tls = match (settings.tls_cert.clone().or(file.tls_cert), settings.tls_key.clone().or(file.tls_key)) {
             (Some(cert), Some(key)) => TlsSource::Files { cert, key },
             (None, None) => TlsSource::Generated { hostnames: settings.tls_hostnames.clone().or(file.tls_hostnames).unwrap_or_default() },
@@ -192,6 +313,7 @@ impl Config {
             webhook_secret: settings.webhook_secret.clone().or(file.webhook_secret),
             alert_hold_down: dur(settings.alert_hold_down, &file.alert_hold_down, "alert_hold_down", Duration::from_secs(300))?,
             log: settings.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
+            limits,
         };
         config.validate()?;
         Ok(config)
@@ -230,6 +352,87 @@ impl Config {
     /// How long the server waits for any frame from an agent before closing its connection.
     pub fn idle_timeout(&self) -> Duration {
         self.ping_interval * 3
+    }
+}
+
+fn resolve_limits(
+    flags: &LimitSettings,
+    file: &FileSettings,
+    dur: impl Fn(Option<Duration>, &Option<String>, &str, Duration) -> Result<Duration, ConfigError>,
+) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let max_connections = flags.max_connections.or(file.max_connections).unwrap_or(d.max_connections);
+    let limits = Limits {
+        max_connections,
+        max_unauthenticated: flags
+            .max_unauthenticated
+            .or(file.max_unauthenticated)
+            .unwrap_or_else(|| d.max_unauthenticated.min(max_connections / 2).max(1)),
+        max_unauthenticated_per_address: flags
+            .max_unauthenticated_per_address
+            .or(file.max_unauthenticated_per_address)
+            .unwrap_or(d.max_unauthenticated_per_address),
+        handshake_timeout: dur(flags.handshake_timeout, &file.handshake_timeout, "handshake_timeout", d.handshake_timeout)?,
+        header_timeout: dur(flags.header_timeout, &file.header_timeout, "header_timeout", d.header_timeout)?,
+        keep_alive_timeout: dur(flags.keep_alive_timeout, &file.keep_alive_timeout, "keep_alive_timeout", d.keep_alive_timeout)?,
+        body_timeout: dur(flags.body_timeout, &file.body_timeout, "body_timeout", d.body_timeout)?,
+        max_body_bytes: flags.max_body_bytes.or(file.max_body_bytes).unwrap_or(d.max_body_bytes),
+        agent_messages_per_second: flags
+            .agent_messages_per_second
+            .or(file.agent_messages_per_second)
+            .unwrap_or(d.agent_messages_per_second),
+        agent_message_burst: flags.agent_message_burst.or(file.agent_message_burst).unwrap_or(d.agent_message_burst),
+        agent_bytes_per_second: flags.agent_bytes_per_second.or(file.agent_bytes_per_second).unwrap_or(d.agent_bytes_per_second),
+        agent_byte_burst: flags.agent_byte_burst.or(file.agent_byte_burst).unwrap_or(d.agent_byte_burst),
+        recorder_queue_bytes: flags.recorder_queue_bytes.or(file.recorder_queue_bytes).unwrap_or(d.recorder_queue_bytes),
+        max_token_ttl: dur(flags.max_token_ttl, &file.max_token_ttl, "max_token_ttl", d.max_token_ttl)?,
+        max_enroll_token_ttl: dur(flags.max_enroll_token_ttl, &file.max_enroll_token_ttl, "max_enroll_token_ttl", d.max_enroll_token_ttl)?,
+    };
+    limits.validate()?;
+    Ok(limits)
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        let secs = |d: Duration, lo: u64, hi: u64| (Duration::from_millis(lo)..=Duration::from_secs(hi)).contains(&d);
+        if self.max_connections < 2 {
+            return bad("max_connections must be at least 2");
+        }
+        if self.max_unauthenticated == 0 || self.max_unauthenticated >= self.max_connections {
+            return bad("max_unauthenticated must be at least 1 and below max_connections, to keep room for agents and operators");
+        }
+        if self.max_unauthenticated_per_address == 0 {
+            return bad("max_unauthenticated_per_address must be at least 1");
+        }
+        if !secs(self.handshake_timeout, 100, 300)
+            || !secs(self.header_timeout, 100, 300)
+            || !secs(self.keep_alive_timeout, 100, 3600)
+            || !secs(self.body_timeout, 100, 3600)
+        {
+            return bad(
+                "handshake_timeout and header_timeout must be between 100ms and 5m, keep_alive_timeout and body_timeout between 100ms and 1h",
+            );
+        }
+        if !(1024..=(1 << 30)).contains(&self.max_body_bytes) {
+            return bad("max_body_bytes must be between 1024 and 1073741824");
+        }
+        if self.agent_messages_per_second == 0 || self.agent_message_burst == 0 {
+            return bad("agent_messages_per_second and agent_message_burst must be at least 1");
+        }
+        // A burst must hold at least one largest message, or that message could never pass.
+        let max_message = shared::protocol::MAX_MESSAGE_BYTES as u64;
+        if self.agent_bytes_per_second == 0 || self.agent_byte_burst < max_message {
+            return bad("agent_bytes_per_second must be positive and agent_byte_burst at least 131072 (one largest message)");
+        }
+        if self.recorder_queue_bytes < shared::protocol::MAX_MESSAGE_BYTES {
+            return bad("recorder_queue_bytes must be at least 131072 (one largest message)");
+        }
+        let year = 365 * 86_400;
+        if !secs(self.max_token_ttl, 60_000, 10 * year) || !secs(self.max_enroll_token_ttl, 60_000, 10 * year) {
+            return bad("max_token_ttl and max_enroll_token_ttl must be between 1m and 3650d");
+        }
+        Ok(())
     }
 }
 

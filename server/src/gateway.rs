@@ -36,31 +36,37 @@ const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
 /// A send that takes longer than this means the agent stopped reading.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const OUTBOUND_QUEUE: usize = 256;
+/// How long a closing session waits for the agent's answering Close.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Who is connecting, once the handshake has been authenticated.
-struct Authenticated {
-    agent_id: AgentId,
-    token_labels: Labels,
-    /// Set when the agent enrolled in this handshake: its new credential, for `welcome`.
-    credential: Option<String>,
-}
+/// Largest write buffer of one session. A peer that stops reading (while sending pings, say,
+/// whose pongs queue here) is closed when its buffer passes this, instead of growing it.
+const MAX_WRITE_BUFFER: usize = 256 * 1024;
 
 fn refuse(status: StatusCode, kind: &str, message: String) -> Response {
     (status, Json(ApiError { error: kind.into(), message })).into_response()
 }
 
-/// `GET /api/v1/agent/connect`.
+/// `GET /api/v1/agent/connect`. Checks everything that can be checked before the upgrade
+/// (the subprotocol, then the credential) without changing anything: an enrollment token's use
+/// is taken only after `hello` arrives on an upgraded connection, so a refused or abandoned
+/// handshake spends nothing and creates no agent.
 pub async fn connect(
     State(app): State<AppState>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    ticket: Option<axum::Extension<crate::admission::Ticket>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let offered = ws.requested_protocols().any(|p| p.to_str().is_ok_and(|s| s.split(',').any(|s| s.trim() == protocol::SUBPROTOCOL)));
+    if !offered {
+        return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("offer the WebSocket subprotocol {}", protocol::SUBPROTOCOL));
+    }
     let auth_header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let who = match authenticate(&app, auth_header).await {
-        Ok(who) => who,
+    let verified = match verify(&app, auth_header).await {
+        Ok(v) => v,
         Err(Refusal::Auth(e)) => {
-            tracing::warn!(%remote, reason = %e, "agent handshake refused");
+            crate::logging::refused_handshake("agent handshake", remote, &e);
             return refuse(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string());
         }
         Err(Refusal::Internal(e)) => {
@@ -68,9 +74,9 @@ pub async fn connect(
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the server cannot check credentials right now".into());
         }
     };
-    let offered = ws.requested_protocols().any(|p| p.to_str().is_ok_and(|s| s.split(',').any(|s| s.trim() == protocol::SUBPROTOCOL)));
-    if !offered {
-        return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("offer the WebSocket subprotocol {}", protocol::SUBPROTOCOL));
+    let ticket = ticket.map(|axum::Extension(t)| t);
+    if let Some(t) = &ticket {
+        t.promote();
     }
     let guard = app.tracker.token();
     ws.protocols([protocol::SUBPROTOCOL])
@@ -78,8 +84,11 @@ pub async fn connect(
         .max_frame_size(protocol::MAX_MESSAGE_BYTES)
         .read_buffer_size(4 * 1024)
         .write_buffer_size(4 * 1024)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
-            run_session(app, socket, who, remote).await;
+            run_session(app, socket, verified, remote).await;
+            // The session holds its connection's slot until it ends.
+            drop(ticket);
             drop(guard);
         })
 }
@@ -136,32 +145,43 @@ async fn verify(app: &AppState, header: Option<&str>) -> Result<Verified, Refusa
     }
 }
 
-async fn authenticate(app: &AppState, header: Option<&str>) -> Result<Authenticated, Refusal> {
-    let token = match verify(app, header).await? {
-        Verified::Agent(row) => return Ok(Authenticated { agent_id: row.id, token_labels: row.token_labels, credential: None }),
-        Verified::EnrollToken(token) => token,
+/// Who is connected, once `hello` has arrived (and, for a new agent, enrollment is done).
+struct Authenticated {
+    agent_id: AgentId,
+    token_labels: Labels,
+    /// Set when the agent enrolled in this handshake: its new credential, for `welcome`.
+    credential: Option<String>,
+}
+
+/// Takes one use of the enrollment token and creates the agent, atomically; the agent's
+/// credential is returned in `welcome`. Runs only once `hello` has been read and checked.
+async fn enroll(app: &AppState, token: &crate::store::EnrollTokenRow, hello: &Hello) -> Result<Authenticated, Ending> {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        tracing::error!(error = %e, "cannot enroll an agent");
+        Ending::close(close::INTERNAL_ERROR, "the server cannot enroll agents right now")
     };
     let now = Timestamp::now();
-    let internal = |e: String| Refusal::Internal(crate::store::StoreError::Database(e));
     let mut id_bytes = [0u8; 8];
-    getrandom::fill(&mut id_bytes).map_err(|e| internal(e.to_string()))?;
+    getrandom::fill(&mut id_bytes).map_err(|e| unavailable(&e))?;
     let agent_id = AgentId::from_bytes(id_bytes);
-    let issued = auth::issue(Kind::Agent, Some(agent_id.as_str())).map_err(|e| internal(e.to_string()))?;
+    let issued = auth::issue(Kind::Agent, Some(agent_id.as_str())).map_err(|e| unavailable(&e))?;
     let new = NewAgent { id: agent_id.clone(), secret_hash: issued.hash, token_labels: token.labels.clone(), at: now };
-    if !app.store.enroll_agent(&token.id, &new).await? {
-        return Err(Refusal::Auth(AuthError::UsedUp));
+    match app.store.enroll_agent(&token.id, &new).await {
+        Ok(true) => {}
+        Ok(false) => return Err(Ending::close(close::ENROLLMENT_REFUSED, "the enrollment token is used up, expired or revoked")),
+        Err(e) => return Err(unavailable(&e)),
     }
     app.audit(AuditEntry {
         at: now,
         actor: format!("enroll-token:{}", token.id),
         action: "agent.enroll".into(),
         target: Some(agent_id.to_string()),
-        detail: serde_json::json!({ "labels": token.labels }),
+        detail: serde_json::json!({ "labels": token.labels, "hostname": hello.hostname }),
     })
     .await;
     tracing::info!(agent = %agent_id, token = %token.id, "agent enrolled");
     app.fleet.publish(shared::api::FleetEvent::AgentEnrolled { agent_id: agent_id.clone(), labels: token.labels.clone(), at: now });
-    Ok(Authenticated { agent_id, token_labels: token.labels, credential: Some(issued.token) })
+    Ok(Authenticated { agent_id, token_labels: token.labels.clone(), credential: Some(issued.token) })
 }
 
 /// `GET /api/v1/agent/check`: whether an agent credential or an enrollment token would be
@@ -172,7 +192,7 @@ pub async fn check(State(app): State<AppState>, ConnectInfo(remote): ConnectInfo
         Ok(Verified::Agent(row)) => Json(serde_json::json!({ "agent_id": row.id })).into_response(),
         Ok(Verified::EnrollToken(t)) => Json(serde_json::json!({ "enroll_token": t.id, "uses_left": t.uses_left })).into_response(),
         Err(Refusal::Auth(e)) => {
-            tracing::warn!(%remote, reason = %e, "agent check refused");
+            crate::logging::refused_handshake("agent check", remote, &e);
             refuse(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
         }
         Err(Refusal::Internal(e)) => {
@@ -220,24 +240,62 @@ async fn finish(socket: &mut WebSocket, ending: &Ending) {
         while reason.len() > 120 {
             reason.pop();
         }
-        let _ = send(socket, Message::Close(Some(CloseFrame { code: *code, reason: reason.into() }))).await;
+        if send(socket, Message::Close(Some(CloseFrame { code: *code, reason: reason.into() }))).await.is_ok() {
+            // Wait (briefly) for the agent's Close, reading and discarding what it still sends:
+            // closing the socket with unread input would reset the connection and could lose
+            // the Close frame, and with it the code that tells the agent what to do.
+            let drain = async {
+                while let Some(Ok(m)) = socket.recv().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_GRACE, drain).await;
+        }
     }
 }
 
-/// Maps a read error to the close code the protocol gives it.
+/// The peer sent Close: answer it, as RFC 6455 asks. The library queued the answer when it read
+/// the frame; flushing sends it.
+async fn echo_close(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), futures_util::SinkExt::flush(socket)).await;
+}
+
+/// Maps a read error to the close code the protocol gives it, and says in words what happened
+/// (no library text with URLs in it reaches the agent's status history).
 fn read_error(e: axum::Error) -> Ending {
     match e.into_inner().downcast::<tungstenite::Error>() {
         Ok(e) => match *e {
-            tungstenite::Error::Capacity(c) => Ending::close(close::TOO_BIG, format!("message too big: {c}")),
+            tungstenite::Error::Capacity(tungstenite::error::CapacityError::MessageTooLong { size, max_size }) => {
+                Ending::close(close::TOO_BIG, format!("message of {size} bytes is over the limit of {max_size}"))
+            }
+            tungstenite::Error::Capacity(_) => Ending::close(close::TOO_BIG, "message too big"),
+            tungstenite::Error::WriteBufferFull(_) => Ending::quiet("the agent stopped reading: its write buffer is full"),
             tungstenite::Error::Utf8(_) => Ending::close(close::INVALID_PAYLOAD, "text frame is not valid UTF-8"),
             tungstenite::Error::Protocol(p) => Ending::close(close::PROTOCOL_ERROR, format!("websocket protocol error: {p}")),
-            other => Ending::quiet(format!("connection lost: {other}")),
+            tungstenite::Error::Io(io) => Ending::quiet(io_reason(&io)),
+            tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => Ending::quiet("connection closed"),
+            tungstenite::Error::Tls(_) => Ending::quiet("connection lost: TLS error"),
+            _ => Ending::quiet("connection lost"),
         },
-        Err(other) => Ending::quiet(format!("connection lost: {other}")),
+        Err(_) => Ending::quiet("connection lost"),
     }
 }
 
-/// Waits for `hello`: the first message, within the hello timeout.
+fn io_reason(e: &std::io::Error) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::UnexpectedEof => "connection lost: closed without a TLS close_notify".into(),
+        ErrorKind::ConnectionReset => "connection lost: reset by the peer".into(),
+        ErrorKind::ConnectionAborted => "connection lost: aborted".into(),
+        ErrorKind::BrokenPipe => "connection lost: broken pipe".into(),
+        ErrorKind::TimedOut => "connection lost: timed out".into(),
+        _ => "connection lost".into(),
+    }
+}
+
+/// Waits for `hello`: the first message, within the hello timeout, every field checked.
 async fn read_hello(socket: &mut WebSocket) -> Result<Hello, Ending> {
     let first = tokio::time::timeout(Duration::from_millis(protocol::HELLO_TIMEOUT_MS), socket.recv()).await;
     let msg = match first {
@@ -249,11 +307,16 @@ async fn read_hello(socket: &mut WebSocket) -> Result<Hello, Ending> {
     let text = match msg {
         Message::Text(t) => t,
         Message::Binary(_) => return Err(Ending::close(close::UNSUPPORTED_DATA, "binary frames are not part of the protocol")),
-        Message::Close(_) => return Err(Ending::quiet("closed before hello")),
+        Message::Close(_) => {
+            echo_close(socket).await;
+            return Err(Ending::quiet("closed before hello"));
+        }
         _ => return Err(Ending::close(close::PROTOCOL_ERROR, "expected hello first")),
     };
-    match AgentMessage::decode(text.as_str()) {
-        Ok(AgentMessage::Hello(h)) => {
+    let msg = AgentMessage::decode(text.as_str()).map_err(|e| Ending::close(e.close_code(), e.to_string()))?;
+    msg.validate().map_err(|e| Ending::close(close::INVALID_PAYLOAD, format!("invalid {}: {e}", msg.type_name())))?;
+    match msg {
+        AgentMessage::Hello(h) => {
             if h.protocol != protocol::PROTOCOL_VERSION {
                 return Err(Ending::close(
                     close::UNSUPPORTED_VERSION,
@@ -264,28 +327,39 @@ async fn read_hello(socket: &mut WebSocket) -> Result<Hello, Ending> {
             if !(MIN_HEARTBEAT..=MAX_HEARTBEAT).contains(&interval) {
                 return Err(Ending::close(close::INVALID_PAYLOAD, "heartbeat_interval_ms must be between 200 and 3600000"));
             }
-            if h.hostname.is_empty() || h.hostname.len() > 255 || h.agent_version.len() > 64 {
-                return Err(Ending::close(close::INVALID_PAYLOAD, "hostname must be 1 to 255 bytes, agent_version at most 64"));
-            }
             Ok(h)
         }
-        Ok(other) => Err(Ending::close(close::PROTOCOL_ERROR, format!("expected hello first, got {}", other.type_name()))),
-        Err(e) => Err(Ending::close(e.close_code(), e.to_string())),
+        other => Err(Ending::close(close::PROTOCOL_ERROR, format!("expected hello first, got {}", other.type_name()))),
     }
 }
 
-async fn run_session(app: AppState, mut socket: WebSocket, who: Authenticated, remote: SocketAddr) {
-    let agent_id = who.agent_id.clone();
+async fn run_session(app: AppState, mut socket: WebSocket, verified: Verified, remote: SocketAddr) {
     let hello = match read_hello(&mut socket).await {
         Ok(h) => h,
         Err(ending) => {
-            tracing::warn!(agent = %agent_id, %remote, reason = %ending.reason, "agent session refused");
+            let who = match &verified {
+                Verified::Agent(row) => row.id.to_string(),
+                Verified::EnrollToken(t) => format!("enroll-token:{}", t.id),
+            };
+            tracing::warn!(who = %who, %remote, reason = %ending.reason, "agent session refused");
             finish(&mut socket, &ending).await;
             return;
         }
     };
+    let who = match verified {
+        Verified::Agent(row) => Authenticated { agent_id: row.id, token_labels: row.token_labels, credential: None },
+        Verified::EnrollToken(token) => match enroll(&app, &token, &hello).await {
+            Ok(who) => who,
+            Err(ending) => {
+                tracing::warn!(token = %token.id, %remote, reason = %ending.reason, "enrollment refused");
+                finish(&mut socket, &ending).await;
+                return;
+            }
+        },
+    };
+    let agent_id = who.agent_id.clone();
     let interval = Duration::from_millis(hello.heartbeat_interval_ms);
-    let labels = hello.labels.overlaid_with(&who.token_labels);
+    let labels = who.token_labels.with_reported(&hello.labels);
     let (out_tx, mut out_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let closer = Closer::default();
     let now = Timestamp::now();
@@ -301,9 +375,32 @@ async fn run_session(app: AppState, mut socket: WebSocket, who: Authenticated, r
             remote_addr: remote.to_string(),
         })
         .await;
-    let reg = app.registry.register(&agent_id, Thresholds::for_interval(interval), out_tx, closer.clone());
+    let reg = app.registry.register(&agent_id, Thresholds::for_interval(interval), out_tx, closer.clone(), remote);
     if let Some(change) = reg.change {
         app.recorder.send(health::record_for(change, now)).await;
+    }
+    if let Some(conflict) = reg.conflict {
+        crate::alerts::credential_conflict(&app, &agent_id, conflict);
+    }
+    // Revocation writes the database, then closes the registered session. A session that was
+    // verified before the revocation but registered after that close is caught here.
+    if who.credential.is_none() {
+        match app.store.agent_credential(&agent_id).await {
+            Ok(Some(row)) if !row.revoked => {}
+            Ok(_) => {
+                let ending = Ending::close(close::REVOKED, "credential revoked");
+                finish(&mut socket, &ending).await;
+                leave(&app, &agent_id, reg.conn, &ending).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(agent = %agent_id, error = %e, "cannot check the agent's credential");
+                let ending = Ending::close(close::INTERNAL_ERROR, "server cannot read its database");
+                finish(&mut socket, &ending).await;
+                leave(&app, &agent_id, reg.conn, &ending).await;
+                return;
+            }
+        }
     }
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, %remote, version = %hello.agent_version, "agent connected");
     // Settle what the agent holds against what the server believes it sent. This comes after
@@ -335,7 +432,15 @@ async fn run_session(app: AppState, mut socket: WebSocket, who: Authenticated, r
         if let Err(e) = cancel_held_runs_of_cancelled_jobs(&app, &mut socket, &held).await {
             Ending::quiet(e)
         } else {
-            session_loop(&app, &mut socket, &agent_id, reg.conn, &closer, &mut out_rx).await
+            let mut session = Session {
+                app: &app,
+                agent_id: &agent_id,
+                conn: reg.conn,
+                budget: crate::budget::Budget::from_limits(&app.config.limits),
+                min_sample_gap: (interval / 2).max(MIN_HEARTBEAT / 2),
+                last_sample: None,
+            };
+            session.run(&mut socket, &closer, &mut out_rx).await
         }
     };
     finish(&mut socket, &ending).await;
@@ -380,110 +485,160 @@ enum Event {
     Shutdown,
 }
 
-async fn session_loop(
-    app: &AppState,
-    socket: &mut WebSocket,
-    agent_id: &AgentId,
+/// One open session: what it needs to judge each message the agent sends.
+struct Session<'a> {
+    app: &'a AppState,
+    agent_id: &'a AgentId,
     conn: u64,
-    closer: &Closer,
-    outbound: &mut mpsc::Receiver<ServerMessage>,
-) -> Ending {
-    let idle_timeout = app.config.idle_timeout();
-    let mut ping = tokio::time::interval_at(Instant::now() + app.config.ping_interval, app.config.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    loop {
-        // Borrow the socket only while waiting; handle the event after the select.
-        let event = tokio::select! {
-            frame = socket.recv() => Event::Frame(frame),
-            msg = outbound.recv() => Event::Outbound(msg),
-            _ = ping.tick() => Event::Ping,
-            _ = closer.closed() => Event::Close,
-            _ = app.shutdown.cancelled() => Event::Shutdown,
-        };
-        match event {
-            Event::Shutdown => return Ending::close(close::GOING_AWAY, "server shutting down"),
-            Event::Close => {
-                let (code, reason) = closer.reason().unwrap_or((close::NORMAL, "closed by the server".into()));
-                return Ending::close(code, reason);
-            }
-            Event::Ping => {
-                if last_heard.elapsed() > idle_timeout {
-                    return Ending::close(close::TIMEOUT, format!("nothing heard for {}", shared::duration::format(idle_timeout)));
-                }
-                if send(socket, Message::Ping(Default::default())).await.is_err() {
-                    return Ending::quiet("connection lost while sending a ping");
-                }
-            }
-            Event::Outbound(None) => return Ending::close(close::INTERNAL_ERROR, "session channel closed"),
-            Event::Outbound(Some(msg)) => {
-                if send_json(socket, &msg).await.is_err() {
-                    return Ending::quiet("connection lost while sending");
-                }
-            }
-            Event::Frame(None) => return Ending::quiet("connection closed"),
-            Event::Frame(Some(Err(e))) => return read_error(e),
-            Event::Frame(Some(Ok(frame))) => {
-                last_heard = Instant::now();
-                match frame {
-                    Message::Text(text) => {
-                        if let Err(ending) = handle_text(app, agent_id, conn, text.as_str()).await {
-                            return ending;
-                        }
-                    }
-                    Message::Binary(_) => return Ending::close(close::UNSUPPORTED_DATA, "binary frames are not part of the protocol"),
-                    Message::Close(frame) => {
-                        let why =
-                            frame.map(|f| format!("closed by agent ({} {})", f.code, f.reason)).unwrap_or_else(|| "closed by agent".into());
-                        return Ending::quiet(why);
-                    }
-                    // Pongs (and pings, which the library answers) only prove the link is alive.
-                    Message::Ping(_) | Message::Pong(_) => {}
-                }
-            }
-        }
-    }
+    budget: crate::budget::Budget,
+    /// Heartbeats closer together than this count for liveness but are not stored: an agent
+    /// that heartbeats far faster than it announced costs the database no more than one that
+    /// keeps to its interval.
+    min_sample_gap: Duration,
+    last_sample: Option<Instant>,
 }
 
-async fn handle_text(app: &AppState, agent_id: &AgentId, conn: u64, text: &str) -> Result<(), Ending> {
-    let decoded = AgentMessage::decode(text);
-    if let Ok(m) = &decoded {
-        crate::telemetry::message_received(m.type_name());
-    }
-    match decoded {
-        Ok(AgentMessage::Heartbeat(hb)) => {
-            let now = Timestamp::now();
-            if let Some(change) = app.registry.heartbeat(agent_id, conn) {
-                tracing::info!(agent = %agent_id, to = %change.to, reason = %change.reason, "agent status changed");
-                app.recorder.send(health::record_for(change, now)).await;
+impl Session<'_> {
+    async fn run(&mut self, socket: &mut WebSocket, closer: &Closer, outbound: &mut mpsc::Receiver<ServerMessage>) -> Ending {
+        let app = self.app;
+        let idle_timeout = app.config.idle_timeout();
+        let mut ping = tokio::time::interval_at(Instant::now() + app.config.ping_interval, app.config.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        loop {
+            // Borrow the socket only while waiting; handle the event after the select.
+            let event = tokio::select! {
+                frame = socket.recv() => Event::Frame(frame),
+                msg = outbound.recv() => Event::Outbound(msg),
+                _ = ping.tick() => Event::Ping,
+                _ = closer.closed() => Event::Close,
+                _ = app.shutdown.cancelled() => Event::Shutdown,
+            };
+            match event {
+                Event::Shutdown => return Ending::close(close::GOING_AWAY, "server shutting down"),
+                Event::Close => {
+                    let (code, reason) = closer.reason().unwrap_or((close::NORMAL, "closed by the server".into()));
+                    return Ending::close(code, reason);
+                }
+                Event::Ping => {
+                    if last_heard.elapsed() > idle_timeout {
+                        return Ending::close(close::TIMEOUT, format!("nothing heard for {}", shared::duration::format(idle_timeout)));
+                    }
+                    if send(socket, Message::Ping(Default::default())).await.is_err() {
+                        return Ending::quiet("connection lost while sending a ping");
+                    }
+                }
+                // The registry dropped this session's sender: it was replaced or closed, and the
+                // closer says how (the two can be seen in either order).
+                Event::Outbound(None) => {
+                    let (code, reason) = closer.reason().unwrap_or((close::INTERNAL_ERROR, "session channel closed".into()));
+                    return Ending::close(code, reason);
+                }
+                Event::Outbound(Some(msg)) => {
+                    if send_json(socket, &msg).await.is_err() {
+                        return Ending::quiet("connection lost while sending");
+                    }
+                }
+                Event::Frame(None) => return Ending::quiet("connection closed"),
+                Event::Frame(Some(Err(e))) => return read_error(e),
+                Event::Frame(Some(Ok(frame))) => {
+                    last_heard = Instant::now();
+                    let len = match &frame {
+                        Message::Text(t) => t.len(),
+                        Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+                        Message::Close(_) => 0,
+                    };
+                    match self.budget.take(len) {
+                        crate::budget::Verdict::Pass => {}
+                        crate::budget::Verdict::Drop { which } => {
+                            crate::telemetry::agent_over_budget(which);
+                            if self.budget.dropped == 1 {
+                                tracing::warn!(agent = %self.agent_id, budget = which, "agent over its message budget: dropping messages");
+                            }
+                            continue;
+                        }
+                        crate::budget::Verdict::Close { which } => {
+                            crate::telemetry::agent_over_budget(which);
+                            return Ending::close(close::RATE_LIMITED, format!("over the {which} budget"));
+                        }
+                    }
+                    match frame {
+                        Message::Text(text) => {
+                            if let Err(ending) = self.handle_text(text.as_str()).await {
+                                return ending;
+                            }
+                        }
+                        Message::Binary(_) => return Ending::close(close::UNSUPPORTED_DATA, "binary frames are not part of the protocol"),
+                        Message::Close(frame) => {
+                            echo_close(socket).await;
+                            let why = frame
+                                .map(|f| format!("closed by agent ({} {})", f.code, crate::logging::untrusted(&f.reason)))
+                                .unwrap_or_else(|| "closed by agent".into());
+                            return Ending::quiet(why);
+                        }
+                        // Pongs (and pings, which the library answers) only prove the link is alive.
+                        Message::Ping(_) | Message::Pong(_) => {}
+                    }
+                }
             }
-            app.recorder.heartbeat(Record::Heartbeat { agent_id: agent_id.clone(), at: now, seq: hb.seq, metrics: Box::new(hb.metrics) });
-            Ok(())
         }
-        Ok(AgentMessage::Hello(_)) => Err(Ending::close(close::PROTOCOL_ERROR, "hello sent twice")),
-        Ok(AgentMessage::RunAccepted(m)) => {
-            app.recorder.send(Record::RunAccepted { agent_id: agent_id.clone(), run_id: m.run_id, at: Timestamp::now() }).await;
-            Ok(())
+    }
+
+    async fn handle_text(&mut self, text: &str) -> Result<(), Ending> {
+        let (app, agent_id) = (self.app, self.agent_id);
+        let msg = match AgentMessage::decode(text) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(agent = %agent_id, error = %crate::logging::untrusted(&e.to_string()), "malformed message from agent");
+                return Err(Ending::close(e.close_code(), e.to_string()));
+            }
+        };
+        crate::telemetry::message_received(msg.type_name());
+        if let Err(e) = msg.validate() {
+            tracing::warn!(agent = %agent_id, kind = msg.type_name(), error = %e, "invalid message from agent");
+            return Err(Ending::close(close::INVALID_PAYLOAD, format!("invalid {}: {e}", msg.type_name())));
         }
-        Ok(AgentMessage::RunStarted(m)) => {
-            app.recorder.send(Record::RunStarted { agent_id: agent_id.clone(), run_id: m.run_id, at: Timestamp::now() }).await;
-            Ok(())
-        }
-        Ok(AgentMessage::RunOutput(m)) => {
-            // Waiting for room in the recorder's queue slows this agent down, which is the
-            // backpressure output needs; nothing is dropped.
-            let record =
-                Record::RunOutput { agent_id: agent_id.clone(), run_id: m.run_id, stream: m.stream, offset: m.offset, data: m.data };
-            app.recorder.send(record).await;
-            Ok(())
-        }
-        Ok(AgentMessage::RunFinished(m)) => {
-            app.recorder.send(Record::RunFinished { agent_id: agent_id.clone(), finished: Box::new(m), at: Timestamp::now() }).await;
-            Ok(())
-        }
-        Err(e) => {
-            tracing::warn!(agent = %agent_id, error = %e, "malformed message from agent");
-            Err(Ending::close(e.close_code(), e.to_string()))
+        match msg {
+            AgentMessage::Heartbeat(hb) => {
+                let now = Timestamp::now();
+                if let Some(change) = app.registry.heartbeat(agent_id, self.conn) {
+                    tracing::info!(agent = %agent_id, to = %change.to, reason = %change.reason, "agent status changed");
+                    app.recorder.send(health::record_for(change, now)).await;
+                }
+                if self.last_sample.is_some_and(|t| t.elapsed() < self.min_sample_gap) {
+                    crate::telemetry::agent_over_budget("heartbeat_interval");
+                    return Ok(());
+                }
+                self.last_sample = Some(Instant::now());
+                app.recorder.heartbeat(Record::Heartbeat {
+                    agent_id: agent_id.clone(),
+                    at: now,
+                    seq: hb.seq,
+                    metrics: Box::new(hb.metrics),
+                });
+                Ok(())
+            }
+            AgentMessage::Hello(_) => Err(Ending::close(close::PROTOCOL_ERROR, "hello sent twice")),
+            AgentMessage::RunAccepted(m) => {
+                app.recorder.send(Record::RunAccepted { agent_id: agent_id.clone(), run_id: m.run_id, at: Timestamp::now() }).await;
+                Ok(())
+            }
+            AgentMessage::RunStarted(m) => {
+                app.recorder.send(Record::RunStarted { agent_id: agent_id.clone(), run_id: m.run_id, at: Timestamp::now() }).await;
+                Ok(())
+            }
+            AgentMessage::RunOutput(m) => {
+                // Waiting for room in the recorder's queue (records and bytes) slows this agent
+                // down, which is the backpressure output needs; nothing is dropped.
+                let record =
+                    Record::RunOutput { agent_id: agent_id.clone(), run_id: m.run_id, stream: m.stream, offset: m.offset, data: m.data };
+                app.recorder.send(record).await;
+                Ok(())
+            }
+            AgentMessage::RunFinished(m) => {
+                app.recorder.send(Record::RunFinished { agent_id: agent_id.clone(), finished: Box::new(m), at: Timestamp::now() }).await;
+                Ok(())
+            }
         }
     }
 }

@@ -1,10 +1,12 @@
 //! muster-server as a library: `main.rs` parses the config and calls [`run`]; tests build an
 //! [`app::Application`] directly.
 
+pub mod admission;
 pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod budget;
 pub mod check;
 pub mod config;
 pub mod dev;
@@ -13,6 +15,8 @@ pub mod events;
 pub mod fleet_events;
 pub mod gateway;
 pub mod health;
+pub mod logging;
+pub mod output;
 pub mod recorder;
 pub mod registry;
 pub mod shutdown;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use shared::job::JobEvent;
 use shared::protocol::{Resend, ResultAck, ServerMessage};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::events::Events;
@@ -44,6 +44,18 @@ const MAX_BATCH: usize = 8_192;
 pub struct Recorder {
     tx: mpsc::Sender<Record>,
     stats: Arc<Stats>,
+    /// Bytes of output the queue may hold: with 65,536 records of up to 16 KiB each, a count
+    /// alone would let the queue grow to a gigabyte. A session waits here for room.
+    bytes: Arc<Semaphore>,
+}
+
+/// Bytes a record holds in the queue, for the byte budget.
+fn weight(record: &Record) -> usize {
+    match record {
+        Record::RunOutput { data, .. } => data.len(),
+        Record::RunFinished { finished, .. } => finished.error.as_ref().map_or(0, String::len),
+        _ => 0,
+    }
 }
 
 #[derive(Debug, Default)]
@@ -56,15 +68,27 @@ pub struct Stats {
 impl Recorder {
     /// Starts the writer. It runs until every `Recorder` clone is dropped, then writes what is
     /// left and ends; await the handle to know everything queued is on disk.
-    pub fn spawn(store: Arc<dyn Store>, hooks: Hooks) -> (Recorder, JoinHandle<()>) {
+    pub fn spawn(store: Arc<dyn Store>, hooks: Hooks, queue_bytes: usize) -> (Recorder, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(Stats::default());
-        let handle = tokio::spawn(run(store, rx, stats.clone(), hooks));
-        (Recorder { tx, stats }, handle)
+        let bytes = Arc::new(Semaphore::new(queue_bytes.min(Semaphore::MAX_PERMITS)));
+        let handle = tokio::spawn(run(store, rx, stats.clone(), hooks, bytes.clone()));
+        (Recorder { tx, stats, bytes }, handle)
     }
 
-    /// Queues a record that must not be lost, waiting for room if the queue is full.
+    /// Queues a record that must not be lost, waiting for room (in records and in bytes) if
+    /// the queue is full.
     pub async fn send(&self, record: Record) {
+        let w = weight(&record);
+        if w > 0 {
+            // One message is at most 128 KiB and the budget at least that, so this always fits.
+            let n = u32::try_from(w).unwrap_or(u32::MAX);
+            match self.bytes.acquire_many(n).await {
+                // Given back by the writer once the batch holding the record is written.
+                Ok(permit) => permit.forget(),
+                Err(_) => return,
+            }
+        }
         if self.tx.send(record).await.is_err() {
             tracing::error!("recorder stopped; a session record was not written");
         }
@@ -85,7 +109,7 @@ impl Recorder {
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<Stats>, hooks: Hooks) {
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<Stats>, hooks: Hooks, bytes: Arc<Semaphore>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut last_heartbeat_event: std::collections::HashMap<shared::AgentId, tokio::time::Instant> = Default::default();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -97,6 +121,7 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<S
         announce(&hooks, effects);
         stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
+        bytes.add_permits(batch.iter().map(weight).sum());
         batch.clear();
     }
 }

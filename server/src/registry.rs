@@ -61,7 +61,21 @@ struct Entry {
     thresholds: Thresholds,
     outbound: mpsc::Sender<ServerMessage>,
     closer: Closer,
+    remote: std::net::SocketAddr,
 }
+
+/// A session that was alive (it heartbeated within [`LIVE_WITHIN`]) when another connection
+/// with the same credential replaced it: two machines share one credential (a cloned image), or
+/// the credential was copied. A reconnect after a network blip replaces a session that has gone
+/// quiet, and is not reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    pub previous: std::net::SocketAddr,
+    pub current: std::net::SocketAddr,
+}
+
+/// How recent the replaced session's last heartbeat must be for a replacement to be a conflict.
+pub const LIVE_WITHIN: Duration = Duration::from_secs(5);
 
 /// A status change the caller must record.
 #[derive(Debug, PartialEq, Eq)]
@@ -82,6 +96,7 @@ pub struct Registry {
 pub struct Registration {
     pub conn: u64,
     pub change: Option<Change>,
+    pub conflict: Option<Conflict>,
 }
 
 impl Registry {
@@ -90,10 +105,21 @@ impl Registry {
     }
 
     /// Registers a session that has just said hello. The agent is online from now.
-    pub fn register(&self, id: &AgentId, thresholds: Thresholds, outbound: mpsc::Sender<ServerMessage>, closer: Closer) -> Registration {
+    pub fn register(
+        &self,
+        id: &AgentId,
+        thresholds: Thresholds,
+        outbound: mpsc::Sender<ServerMessage>,
+        closer: Closer,
+        remote: std::net::SocketAddr,
+    ) -> Registration {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry { conn, status: AgentStatus::Online, last_heartbeat: Instant::now(), thresholds, outbound, closer };
+        let entry = Entry { conn, status: AgentStatus::Online, last_heartbeat: Instant::now(), thresholds, outbound, closer, remote };
         let old = lock(&self.entries).insert(id.clone(), entry);
+        let conflict = old
+            .as_ref()
+            .filter(|old| old.status == AgentStatus::Online && old.last_heartbeat.elapsed() < LIVE_WITHIN)
+            .map(|old| Conflict { previous: old.remote, current: remote });
         let change = match old {
             Some(old) => {
                 old.closer.close(close::REPLACED, "replaced by a newer connection from the same agent");
@@ -108,7 +134,7 @@ impl Registry {
                 Some(Change { agent_id: id.clone(), from: Some(AgentStatus::Offline), to: AgentStatus::Online, reason: "connected".into() })
             }
         };
-        Registration { conn, change }
+        Registration { conn, change, conflict }
     }
 
     /// Notes a heartbeat; a stale agent becomes online again.
@@ -198,6 +224,23 @@ mod tests {
         Thresholds::for_interval(Duration::from_secs(10))
     }
 
+    fn addr(n: u8) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, n], 40000))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replacing_a_live_session_is_a_conflict_and_replacing_a_quiet_one_is_not() {
+        let r = Registry::new();
+        let (tx, _rx) = mpsc::channel(4);
+        r.register(&id(1), thresholds(), tx.clone(), Closer::default(), addr(1));
+        let clone = r.register(&id(1), thresholds(), tx.clone(), Closer::default(), addr(2));
+        assert_eq!(clone.conflict, Some(Conflict { previous: addr(1), current: addr(2) }));
+        // The agent whose link died reconnects after its old session went quiet.
+        tokio::time::advance(LIVE_WITHIN + Duration::from_secs(1)).await;
+        let reconnect = r.register(&id(1), thresholds(), tx, Closer::default(), addr(3));
+        assert_eq!(reconnect.conflict, None);
+    }
+
     fn id(n: u8) -> AgentId {
         AgentId::from_bytes([n; 8])
     }
@@ -206,7 +249,7 @@ mod tests {
     async fn agent_goes_stale_after_three_intervals_and_recovers_on_heartbeat() {
         let r = Registry::new();
         let (tx, _rx) = mpsc::channel(1);
-        let reg = r.register(&id(1), thresholds(), tx, Closer::default());
+        let reg = r.register(&id(1), thresholds(), tx, Closer::default(), addr(1));
         assert_eq!(reg.change.map(|c| c.to), Some(AgentStatus::Online));
 
         tokio::time::advance(Duration::from_secs(29)).await;
@@ -226,7 +269,7 @@ mod tests {
         let r = Registry::new();
         let (tx, _rx) = mpsc::channel(1);
         let closer = Closer::default();
-        r.register(&id(1), thresholds(), tx, closer.clone());
+        r.register(&id(1), thresholds(), tx, closer.clone(), addr(1));
         tokio::time::advance(Duration::from_secs(61)).await;
         r.sweep(Instant::now());
         assert_eq!(closer.reason().map(|(c, _)| c), Some(close::TIMEOUT));
@@ -237,8 +280,8 @@ mod tests {
         let r = Registry::new();
         let (tx, _rx) = mpsc::channel(1);
         let old_closer = Closer::default();
-        let old = r.register(&id(1), thresholds(), tx.clone(), old_closer.clone());
-        let new = r.register(&id(1), thresholds(), tx, Closer::default());
+        let old = r.register(&id(1), thresholds(), tx.clone(), old_closer.clone(), addr(1));
+        let new = r.register(&id(1), thresholds(), tx, Closer::default(), addr(2));
         assert!(new.change.is_none(), "online to online is no transition");
         assert_eq!(old_closer.reason().map(|(c, _)| c), Some(close::REPLACED));
         assert!(r.unregister(&id(1), old.conn, "closed").is_none());

@@ -42,6 +42,26 @@ pub fn message_sent(kind: &'static str) {
     counter!("muster_ws_messages_sent_total", "type" => kind).increment(1);
 }
 
+/// A connection closed at accept because a cap was reached (`cap` names the setting).
+pub fn connection_refused(cap: &'static str) {
+    counter!("muster_connections_refused_total", "cap" => cap).increment(1);
+}
+
+/// A request refused for its body: too large (413) or too slow (408).
+pub fn body_refused(why: &'static str) {
+    counter!("muster_request_bodies_refused_total", "reason" => why).increment(1);
+}
+
+/// Agent messages dropped for being over the agent's budget.
+pub fn agent_over_budget(kind: &'static str) {
+    counter!("muster_agent_messages_over_budget_total", "budget" => kind).increment(1);
+}
+
+/// Output chunks refused: they overlapped stored output with different bytes, or left a gap.
+pub fn output_refused(why: &'static str) {
+    counter!("muster_output_chunks_refused_total", "reason" => why).increment(1);
+}
+
 pub fn db_batch(records: usize, took: Duration) {
     histogram!("muster_db_batch_write_seconds").record(took.as_secs_f64());
     counter!("muster_db_records_written_total").increment(records as u64);
@@ -59,6 +79,9 @@ pub async fn render(app: &AppState) -> Result<String, crate::store::StoreError> 
         gauge!("muster_agents", "status" => status.as_str()).set(n as f64);
     }
     gauge!("muster_agents_connected").set(app.registry.len() as f64);
+    let (held, unauthenticated) = app.admission.held();
+    gauge!("muster_connections").set(held as f64);
+    gauge!("muster_connections_unauthenticated").set(unauthenticated as f64);
     let (runs, jobs) = app.store.state_totals().await?;
     for (state, n) in runs {
         gauge!("muster_runs", "state" => state.as_str()).set(n as f64);

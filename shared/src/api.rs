@@ -316,6 +316,15 @@ pub enum FleetEvent {
         agent_id: AgentId,
         at: Timestamp,
     },
+    /// A connection with this agent's credential replaced a session that was still alive: two
+    /// machines are using one credential (a cloned image, or a copied credential file).
+    CredentialConflict {
+        agent_id: AgentId,
+        /// The address of the session that was replaced, then of the one that replaced it.
+        previous_addr: String,
+        current_addr: String,
+        at: Timestamp,
+    },
     /// The latest health of an agent, at most once per agent every 15 seconds.
     Heartbeat {
         agent_id: AgentId,

@@ -268,10 +268,43 @@ pub struct RunInfo {
     pub dispatched_at: Option<Timestamp>,
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
+    /// The head of each stream: at most [`DETAIL_HEAD_BYTES`] in a job's detail (and less once
+    /// the detail holds [`DETAIL_TOTAL_BYTES`] of output in all). When `stdout` is shorter than
+    /// `stdout_len`, the rest is at `GET /api/v1/runs/{id}/output`.
     pub stdout: String,
     pub stderr: String,
+    /// Bytes of each stream the server holds.
+    #[serde(default)]
+    pub stdout_len: u64,
+    #[serde(default)]
+    pub stderr_len: u64,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+}
+
+/// Output bytes per stream of each run in a job's detail.
+pub const DETAIL_HEAD_BYTES: u64 = 64 * 1024;
+/// Output bytes in one job's detail, over all its runs.
+pub const DETAIL_TOTAL_BYTES: u64 = 8 * 1024 * 1024;
+/// Most bytes one `GET /api/v1/runs/{id}/output` returns.
+pub const OUTPUT_PAGE_MAX: u64 = 1024 * 1024;
+
+/// `GET /api/v1/runs/{id}/output?stream=&offset=&limit=`: a page of one stream of a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputPage {
+    pub run_id: RunId,
+    pub stream: Stream,
+    pub offset: u64,
+    /// The bytes from `offset`, ending on a character boundary.
+    pub data: String,
+    /// Where the next page starts: `offset` plus the length of `data`.
+    pub next_offset: u64,
+    /// Bytes of the stream the server holds now (more may come while the run is open).
+    pub len: u64,
+    /// Output past the job's limit was dropped.
+    pub truncated: bool,
+    /// The run is over and `next_offset` is the end: nothing more will come.
+    pub complete: bool,
 }
 
 /// `GET /api/v1/jobs/{id}`.

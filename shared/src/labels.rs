@@ -25,8 +25,14 @@ pub enum InvalidLabel {
     TooMany,
 }
 
+/// Labels an agent reports about itself are kept under this prefix (`agent.role=db`), so that
+/// they match only selectors that name it, and never stand in for the labels that targeting
+/// trusts (the enrollment token's, and those operators set). No other source may use it.
+pub const AGENT_PREFIX: &str = "agent.";
+
 pub fn validate_key(k: &str) -> Result<(), InvalidLabel> {
-    let b = k.as_bytes();
+    // A reported label is the prefix and a key that is valid by itself.
+    let b = k.strip_prefix(AGENT_PREFIX).unwrap_or(k).as_bytes();
     let edge_ok = |c: u8| c.is_ascii_alphanumeric();
     let ok = !b.is_empty()
         && b.len() <= MAX_KEY_LEN
@@ -34,6 +40,11 @@ pub fn validate_key(k: &str) -> Result<(), InvalidLabel> {
         && edge_ok(b[b.len() - 1])
         && b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/'));
     if ok { Ok(()) } else { Err(InvalidLabel::Key(k.to_owned())) }
+}
+
+/// Whether a key is in the namespace of labels agents report about themselves.
+pub fn is_reported(k: &str) -> bool {
+    k.starts_with(AGENT_PREFIX)
 }
 
 pub fn validate_value(v: &str) -> Result<(), InvalidLabel> {
@@ -100,6 +111,25 @@ impl Labels {
         self.0.is_empty()
     }
 
+    /// The labels targeting trusts (`self`) with what the agent reported about itself added
+    /// under [`AGENT_PREFIX`]. Trusted labels come first: when the two together exceed
+    /// [`MAX_LABELS`], reported ones are left out (in key order).
+    pub fn with_reported(&self, reported: &Labels) -> Labels {
+        let mut out = self.0.clone();
+        for (k, v) in &reported.0 {
+            if out.len() >= MAX_LABELS {
+                break;
+            }
+            out.insert(format!("{AGENT_PREFIX}{k}"), v.clone());
+        }
+        Labels(out)
+    }
+
+    /// The first key in the reported namespace, if any: such labels are the agent's alone.
+    pub fn reserved_key(&self) -> Option<&str> {
+        self.0.keys().map(String::as_str).find(|k| is_reported(k))
+    }
+
     /// `self` with every label of `over` laid on top: `over` wins where both have a key.
     pub fn overlaid_with(&self, over: &Labels) -> Labels {
         let mut out = self.0.clone();
@@ -162,6 +192,30 @@ mod tests {
         assert!(Labels::from_pairs(["site=a b"]).is_err());
         assert!(Labels::from_pairs(["site=a,b"]).is_err());
         assert!(serde_json::from_str::<Labels>(r#"{"bad key":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn reported_labels_live_under_their_own_prefix_and_never_replace_trusted_ones() {
+        let trusted = Labels::from_pairs(["role=pos"]).unwrap();
+        let reported = Labels::from_pairs(["role=db", "rack=r1"]).unwrap();
+        let merged = trusted.with_reported(&reported);
+        assert_eq!(merged.to_string(), "agent.rack=r1,agent.role=db,role=pos");
+        assert_eq!(merged.get("role"), Some("pos"));
+        assert_eq!(merged.reserved_key(), Some("agent.rack"));
+        assert_eq!(trusted.reserved_key(), None);
+        // A prefixed key may be as long as any other key after its prefix.
+        let long = format!("{}{}", AGENT_PREFIX, "k".repeat(MAX_KEY_LEN));
+        assert!(validate_key(&long).is_ok());
+        assert!(validate_key("agent.").is_err());
+    }
+
+    #[test]
+    fn trusted_labels_keep_their_room_when_an_agent_reports_too_many() {
+        let trusted = Labels::from_pairs((0..MAX_LABELS - 1).map(|i| format!("t{i}=x"))).unwrap();
+        let reported = Labels::from_pairs((0..10).map(|i| format!("r{i}=y"))).unwrap();
+        let merged = trusted.with_reported(&reported);
+        assert_eq!(merged.len(), MAX_LABELS);
+        assert!(serde_json::from_str::<Labels>(&serde_json::to_string(&merged).unwrap()).is_ok());
     }
 
     #[test]

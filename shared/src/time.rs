@@ -30,6 +30,11 @@ impl Timestamp {
         Duration::from_millis(u64::try_from(now.0.saturating_sub(self.0)).unwrap_or(0))
     }
 
+    /// How long from `now` until this time; zero for times in the past.
+    pub fn age_until(self, now: Timestamp) -> Duration {
+        Duration::from_millis(u64::try_from(self.0.saturating_sub(now.0)).unwrap_or(0))
+    }
+
     pub fn saturating_sub(self, d: Duration) -> Self {
         Timestamp(self.0.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
     }

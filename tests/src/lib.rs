@@ -173,8 +173,7 @@ impl TestServer {
             .arg(self.dir.path())
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--ping-interval")
-            .arg(TEST_PING_INTERVAL)
+            .args(if self.extra_args.iter().any(|a| a == "--ping-interval") { vec![] } else { vec!["--ping-interval", TEST_PING_INTERVAL] })
             .arg("--sweep-interval")
             .arg("100ms")
             .args(&self.extra_args)
@@ -229,16 +228,19 @@ impl TestServer {
 
     /// An agent that reports `hostname` (its `--hostname`) instead of this machine's name.
     pub fn spawn_agent_as(&self, hostname: Option<&str>, token: Option<&str>, labels: &[&str]) -> TestAgent {
-        let state = tempfile::tempdir().expect("tempdir");
-        let agent = TestAgent {
-            state,
+        self.agent_template(hostname, labels).start_with(token)
+    }
+
+    fn agent_template(&self, hostname: Option<&str>, labels: &[&str]) -> TestAgent {
+        TestAgent {
+            state: tempfile::tempdir().expect("tempdir"),
             process: None,
             server: self.url.clone(),
             ca: self.ca.clone(),
             hostname: hostname.map(str::to_owned),
             labels: labels.iter().map(|s| s.to_string()).collect(),
-        };
-        agent.start_with(token)
+            heartbeat_interval: "300ms".into(),
+        }
     }
 
     /// Runs the `muster` CLI against this server as the admin.
@@ -260,6 +262,7 @@ pub struct TestAgent {
     ca: PathBuf,
     hostname: Option<String>,
     labels: Vec<String>,
+    heartbeat_interval: String,
 }
 
 impl TestAgent {
@@ -274,7 +277,7 @@ impl TestAgent {
             .arg("--state-dir")
             .arg(self.state.path())
             .arg("--heartbeat-interval")
-            .arg("300ms")
+            .arg(&self.heartbeat_interval)
             .arg("--backoff-initial")
             .arg("100ms")
             .arg("--backoff-max")
@@ -406,6 +409,9 @@ pub fn client_trusting(ca: &Path) -> reqwest::Client {
     reqwest::Client::builder()
         .use_preconfigured_tls(rustls_config(ca).as_ref().clone())
         .timeout(Duration::from_secs(10))
+        // Below the server's keep-alive timeout, so the client never reuses a connection the
+        // server is closing.
+        .pool_idle_timeout(Duration::from_secs(30))
         .build()
         .expect("http client")
 }
@@ -472,8 +478,19 @@ impl TestServer {
     /// Starts `n` agents enrolled with one token (labels for all), waits for all to be online,
     /// and returns them with their ids.
     pub async fn spawn_agents(&self, n: usize, labels: &[&str]) -> Vec<(TestAgent, AgentId)> {
+        self.spawn_agents_every(n, labels, "300ms").await
+    }
+
+    /// The same, with agents that heartbeat every `interval`.
+    pub async fn spawn_agents_every(&self, n: usize, labels: &[&str], interval: &str) -> Vec<(TestAgent, AgentId)> {
         let token = self.enroll_token(n as u32, labels).await;
-        let agents: Vec<TestAgent> = (0..n).map(|_| self.spawn_agent(Some(&token), &[])).collect();
+        let agents: Vec<TestAgent> = (0..n)
+            .map(|_| {
+                let mut a = self.agent_template(None, &[]);
+                a.heartbeat_interval = interval.to_owned();
+                a.start_with(Some(&token))
+            })
+            .collect();
         let mut out = Vec::new();
         for a in agents {
             let id = a.id().await;
@@ -482,4 +499,43 @@ impl TestServer {
         }
         out
     }
+}
+
+/// Resident memory of a process, in KiB (from /proc).
+pub fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+}
+
+/// A TLS connection to the server from a chosen loopback source address, with nothing sent
+/// on it: what a peer that completes the handshake and never speaks holds.
+pub async fn tls_from(source: [u8; 4], port: u16, ca: &Path) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(std::net::SocketAddr::from((source, 0)))?;
+    let tcp = sock.connect(std::net::SocketAddr::from(([127, 0, 0, 1], port))).await?;
+    let connector = tokio_rustls::TlsConnector::from(rustls_config(ca));
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+}
+
+/// Waits until the peer closes `stream` (a read returns 0 or an error); panics past `deadline`.
+pub async fn wait_closed<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, deadline: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + deadline;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(until, stream.read(&mut buf)).await {
+            Err(_) => panic!("the server did not close the connection within {deadline:?}"),
+            Ok(Ok(0) | Err(_)) => return got,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Size of the server's database files (the SQLite file and its WAL), in bytes.
+pub fn db_bytes(dir: &Path) -> u64 {
+    ["muster.db", "muster.db-wal"].iter().map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0)).sum()
 }

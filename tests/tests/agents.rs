@@ -18,7 +18,11 @@ async fn agent_enrolls_once_then_reconnects_with_its_stored_credential() {
     let mut agent = server.spawn_agent(Some(&token), &["role=pos", "site=ignored"]);
     let id = agent.id().await;
     let a = server.api.wait_status(&id, AgentStatus::Online, SOON).await;
-    assert_eq!(a.summary.labels.to_string(), "role=pos,site=lab", "the token's labels win over the agent's own");
+    assert_eq!(
+        a.summary.labels.to_string(),
+        "agent.role=pos,agent.site=ignored,site=lab",
+        "the token's labels are the trusted ones; the agent's own are kept under agent."
+    );
     let mode = std::fs::metadata(agent.credential_path()).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "the credential file is private");
 

@@ -93,9 +93,10 @@ async fn cli_creates_an_enrollment_token_and_lists_the_agent_that_used_it() {
     assert!(out.status.success());
     assert!(table.starts_with("STATUS"), "{table}");
     let row = table.lines().find(|l| l.contains(id.as_str())).unwrap_or_else(|| panic!("agent in table:\n{table}"));
-    assert!(row.starts_with("online") && row.contains("role=kiosk,site=paris"), "{row}");
+    assert!(row.starts_with("online") && row.contains("agent.role=kiosk,site=paris"), "{row}");
 
-    let out = server.cli(&["agents", "--json", "--label", "site=paris,role in (kiosk,pos)"]);
+    // The agent's own `role` is a reported label: selectors name it with its prefix.
+    let out = server.cli(&["agents", "--json", "--label", "site=paris,agent.role in (kiosk,pos)"]);
     let listed: Vec<AgentSummary> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed.len(), 1);
     let out = server.cli(&["agents", "--json", "--label", "!site"]);
@@ -106,7 +107,7 @@ async fn cli_creates_an_enrollment_token_and_lists_the_agent_that_used_it() {
     let detail = String::from_utf8(out.stdout).unwrap();
     assert!(detail.contains("Status     online") && detail.contains("offline  online  connected"), "{detail}");
     let out = server.cli(&["fleet"]);
-    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "1 agents: 1 online, 0 stale, 0 offline");
+    assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), "1 agent: 1 online, 0 stale, 0 offline");
     drop(agent);
 }
 

@@ -55,7 +55,7 @@ async fn install_writes_a_private_config_and_identity_enrolls_once_and_is_safe_t
 
     let agents: Vec<AgentSummary> = server.api.get("/agents").await;
     assert_eq!(agents.len(), 1);
-    assert_eq!(agents[0].labels.to_string(), "role=pos,site=lab");
+    assert_eq!(agents[0].labels.to_string(), "agent.role=pos,site=lab");
 
     // Again, with the token now used up: nothing breaks, the identity stays.
     let said = ok(&agent(&install, root.path()));

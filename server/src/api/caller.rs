@@ -10,6 +10,9 @@ use super::error::Error;
 use crate::app::AppState;
 use crate::auth::{AuthError, Kind, Presented};
 
+/// How often a long-lived stream checks that its token still works.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `last_used_at` is written at most this often per token, so reads stay reads.
 const TOUCH_EVERY_MS: i64 = 60_000;
 
@@ -18,11 +21,55 @@ pub struct Caller {
     pub token_id: String,
     pub name: String,
     pub role: Role,
+    /// When the token stops working; long-lived streams end then.
+    pub expires_at: Option<Timestamp>,
 }
 
 impl Caller {
     pub fn require(&self, need: Role) -> Result<(), Error> {
         if self.role >= need { Ok(()) } else { Err(Error::Forbidden { have: self.role, need }) }
+    }
+
+    /// A token that is cancelled when this caller's credential stops working (revoked, or
+    /// past its expiry) or the server shuts down: long-lived streams end with it. Revocation on
+    /// this node is seen at once; the token is also checked against the database every
+    /// [`RECHECK`], so a revocation made elsewhere (another node, `bootstrap`) ends the stream
+    /// within that time. Dropping the returned guard stops the watch.
+    pub fn watch(&self, app: &AppState) -> (tokio_util::sync::CancellationToken, tokio_util::sync::DropGuard) {
+        let end = app.shutdown.child_token();
+        let guard = end.clone().drop_guard();
+        let (id, expires_at) = (self.token_id.clone(), self.expires_at);
+        let mut revoked = app.revoked.subscribe();
+        let (store, watch) = (app.store.clone(), end.clone());
+        tokio::spawn(async move {
+            let until_expiry = async {
+                match expires_at {
+                    Some(t) => tokio::time::sleep(t.age_until(Timestamp::now())).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::pin!(until_expiry);
+            let mut recheck = tokio::time::interval(RECHECK);
+            loop {
+                tokio::select! {
+                    _ = watch.cancelled() => return,
+                    _ = &mut until_expiry => break,
+                    r = revoked.recv() => match r {
+                        Ok(gone) if gone == id => break,
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = recheck.tick() => match store.api_token(&id).await {
+                        Ok(Some(row)) if row.revoked_at.is_none() => continue,
+                        Ok(_) => break,
+                        // A database that cannot answer is not a revocation.
+                        Err(_) => continue,
+                    },
+                }
+            }
+            watch.cancel();
+        });
+        (end, guard)
     }
 
     /// How this caller is named in the audit log and on what it creates.
@@ -37,7 +84,7 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let refused = |e: AuthError| {
-            tracing::warn!(path = %parts.uri.path(), reason = %e, "API request refused");
+            crate::logging::refused_request(parts.uri.path(), &e);
             Error::Unauthorized(e)
         };
         let presented = Presented::from_header(header).map_err(refused)?;
@@ -60,6 +107,7 @@ impl FromRequestParts<AppState> for Caller {
         {
             tracing::debug!(error = %e, "could not note token use");
         }
-        Ok(Caller { token_id: row.id, name: row.name, role: row.role })
+        crate::admission::promote(&parts.extensions);
+        Ok(Caller { token_id: row.id, name: row.name, role: row.role, expires_at: row.expires_at })
     }
 }

@@ -31,6 +31,7 @@ pub async fn stream(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
     caller.require(Role::Viewer)?;
+    let (end, guard) = caller.watch(&app);
     let last = headers.get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let (rx, resume) = app.fleet.subscribe(last.as_deref());
     let first: Vec<Event> = match resume {
@@ -42,8 +43,9 @@ pub async fn stream(
         rx: tokio::sync::broadcast::Receiver<(u64, FleetEvent)>,
         fleet: FleetEvents,
         shutdown: tokio_util::sync::CancellationToken,
+        _watch: tokio_util::sync::DropGuard,
     }
-    let st = St { first: first.into_iter(), rx, fleet: app.fleet.clone(), shutdown: app.shutdown.clone() };
+    let st = St { first: first.into_iter(), rx, fleet: app.fleet.clone(), shutdown: end, _watch: guard };
     let stream = stream::unfold(st, |mut st| async move {
         if let Some(e) = st.first.next() {
             return Some((Ok(e), st));

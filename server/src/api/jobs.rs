@@ -182,7 +182,7 @@ pub async fn create(
 async fn load(app: &AppState, id: &str) -> Result<JobDetail> {
     let job = app.store.job(id).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
     let runs = app.store.runs(id).await?;
-    let mut outputs = app.store.run_outputs(id).await?;
+    let mut outputs = app.store.run_output_heads(id, shared::job::DETAIL_HEAD_BYTES, shared::job::DETAIL_TOTAL_BYTES).await?;
     let mut counts: StateCounts = BTreeMap::new();
     for r in &runs {
         *counts.entry(r.state).or_default() += 1;
@@ -204,6 +204,8 @@ async fn load(app: &AppState, id: &str) -> Result<JobDetail> {
                 finished_at: r.finished_at,
                 stdout: out.stdout,
                 stderr: out.stderr,
+                stdout_len: r.stdout_len,
+                stderr_len: r.stderr_len,
                 stdout_truncated: r.stdout_truncated,
                 stderr_truncated: r.stderr_truncated,
             }
@@ -229,6 +231,53 @@ pub async fn list(
     let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
     let mut counts = app.store.run_counts(&ids).await?;
     Ok(Json(jobs.iter().map(|j| summary(j, counts.remove(&j.id).unwrap_or_default())).collect()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputQuery {
+    stream: Option<shared::job::Stream>,
+    offset: Option<u64>,
+    limit: Option<u64>,
+}
+
+/// `GET /api/v1/runs/{id}/output`: one stream of a run, a page at a time, so that no read has
+/// to hold a whole job's output.
+pub async fn output(
+    State(app): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    query: std::result::Result<Query<OutputQuery>, QueryRejection>,
+) -> Result<Json<shared::job::OutputPage>> {
+    caller.require(Role::Viewer)?;
+    let Query(q) = query?;
+    let stream = q.stream.unwrap_or(shared::job::Stream::Stdout);
+    let offset = q.offset.unwrap_or(0);
+    let max = shared::job::OUTPUT_PAGE_MAX;
+    let limit = match q.limit.unwrap_or(64 * 1024) {
+        n if (1..=max).contains(&n) => n,
+        _ => return Err(Error::BadRequest(format!("limit must be between 1 and {max}"))),
+    };
+    if offset > i64::MAX as u64 {
+        return Err(Error::BadRequest("offset is too large".into()));
+    }
+    let (run, data) = app.store.run_output(&id, stream, offset, limit).await?.ok_or_else(|| Error::NotFound(format!("no run {id}")))?;
+    let (len, truncated) = match stream {
+        shared::job::Stream::Stdout => (run.stdout_len, run.stdout_truncated),
+        shared::job::Stream::Stderr => (run.stderr_len, run.stderr_truncated),
+    };
+    let start = offset.min(len);
+    let next_offset = start + data.len() as u64;
+    Ok(Json(shared::job::OutputPage {
+        run_id: run.id,
+        stream,
+        offset: start,
+        data,
+        next_offset,
+        len,
+        truncated,
+        complete: run.state.is_final() && next_offset >= len,
+    }))
 }
 
 pub async fn get(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<JobDetail>> {
@@ -285,6 +334,7 @@ pub async fn events(
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
     caller.require(Role::Viewer)?;
+    let (end, guard) = caller.watch(&app);
     let rx = app.events.subscribe();
     let detail = load(&app, &id).await?;
     let done = detail.job.finished_at.is_some();
@@ -299,8 +349,9 @@ pub async fn events(
         id: String,
         done: bool,
         shutdown: tokio_util::sync::CancellationToken,
+        _watch: tokio_util::sync::DropGuard,
     }
-    let st = St { first: first.into_iter(), rx, id, done, shutdown: app.shutdown.clone() };
+    let st = St { first: first.into_iter(), rx, id, done, shutdown: end, _watch: guard };
     let stream = stream::unfold(st, |mut st| async move {
         if let Some(e) = st.first.next() {
             return Some((Ok(e), st));

@@ -21,9 +21,6 @@ pub use tokens::create_token_row;
 use crate::app::AppState;
 use crate::gateway;
 
-/// Largest request body the API accepts.
-const MAX_BODY: usize = 1024 * 1024;
-
 /// Every API route under `/api/v1`: the router is built from this table, and a test checks the
 /// OpenAPI document against it in both directions.
 fn api_routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
@@ -47,6 +44,7 @@ fn api_routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("GET", "/jobs/{id}", get(jobs::get)),
         ("POST", "/jobs/{id}/cancel", post(jobs::cancel)),
         ("GET", "/jobs/{id}/events", get(jobs::events)),
+        ("GET", "/runs/{id}/output", get(jobs::output)),
         ("GET", "/agent/connect", get(gateway::connect)),
         ("GET", "/agent/check", get(gateway::check)),
         ("GET", "/openapi.json", get(openapi)),
@@ -83,8 +81,58 @@ pub fn router(state: AppState) -> Router {
         .nest(shared::api::PREFIX, api)
         .merge(crate::web::router())
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), bounded_body))
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// Reads every request body whole, within `max_body_bytes` (413 beyond) and `body_timeout`
+/// (408 when it takes longer), before any handler runs: a peer that announces a large body and
+/// sends it a byte at a time holds its connection for the timeout at most. API bodies are
+/// small JSON documents, so buffering them costs nothing the handlers would not spend anyway.
+async fn bounded_body(
+    axum::extract::State(app): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let limits = &app.config.limits;
+    let too_large = || {
+        crate::telemetry::body_refused("too_large");
+        let message = format!("the request body is larger than {} bytes", limits.max_body_bytes);
+        (StatusCode::PAYLOAD_TOO_LARGE, Json(ApiError { error: "too_large".into(), message })).into_response()
+    };
+    let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, limits.max_body_bytes)).await {
+        Err(_) => {
+            crate::telemetry::body_refused("timeout");
+            let message = format!("the request body did not arrive within {}", shared::duration::format(limits.body_timeout));
+            let mut resp = (StatusCode::REQUEST_TIMEOUT, Json(ApiError { error: "timeout".into(), message })).into_response();
+            resp.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+            resp
+        }
+        Ok(Err(e)) if is_length_limit(&e) => too_large(),
+        Ok(Err(_)) => {
+            let message = "the request body could not be read".to_owned();
+            (StatusCode::BAD_REQUEST, Json(ApiError { error: "bad_request".into(), message })).into_response()
+        }
+        Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A list's `limit` query parameter: `default` when absent, refused outside 1..=`max`.

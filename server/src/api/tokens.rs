@@ -14,7 +14,6 @@ use crate::app::AppState;
 use crate::auth::{self, Kind};
 use crate::store::{ApiTokenRow, AuditEntry, EnrollTokenRow, Store};
 
-const MAX_ENROLL_TTL: Duration = Duration::from_secs(365 * 86_400);
 const MAX_ENROLL_USES: u32 = 1_000_000;
 
 fn enroll_info(r: &EnrollTokenRow) -> EnrollTokenInfo {
@@ -59,8 +58,15 @@ pub async fn create_enroll(
     caller.require(Role::Admin)?;
     let Json(req) = body?;
     let ttl = Duration::from_secs(req.ttl_secs);
-    if ttl.is_zero() || ttl > MAX_ENROLL_TTL {
-        return Err(Error::BadRequest("ttl_secs must be between 1 and 31536000 (one year)".into()));
+    let max = app.config.limits.max_enroll_token_ttl;
+    if ttl.is_zero() || ttl > max {
+        return Err(Error::BadRequest(format!("ttl_secs must be between 1 and {} ({})", max.as_secs(), shared::duration::format(max))));
+    }
+    if let Some(k) = req.labels.reserved_key() {
+        return Err(Error::BadRequest(format!(
+            "label {k:?}: keys starting with {:?} are reserved for what agents report about themselves",
+            shared::labels::AGENT_PREFIX
+        )));
     }
     if req.uses == 0 || req.uses > MAX_ENROLL_USES {
         return Err(Error::BadRequest(format!("uses must be between 1 and {MAX_ENROLL_USES}")));
@@ -156,6 +162,10 @@ pub async fn create_token(
     if req.ttl_secs == Some(0) {
         return Err(Error::BadRequest("ttl_secs must be positive; leave it out for a token that lasts until revoked".into()));
     }
+    let max = app.config.limits.max_token_ttl;
+    if req.ttl_secs.is_some_and(|s| s > max.as_secs()) {
+        return Err(Error::BadRequest(format!("ttl_secs must be at most {} ({})", max.as_secs(), shared::duration::format(max))));
+    }
     Ok((StatusCode::CREATED, Json(create_token_row(app.store.as_ref(), &req, &caller.actor()).await?)))
 }
 
@@ -170,6 +180,8 @@ pub async fn revoke_token(State(app): State<AppState>, caller: Caller, Path(id):
     if !app.store.revoke_api_token(&id, now).await? {
         return Err(Error::NotFound(format!("no token {id}, or it is already revoked")));
     }
+    // Streams held with this token end now (no receivers is fine).
+    let _ = app.revoked.send(id.clone());
     app.audit(AuditEntry {
         at: now,
         actor: caller.actor(),

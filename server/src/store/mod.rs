@@ -230,6 +230,9 @@ pub struct RunRow {
     pub error: Option<String>,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// Bytes of each stream the server holds (from 0, without a gap).
+    pub stdout_len: u64,
+    pub stderr_len: u64,
 }
 
 /// A run not yet final, with what dispatching needs to know about it.
@@ -317,7 +320,13 @@ pub trait Store: Send + Sync + 'static {
     async fn runs(&self, job_id: &str) -> Result<Vec<RunRow>>;
     /// An agent's runs, newest job first.
     async fn agent_runs(&self, agent_id: &AgentId, limit: u32) -> Result<Vec<shared::job::AgentRun>>;
-    async fn run_outputs(&self, job_id: &str) -> Result<std::collections::HashMap<RunId, RunOutputText>>;
+    async fn run(&self, run_id: &str) -> Result<Option<RunRow>>;
+    /// The first `head` bytes of each stream of each of the job's runs, and no more than
+    /// `total` bytes in all (runs past that get less or nothing; their lengths tell).
+    async fn run_output_heads(&self, job_id: &str, head: u64, total: u64) -> Result<std::collections::HashMap<RunId, RunOutputText>>;
+    /// Up to `limit` bytes of one stream of a run from `offset`, ending on a character
+    /// boundary; None if there is no such run.
+    async fn run_output(&self, run_id: &str, stream: Stream, offset: u64, limit: u64) -> Result<Option<(RunRow, String)>>;
     /// Pending runs of a job in dispatch order.
     async fn pending_runs(&self, job_id: &str) -> Result<Vec<OpenRun>>;
     /// Moves pending runs to `dispatched`; returns the ones that moved.

@@ -24,6 +24,9 @@ use super::*;
 /// Rows per multi-row statement: 10 columns each stays far below SQLite's variable limit.
 const ROWS_PER_STATEMENT: usize = 500;
 
+mod output;
+use output::insert_outputs;
+
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -655,37 +658,12 @@ impl Store for SqliteStore {
     }
 
     async fn runs(&self, job_id: &str) -> Result<Vec<RunRow>> {
-        let rows: Vec<RunDb> = sqlx::query_as(
-            "SELECT r.id, r.job_id, r.agent_id, a.hostname, r.state, r.accepted, r.dispatched_at, r.started_at, r.finished_at, \
-             r.exit_code, r.signal, r.error, r.stdout_truncated, r.stderr_truncated \
-             FROM runs r LEFT JOIN agents a ON a.id = r.agent_id WHERE r.job_id = ? ORDER BY r.seq",
-        )
-        .bind(job_id)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db_err)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(RunRow {
-                    state: parse_run_state(&r.state)?,
-                    agent_id: parse_agent_id(&r.agent_id)?,
-                    id: r.id,
-                    job_id: r.job_id,
-                    hostname: r.hostname.unwrap_or_default(),
-                    accepted: r.accepted,
-                    dispatched_at: r.dispatched_at.map(ts),
-                    started_at: r.started_at.map(ts),
-                    finished_at: r.finished_at.map(ts),
-                    exit_code: r.exit_code.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
-                    signal: r.signal.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
-                    error: r.error,
-                    stdout_truncated: r.stdout_truncated,
-                    stderr_truncated: r.stderr_truncated,
-                })
-            })
-            .collect()
+        runs_where(&self.pool, "r.job_id = ? ORDER BY r.seq", job_id).await
     }
 
+    async fn run(&self, run_id: &str) -> Result<Option<RunRow>> {
+        Ok(runs_where(&self.pool, "r.id = ?", run_id).await?.pop())
+    }
     async fn agent_runs(&self, agent_id: &AgentId, limit: u32) -> Result<Vec<AgentRun>> {
         let rows: Vec<AgentRunDb> = sqlx::query_as(
             "SELECT r.job_id, r.id AS run_id, j.created_at, j.created_by, j.command, r.state, r.exit_code, r.signal, r.error, \
@@ -717,25 +695,69 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn run_outputs(&self, job_id: &str) -> Result<HashMap<RunId, RunOutputText>> {
-        let rows: Vec<(String, i64, i64, String)> = sqlx::query_as(
+    async fn run_output_heads(&self, job_id: &str, head: u64, total: u64) -> Result<HashMap<RunId, RunOutputText>> {
+        use futures_util::TryStreamExt;
+        // Rows come in order and are read as a stream, so a job with a great deal of output
+        // costs this read no more than `total` bytes (plus one row).
+        let mut rows = sqlx::query_as::<_, (String, i64, i64, String)>(
             "SELECT o.run_id, o.stream, o.offset, o.data FROM run_output o JOIN runs r ON r.id = o.run_id \
-             WHERE r.job_id = ? ORDER BY o.run_id, o.stream, o.offset",
+             WHERE r.job_id = ? AND o.offset < ? ORDER BY o.run_id, o.stream, o.offset",
         )
         .bind(job_id)
+        .bind(to_i64(head))
+        .fetch(&self.pool);
+        let mut out: HashMap<RunId, RunOutputText> = HashMap::new();
+        let mut spent = 0u64;
+        while let Some((run, stream, offset, data)) = rows.try_next().await.map_err(db_err)? {
+            let e = out.entry(run).or_default();
+            let text = if stream == 0 { &mut e.stdout } else { &mut e.stderr };
+            let (offset, have) = (to_u64(offset), text.len() as u64);
+            if offset > have || spent >= total {
+                continue;
+            }
+            let want = usize::try_from(head.min(have + (total - spent)) - have).unwrap_or(0);
+            let fresh = data.get(usize::try_from(have - offset).unwrap_or(usize::MAX)..).unwrap_or_default();
+            let mut cut = want.min(fresh.len());
+            while !fresh.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.push_str(&fresh[..cut]);
+            spent += cut as u64;
+        }
+        Ok(out)
+    }
+
+    async fn run_output(&self, run_id: &str, stream: Stream, offset: u64, limit: u64) -> Result<Option<(RunRow, String)>> {
+        let Some(run) = self.run(run_id).await? else { return Ok(None) };
+        let end = offset.saturating_add(limit);
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT offset, data FROM run_output WHERE run_id = ? AND stream = ? AND offset < ? \
+             AND offset + length(CAST(data AS BLOB)) > ? ORDER BY offset",
+        )
+        .bind(run_id)
+        .bind(stream_code(stream))
+        .bind(to_i64(end))
+        .bind(to_i64(offset))
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        let mut grouped: HashMap<&str, (Vec<(u64, &str)>, Vec<(u64, &str)>)> = HashMap::new();
-        for (run, stream, offset, data) in &rows {
-            let e = grouped.entry(run.as_str()).or_default();
-            let v = if *stream == 0 { &mut e.0 } else { &mut e.1 };
-            v.push((to_u64(*offset), data.as_str()));
-        }
-        Ok(grouped
-            .into_iter()
-            .map(|(run, (out, err))| (run.to_owned(), RunOutputText { stdout: stitch(out), stderr: stitch(err) }))
-            .collect())
+        let pieces: Vec<(u64, &str)> = rows.iter().map(|(o, d)| (to_u64(*o), d.as_str())).collect();
+        let held = match stream {
+            Stream::Stdout => run.stdout_len,
+            Stream::Stderr => run.stderr_len,
+        };
+        let bytes = crate::output::extract(&pieces, offset.min(held), end.min(held)).unwrap_or_default();
+        // Pages end on a character boundary: the next page starts where this one stops.
+        let text = match String::from_utf8(bytes) {
+            Ok(t) => t,
+            Err(e) => {
+                let valid = e.utf8_error().valid_up_to();
+                let mut b = e.into_bytes();
+                b.truncate(valid);
+                String::from_utf8(b).unwrap_or_default()
+            }
+        };
+        Ok(Some((run, text)))
     }
 
     async fn pending_runs(&self, job_id: &str) -> Result<Vec<OpenRun>> {
@@ -834,6 +856,35 @@ impl Store for SqliteStore {
     }
 }
 
+async fn runs_where(pool: &SqlitePool, sql_where: &'static str, bind: &str) -> Result<Vec<RunRow>> {
+    let head = "SELECT r.id, r.job_id, r.agent_id, a.hostname, r.state, r.accepted, r.dispatched_at, r.started_at, r.finished_at, \
+         r.exit_code, r.signal, r.error, r.stdout_truncated, r.stderr_truncated, r.stdout_held, r.stderr_held \
+         FROM runs r LEFT JOIN agents a ON a.id = r.agent_id WHERE ";
+    let rows: Vec<RunDb> = sqlx::query_as(AssertSqlSafe(format!("{head}{sql_where}"))).bind(bind).fetch_all(pool).await.map_err(db_err)?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(RunRow {
+                state: parse_run_state(&r.state)?,
+                agent_id: parse_agent_id(&r.agent_id)?,
+                id: r.id,
+                job_id: r.job_id,
+                hostname: r.hostname.unwrap_or_default(),
+                accepted: r.accepted,
+                dispatched_at: r.dispatched_at.map(ts),
+                started_at: r.started_at.map(ts),
+                finished_at: r.finished_at.map(ts),
+                exit_code: r.exit_code.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
+                signal: r.signal.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
+                error: r.error,
+                stdout_truncated: r.stdout_truncated,
+                stderr_truncated: r.stderr_truncated,
+                stdout_len: to_u64(r.stdout_held),
+                stderr_len: to_u64(r.stderr_held),
+            })
+        })
+        .collect()
+}
+
 fn stream_code(s: Stream) -> i64 {
     match s {
         Stream::Stdout => 0,
@@ -843,27 +894,6 @@ fn stream_code(s: Stream) -> i64 {
 
 fn parse_run_state(s: &str) -> Result<RunState> {
     RunState::from_str(s).map_err(StoreError::Corrupt)
-}
-
-/// Stitches chunks (ordered by offset) into text, tolerating repeats and overlaps; stops at
-/// the first gap. Returns the text, whose length is the contiguous prefix the server holds.
-pub fn stitch<'a>(chunks: impl IntoIterator<Item = (u64, &'a str)>) -> String {
-    let mut out = String::new();
-    for (offset, data) in chunks {
-        let have = out.len() as u64;
-        if offset > have {
-            break;
-        }
-        let end = offset + data.len() as u64;
-        if end <= have {
-            continue;
-        }
-        match data.get((have - offset) as usize..) {
-            Some(rest) => out.push_str(rest),
-            None => break,
-        }
-    }
-    out
 }
 
 #[derive(FromRow)]
@@ -938,6 +968,8 @@ struct RunDb {
     error: Option<String>,
     stdout_truncated: bool,
     stderr_truncated: bool,
+    stdout_held: i64,
+    stderr_held: i64,
 }
 
 #[derive(FromRow)]
@@ -1004,68 +1036,6 @@ where
         changed.extend(rows.into_iter().map(|(id,)| id));
     }
     Ok(changed)
-}
-
-/// Stores output chunks the reporting agent owns (and within the job's output limit); each
-/// chunk stored for the first time becomes an `Output` effect.
-async fn insert_outputs(tx: &mut sqlx::Transaction<'_, Sqlite>, records: &[&Record], effects: &mut Vec<Effect>) -> Result<()> {
-    for chunk in records.chunks(ROWS_PER_STATEMENT) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "INSERT OR IGNORE INTO run_output (run_id, stream, offset, data) \
-             SELECT v.column1, v.column2, v.column3, v.column4 FROM (",
-        );
-        q.push_values(
-            chunk.iter().filter_map(|r| match r {
-                Record::RunOutput { agent_id, run_id, stream, offset, data } => Some((agent_id, run_id, stream, offset, data)),
-                _ => None,
-            }),
-            |mut b, (agent_id, run_id, stream, offset, data)| {
-                b.push_bind(run_id.clone())
-                    .push_bind(stream_code(*stream))
-                    .push_bind(to_i64(*offset))
-                    .push_bind(data.clone())
-                    .push_bind(agent_id.as_str().to_owned());
-            },
-        );
-        q.push(
-            ") AS v JOIN runs r ON r.id = v.column1 AND r.agent_id = v.column5 JOIN jobs j ON j.id = r.job_id \
-             WHERE v.column3 < j.output_limit RETURNING run_id, stream, offset",
-        );
-        let inserted: Vec<(String, i64, i64)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
-        if inserted.is_empty() {
-            continue;
-        }
-        let fresh: std::collections::HashSet<(String, i64, i64)> = inserted.into_iter().collect();
-        let job_of = job_ids(tx, fresh.iter().map(|(r, _, _)| r.clone()).collect()).await?;
-        for r in chunk {
-            if let Record::RunOutput { agent_id, run_id, stream, offset, data } = r
-                && fresh.contains(&(run_id.clone(), stream_code(*stream), to_i64(*offset)))
-                && let Some(job_id) = job_of.get(run_id)
-            {
-                effects.push(Effect::Output {
-                    job_id: job_id.clone(),
-                    run_id: run_id.clone(),
-                    agent_id: agent_id.clone(),
-                    stream: *stream,
-                    offset: *offset,
-                    data: data.clone(),
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn job_ids(tx: &mut sqlx::Transaction<'_, Sqlite>, run_ids: Vec<String>) -> Result<HashMap<String, String>> {
-    let mut out = HashMap::new();
-    for chunk in run_ids.chunks(ROWS_PER_STATEMENT) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT id, job_id FROM runs WHERE id IN ");
-        push_in_list(&mut q, chunk);
-        q.push("");
-        let rows: Vec<(String, String)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
-        out.extend(rows);
-    }
-    Ok(out)
 }
 
 /// Builds `(VALUES (..), (..))` rows for an `UPDATE ... FROM` and runs it over chunks.
@@ -1245,29 +1215,6 @@ async fn write_run_progress(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Rec
     Ok(())
 }
 
-/// Bytes of each stream the server holds without a gap, per run (from offsets and lengths).
-async fn contiguous(tx: &mut sqlx::Transaction<'_, Sqlite>, run_ids: &[&str]) -> Result<HashMap<String, (u64, u64)>> {
-    // Per run and stream: bytes held without a gap, and whether a gap has been met.
-    let mut held: HashMap<String, [(u64, bool); 2]> = HashMap::new();
-    for chunk in run_ids.chunks(ROWS_PER_STATEMENT) {
-        let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new("SELECT run_id, stream, offset, length(CAST(data AS BLOB)) FROM run_output WHERE run_id IN ");
-        push_in_list(&mut q, chunk);
-        q.push(" ORDER BY run_id, stream, offset");
-        let rows: Vec<(String, i64, i64, i64)> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
-        for (run, stream, offset, len) in rows {
-            let slot = &mut held.entry(run).or_default()[usize::from(stream != 0)];
-            let (offset, end) = (to_u64(offset), to_u64(offset + len));
-            match slot {
-                (_, true) => {}
-                (have, false) if offset <= *have => *have = (*have).max(end),
-                (_, gap) => *gap = true,
-            }
-        }
-    }
-    Ok(held.into_iter().map(|(run, [out, err])| (run, (out.0, err.0))).collect())
-}
-
 /// Applies `run_finished` records: stores each result whose output is all there (or asks for
 /// what is missing). A result replaces `lost` and `cancelled`: what actually happened wins.
 async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], effects: &mut Vec<Effect>) -> Result<()> {
@@ -1283,18 +1230,20 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
     }
     let ids: Vec<&str> = finished.iter().map(|(_, f, _)| f.run_id.as_str()).collect();
     let mut known: HashMap<String, (String, String, RunState, u64, Option<i64>)> = HashMap::new();
+    let mut have: HashMap<String, [crate::output::Held; 2]> = HashMap::new();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit, r.dispatched_at FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
+            "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit, r.dispatched_at,              r.stdout_held, r.stdout_truncated, r.stderr_held, r.stderr_truncated FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
         );
         push_in_list(&mut q, chunk);
-        let rows: Vec<(String, String, String, String, i64, Option<i64>)> =
-            q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
-        for (id, job, agent, state, limit, dispatched_at) in rows {
+        type Row = (String, String, String, String, i64, Option<i64>, i64, bool, i64, bool);
+        let rows: Vec<Row> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
+        for (id, job, agent, state, limit, dispatched_at, out_len, out_t, err_len, err_t) in rows {
+            use crate::output::Held;
+            have.insert(id.clone(), [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }]);
             known.insert(id, (job, agent, parse_run_state(&state)?, to_u64(limit), dispatched_at));
         }
     }
-    let have = contiguous(tx, &ids).await?;
     let started_at: HashMap<&str, i64> = batch
         .iter()
         .filter_map(|r| match r {
@@ -1320,17 +1269,18 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
             effects.push(ack);
             continue;
         }
-        let (have_out, have_err) = have.get(&f.run_id).copied().unwrap_or((0, 0));
-        let (want_out, want_err) = (f.stdout_len.min(*limit), f.stderr_len.min(*limit));
-        if have_out < want_out || have_err < want_err {
+        let [out, err] = have.get(&f.run_id).copied().unwrap_or_default();
+        if !crate::output::complete(out, f.stdout_len, *limit) || !crate::output::complete(err, f.stderr_len, *limit) {
             effects.push(Effect::Resend {
                 agent_id: agent_id.clone(),
                 run_id: f.run_id.clone(),
-                stdout_from: have_out,
-                stderr_from: have_err,
+                stdout_from: out.len,
+                stderr_from: err.len,
             });
             continue;
         }
+        // What is kept: all the agent reported, or what the server held when it cut the stream.
+        let (want_out, want_err) = (f.stdout_len.min(out.len), f.stderr_len.min(err.len));
         let new_state = match f.outcome {
             Outcome::Succeeded => RunState::Succeeded,
             Outcome::Failed => RunState::Failed,
@@ -1345,8 +1295,8 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
             at,
             want_out,
             want_err,
-            f.stdout_truncated || f.stdout_len > *limit,
-            f.stderr_truncated || f.stderr_len > *limit,
+            f.stdout_truncated || out.truncated || f.stdout_len > *limit,
+            f.stderr_truncated || err.truncated || f.stderr_len > *limit,
             started,
         ));
         effects.push(Effect::RunState {
@@ -1673,13 +1623,43 @@ mod tests {
         let effects = store.record(&[chunk(3, "twothree"), finish]).await.unwrap();
         assert!(effects.contains(&Effect::Ack { agent_id: a.id.clone(), run_id: "r1".into() }), "{effects:?}");
         assert_eq!(store.runs("00000000000000j1").await.unwrap()[0].state, RunState::Succeeded);
-        let out = store.run_outputs("00000000000000j1").await.unwrap();
+        let out = store.run_output_heads("00000000000000j1", 1 << 20, 1 << 30).await.unwrap();
         assert_eq!(out["r1"].stdout, "onetwothree");
     }
 
-    #[test]
-    fn stitching_tolerates_repeats_and_overlaps_and_stops_at_a_gap() {
-        assert_eq!(stitch([(0, "abc"), (0, "abc"), (2, "cde"), (5, "f")]), "abcdef");
-        assert_eq!(stitch([(0, "ab"), (4, "ef")]), "ab");
+    #[tokio::test]
+    async fn output_is_stored_once_within_the_limit_whatever_the_offsets() {
+        let (_dir, store, a) = enrolled().await;
+        let mut job = job_row("00000000000000j1", 1);
+        job.output_limit = 8 * 1024;
+        store.create_job(&job, &[("r1".into(), a.id.clone())]).await.unwrap();
+        let chunk = |offset: u64, data: &str| Record::RunOutput {
+            agent_id: a.id.clone(),
+            run_id: "r1".into(),
+            stream: Stream::Stdout,
+            offset,
+            data: data.into(),
+        };
+        // (0,"ab") then (0,"abcd"): the new tail is stitched on; a differing overlap is refused.
+        store.record(&[chunk(0, "ab")]).await.unwrap();
+        let effects = store.record(&[chunk(0, "abcd"), chunk(1, "XY")]).await.unwrap();
+        assert!(effects.iter().any(|e| matches!(e, Effect::Output { offset: 2, data, .. } if data == "cd")), "{effects:?}");
+        let run = store.run("r1").await.unwrap().unwrap();
+        assert_eq!(run.stdout_len, 4);
+        // The attack: 4 KiB chunks at offsets 4, 5, 6, ... in batches.
+        let big = "abcd".repeat(4 * 1024);
+        for start in (4..(10 * 1024)).step_by(512) {
+            let batch: Vec<Record> = (start..start + 512).map(|o| chunk(o, &big[o as usize..][..4 * 1024])).collect();
+            store.record(&batch).await.unwrap();
+        }
+        let (run, text) = store.run_output("r1", Stream::Stdout, 0, 1 << 20).await.unwrap().unwrap();
+        assert_eq!(run.stdout_len, 8 * 1024);
+        assert!(run.stdout_truncated);
+        assert_eq!(text, big[..8 * 1024]);
+        let stored: i64 = sqlx::query_scalar("SELECT SUM(length(data)) FROM run_output").fetch_one(&store.pool).await.unwrap();
+        assert_eq!(stored, 8 * 1024, "each byte once, none past the limit");
+        // Pages of the output end where the next begins.
+        let (_, page) = store.run_output("r1", Stream::Stdout, 1000, 10).await.unwrap().unwrap();
+        assert_eq!(page, big[1000..1010]);
     }
 }

@@ -8,12 +8,14 @@
 mod health;
 mod run;
 mod session;
+mod validate;
 
 use serde::{Deserialize, Serialize};
 
 pub use health::{DiskUsage, Heartbeat, Metrics};
 pub use run::{Cancel, Outcome, Resend, ResultAck, Run, RunAccepted, RunFinished, RunOutput, RunStarted};
 pub use session::{Hello, Welcome};
+pub use validate::{Invalid, MAX_OUTPUT_CHUNK, check_hostname, check_text};
 
 /// Path of the agents' WebSocket endpoint on the server.
 pub const CONNECT_PATH: &str = "/api/v1/agent/connect";
@@ -53,6 +55,12 @@ pub mod close {
     pub const REVOKED: u16 = 4003;
     /// Nothing arrived within the idle timeout, or no heartbeat within the offline threshold.
     pub const TIMEOUT: u16 = 4004;
+    /// The agent sent more messages or bytes than its budget allows; reconnect after a long
+    /// backoff.
+    pub const RATE_LIMITED: u16 = 4005;
+    /// The enrollment token stopped being usable between the upgrade and `hello` (it ran out,
+    /// expired or was revoked); nothing was created. Reconnecting is refused with HTTP 401.
+    pub const ENROLLMENT_REFUSED: u16 = 4006;
 }
 
 /// A message from an agent to the server.

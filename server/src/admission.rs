@@ -1,0 +1,195 @@
+//! Admission control for connections: how many the process holds in total, and how many of
+//! them have not authenticated yet, in total and per source address.
+//!
+//! A connection is *unauthenticated* from accept until a request on it presents a valid agent
+//! credential, enrollment token or operator token; then it is promoted and stops counting
+//! against the unauthenticated caps. So a peer that opens sockets and never speaks (or never
+//! gets past TLS) holds at most `max_unauthenticated_per_address` slots, and all of them
+//! together at most `max_unauthenticated`, leaving the rest for agents and operators that hold
+//! a credential. Sites behind NAT share an address, but their agents count against the
+//! per-address cap only for the few milliseconds of their handshake.
+//!
+//! A refused connection is closed at once, before TLS: cheap for the server, and never a hang
+//! for the peer.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The caps, from the config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    pub max_connections: usize,
+    pub max_unauthenticated: usize,
+    pub max_unauthenticated_per_address: usize,
+}
+
+/// Why a connection was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    Total,
+    Unauthenticated,
+    PerAddress,
+}
+
+impl Refused {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refused::Total => "max_connections",
+            Refused::Unauthenticated => "max_unauthenticated",
+            Refused::PerAddress => "max_unauthenticated_per_address",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    unauthenticated: usize,
+    per_address: HashMap<IpAddr, usize>,
+}
+
+#[derive(Debug)]
+pub struct Admission {
+    caps: Caps,
+    total: AtomicUsize,
+    counts: Mutex<Counts>,
+}
+
+impl Admission {
+    pub fn new(caps: Caps) -> Arc<Self> {
+        Arc::new(Admission { caps, total: AtomicUsize::new(0), counts: Mutex::new(Counts::default()) })
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Admits a new connection from `ip`, or says which cap refuses it.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
+        let mut counts = self.counts();
+        if self.total.load(Ordering::Relaxed) >= self.caps.max_connections {
+            return Err(Refused::Total);
+        }
+        if counts.unauthenticated >= self.caps.max_unauthenticated {
+            return Err(Refused::Unauthenticated);
+        }
+        let here = counts.per_address.entry(ip).or_default();
+        if *here >= self.caps.max_unauthenticated_per_address {
+            return Err(Refused::PerAddress);
+        }
+        *here += 1;
+        counts.unauthenticated += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(Ticket(Arc::new(TicketInner { admission: self.clone(), ip, promoted: AtomicBool::new(false) })))
+    }
+
+    /// Connections held now: (total, unauthenticated).
+    pub fn held(&self) -> (usize, usize) {
+        let unauthenticated = self.counts().unauthenticated;
+        (self.total.load(Ordering::Relaxed), unauthenticated)
+    }
+
+    fn release_unauthenticated(&self, ip: IpAddr) {
+        let mut counts = self.counts();
+        counts.unauthenticated = counts.unauthenticated.saturating_sub(1);
+        if let Some(n) = counts.per_address.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.per_address.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One admitted connection. Clones share it; the slot is given back when the last clone goes
+/// (the connection task holds one, an upgraded agent session another). Requests carry it as an
+/// extension so that authentication can promote the connection.
+#[derive(Clone, Debug)]
+pub struct Ticket(Arc<TicketInner>);
+
+#[derive(Debug)]
+struct TicketInner {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+    promoted: AtomicBool,
+}
+
+impl Ticket {
+    /// The connection presented a valid credential: it no longer counts as unauthenticated.
+    pub fn promote(&self) {
+        if !self.0.promoted.swap(true, Ordering::AcqRel) {
+            self.0.admission.release_unauthenticated(self.0.ip);
+        }
+    }
+}
+
+impl Drop for TicketInner {
+    fn drop(&mut self) {
+        if !*self.promoted.get_mut() {
+            self.admission.release_unauthenticated(self.ip);
+        }
+        self.admission.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Promotes the connection a request came on, if it carries a ticket.
+pub fn promote(extensions: &axum::http::Extensions) {
+    if let Some(t) = extensions.get::<Ticket>() {
+        t.promote();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(total: usize, unauth: usize, per: usize) -> Caps {
+        Caps { max_connections: total, max_unauthenticated: unauth, max_unauthenticated_per_address: per }
+    }
+
+    #[test]
+    fn one_address_cannot_take_more_than_its_share_of_unauthenticated_slots() {
+        let a = Admission::new(caps(100, 50, 2));
+        let ip: IpAddr = [127, 0, 0, 2].into();
+        let t1 = a.admit(ip).unwrap();
+        let _t2 = a.admit(ip).unwrap();
+        assert_eq!(a.admit(ip).unwrap_err(), Refused::PerAddress);
+        assert!(a.admit([127, 0, 0, 3].into()).is_ok(), "another address still gets in");
+        // Once one of them authenticates, the address has room again.
+        t1.promote();
+        assert!(a.admit(ip).is_ok());
+    }
+
+    #[test]
+    fn slots_come_back_when_the_last_clone_of_a_ticket_goes() {
+        let a = Admission::new(caps(2, 2, 2));
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let t = a.admit(ip).unwrap();
+        let session = t.clone();
+        t.promote();
+        drop(t);
+        assert_eq!(a.held(), (1, 0), "the session's clone keeps the slot");
+        drop(session);
+        assert_eq!(a.held(), (0, 0));
+    }
+
+    #[test]
+    fn the_total_cap_counts_authenticated_connections_too() {
+        let a = Admission::new(caps(2, 2, 2));
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        let t1 = a.admit(ip).unwrap();
+        t1.promote();
+        let t2 = a.admit(ip).unwrap();
+        t2.promote();
+        assert_eq!(a.admit(ip).unwrap_err(), Refused::Total);
+    }
+
+    #[test]
+    fn unauthenticated_connections_in_total_leave_room_for_the_rest() {
+        let a = Admission::new(caps(10, 2, 5));
+        let _t1 = a.admit([127, 0, 0, 1].into()).unwrap();
+        let _t2 = a.admit([127, 0, 0, 2].into()).unwrap();
+        assert_eq!(a.admit([127, 0, 0, 3].into()).unwrap_err(), Refused::Unauthenticated);
+    }
+}

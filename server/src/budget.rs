@@ -1,0 +1,129 @@
+//! Per-agent budgets: token buckets for messages and bytes, refilled continuously. A real
+//! agent sends a heartbeat every few seconds and output in 16 KiB chunks; the defaults sit
+//! far above that, so only a peer that floods ever meets them.
+//!
+//! Over budget, a message is dropped (and counted); a session that keeps going after
+//! [`DROPS_BEFORE_CLOSE`] drops is closed with `close::RATE_LIMITED`.
+
+use tokio::time::Instant;
+
+/// Dropped messages after which the session is closed.
+pub const DROPS_BEFORE_CLOSE: u64 = 1000;
+
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    level: f64,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        Bucket { rate, burst, level: burst }
+    }
+
+    fn refill(&mut self, secs: f64) {
+        self.level = (self.level + secs * self.rate).min(self.burst);
+    }
+}
+
+/// What [`Budget::take`] decided about one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Over budget: drop the message. `which` names the budget.
+    Drop {
+        which: &'static str,
+    },
+    /// Over budget for too long: close the session.
+    Close {
+        which: &'static str,
+    },
+}
+
+#[derive(Debug)]
+pub struct Budget {
+    messages: Bucket,
+    bytes: Bucket,
+    last: Instant,
+    pub dropped: u64,
+}
+
+impl Budget {
+    pub fn new(messages_per_sec: u32, message_burst: u32, bytes_per_sec: u64, byte_burst: u64) -> Self {
+        Budget {
+            messages: Bucket::new(f64::from(messages_per_sec), f64::from(message_burst)),
+            bytes: Bucket::new(bytes_per_sec as f64, byte_burst as f64),
+            last: Instant::now(),
+            dropped: 0,
+        }
+    }
+
+    pub fn from_limits(l: &crate::config::Limits) -> Self {
+        Self::new(l.agent_messages_per_second, l.agent_message_burst, l.agent_bytes_per_second, l.agent_byte_burst)
+    }
+
+    /// Charges one message of `len` bytes.
+    pub fn take(&mut self, len: usize) -> Verdict {
+        let now = Instant::now();
+        let secs = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.messages.refill(secs);
+        self.bytes.refill(secs);
+        let len = len as f64;
+        let which = if self.messages.level < 1.0 {
+            "messages"
+        } else if self.bytes.level < len {
+            "bytes"
+        } else {
+            self.messages.level -= 1.0;
+            self.bytes.level -= len;
+            return Verdict::Pass;
+        };
+        self.dropped += 1;
+        if self.dropped > DROPS_BEFORE_CLOSE { Verdict::Close { which } } else { Verdict::Drop { which } }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_passes_then_messages_drop_then_the_session_closes() {
+        let mut b = Budget::new(10, 20, 1 << 20, 1 << 20);
+        for _ in 0..20 {
+            assert_eq!(b.take(100), Verdict::Pass);
+        }
+        assert_eq!(b.take(100), Verdict::Drop { which: "messages" });
+        for _ in 1..DROPS_BEFORE_CLOSE {
+            assert!(matches!(b.take(100), Verdict::Drop { .. }));
+        }
+        assert_eq!(b.take(100), Verdict::Close { which: "messages" });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_refills_at_its_rate() {
+        let mut b = Budget::new(10, 10, 1 << 20, 1 << 20);
+        for _ in 0..10 {
+            assert_eq!(b.take(1), Verdict::Pass);
+        }
+        assert!(matches!(b.take(1), Verdict::Drop { .. }));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        for _ in 0..5 {
+            assert_eq!(b.take(1), Verdict::Pass);
+        }
+        assert!(matches!(b.take(1), Verdict::Drop { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_have_a_budget_of_their_own() {
+        let mut b = Budget::new(1000, 1000, 1000, 4000);
+        assert_eq!(b.take(4000), Verdict::Pass);
+        assert_eq!(b.take(1), Verdict::Drop { which: "bytes" });
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.take(1000), Verdict::Pass);
+    }
+}
