@@ -55,8 +55,17 @@ async fn api_refuses_requests_without_a_valid_token() {
     let _: ApiError = resp.json().await.unwrap();
     let resp = server.api.raw_get("/agents?status=sideways").await;
     assert_eq!(resp.status(), 400);
-    let resp = server.api.raw_get("/agents/zzzz").await;
-    assert_eq!(resp.status(), 400);
+    // A malformed id is a 400 on every route, before any lookup; a well-formed unknown one a 404.
+    for path in ["/agents/zzzz", "/jobs/zzzz", "/jobs/0123456789ABCDEF/events", "/agents/%FF/runs"] {
+        let resp = server.api.raw_get(path).await;
+        assert_eq!(resp.status(), 400, "{path}");
+        assert_eq!(resp.json::<ApiError>().await.unwrap().error, "bad_request", "{path}");
+    }
+    for path in ["/tokens/zzzz", "/enroll-tokens/0123"] {
+        let resp = server.api.http().delete(server.api.url(path)).bearer_auth(&server.admin_token).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+    }
+    assert_eq!(server.api.raw_get("/jobs/0123456789abcdef").await.status(), 404);
     let resp = server
         .api
         .http()

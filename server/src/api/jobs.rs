@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +23,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::caller::Caller;
 use super::error::{Error, Result};
+use super::path::PathId;
 use crate::app::AppState;
 use crate::auth;
 use crate::store::{AgentTarget, AuditEntry, JobRow};
@@ -231,14 +232,14 @@ pub async fn list(
     Ok(Json(jobs.iter().map(|j| summary(j, counts.remove(&j.id).unwrap_or_default())).collect()))
 }
 
-pub async fn get(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<JobDetail>> {
+pub async fn get(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobDetail>> {
     caller.require(Role::Viewer)?;
     Ok(Json(load(&app, &id).await?))
 }
 
 /// `POST /api/v1/jobs/{id}/cancel`: runs not started end `cancelled`; running ones are told to
 /// stop (SIGTERM, then SIGKILL) and report how they ended.
-pub async fn cancel(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<JobDetail>> {
+pub async fn cancel(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobDetail>> {
     caller.require(Role::Operator)?;
     let now = Timestamp::now();
     let (ended, on_agents) = app.store.cancel_job(&id, now).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
@@ -282,7 +283,7 @@ fn sse(event: &JobEvent) -> Event {
 pub async fn events(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
     caller.require(Role::Viewer)?;
     let rx = app.events.subscribe();

@@ -6,6 +6,7 @@ mod caller;
 mod error;
 mod events;
 mod jobs;
+mod path;
 mod tokens;
 
 use axum::extract::DefaultBodyLimit;
