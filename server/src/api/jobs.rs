@@ -82,8 +82,9 @@ fn validate(req: &CreateJob) -> Result<()> {
     Ok(())
 }
 
-/// The agents a target names, in a stable order. Unknown or revoked ids are an error: a typo
-/// should not silently shrink a job.
+/// The agents a target names, in a stable order. Unknown or revoked ids are an error (409, as
+/// the request is well formed and the fleet is what refuses it): a typo should not silently
+/// shrink a job.
 async fn resolve(app: &AppState, target: &Target) -> Result<Vec<AgentTarget>> {
     let agents = app.store.agent_targets().await?;
     match target {
@@ -97,7 +98,7 @@ async fn resolve(app: &AppState, target: &Target) -> Result<Vec<AgentTarget>> {
             let found: Vec<AgentTarget> = agents.into_iter().filter(|a| wanted.contains(&a.id)).collect();
             let known: HashSet<&AgentId> = found.iter().map(|a| &a.id).collect();
             if let Some(missing) = ids.iter().find(|id| !known.contains(id)) {
-                return Err(Error::BadRequest(format!("no agent {missing} (or it was revoked)")));
+                return Err(Error::Conflict(format!("no agent {missing} (or it was revoked)")));
             }
             Ok(found)
         }
@@ -126,7 +127,7 @@ pub async fn create(
         return Ok(Json(DryRun { matched: agents.len() as u64, online, agents }).into_response());
     }
     if matched.is_empty() {
-        return Err(Error::BadRequest(format!("the target ({}) matches no agents", req.target)));
+        return Err(Error::Conflict(format!("the target ({}) matches no agents", req.target)));
     }
     let now = Timestamp::now();
     let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(DEFAULT_TTL_SECS));
