@@ -218,6 +218,25 @@ async fn metrics_are_prometheus_text_need_a_token_and_their_counters_move() {
     drop(agent);
 }
 
+/// What the OpenAPI document promises of tokens: a name is counted in characters, and a ttl as
+/// long as a u64 is accepted and written as the last time RFC 3339 has, not a failure.
+#[tokio::test]
+async fn token_names_count_characters_and_the_longest_ttl_is_written() {
+    let server = TestServer::spawn().await;
+    let create = |name: String, ttl_secs: Option<u64>| {
+        let req = CreateToken { name, role: Role::Viewer, ttl_secs };
+        server.api.http().post(server.api.url("/tokens")).bearer_auth(&server.admin_token).json(&req).send()
+    };
+    assert_eq!(create("é".repeat(64), None).await.unwrap().status(), 201);
+    assert_eq!(create("é".repeat(65), None).await.unwrap().status(), 400);
+    let resp = create("forever".into(), Some(u64::MAX)).await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let created: TokenCreated = resp.json().await.unwrap();
+    assert_eq!(created.info.expires_at.map(|t| t.to_string()).as_deref(), Some("9999-12-31T23:59:59.999Z"));
+    let listed: Vec<shared::api::TokenInfo> = server.api.get("/tokens").await;
+    assert!(listed.iter().any(|t| t.id == created.info.id));
+}
+
 /// Every operation in the served OpenAPI document reaches a handler: no "no route" 404 and no
 /// 405, whatever else it says without credentials.
 #[tokio::test]

@@ -116,7 +116,7 @@ pub async fn revoke_enroll(State(app): State<AppState>, caller: Caller, PathId(i
 /// Creates an operator token. Used by the API and by `muster-server bootstrap`.
 pub async fn create_token_row(store: &dyn Store, req: &CreateToken, created_by: &str) -> Result<TokenCreated> {
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
         return Err(Error::BadRequest("name must be 1 to 64 printable characters".into()));
     }
     let issued = issue(Kind::Operator)?;
