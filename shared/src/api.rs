@@ -162,8 +162,10 @@ impl std::str::FromStr for Role {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateEnrollToken {
     /// Seconds until the token stops working.
+    #[serde(deserialize_with = "crate::whole::number")]
     pub ttl_secs: u64,
     /// How many agents may enroll with it.
+    #[serde(deserialize_with = "crate::whole::number")]
     pub uses: u32,
     /// Labels every agent enrolled with this token gets. They win over the agent's own.
     #[serde(default)]
@@ -197,7 +199,7 @@ pub struct CreateToken {
     pub name: String,
     pub role: Role,
     /// Seconds until it expires; none for a token that lasts until revoked.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::option")]
     pub ttl_secs: Option<u64>,
 }
 

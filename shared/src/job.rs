@@ -124,10 +124,16 @@ impl<'de> Deserialize<'de> for Concurrency {
         #[serde(untagged)]
         enum Raw {
             N(u32),
+            /// A count written `10.0`: whole, so an integer to JSON Schema too.
+            F(f64),
             S(String),
         }
         match Raw::deserialize(d)? {
             Raw::N(n) => n.to_string().parse().map_err(serde::de::Error::custom),
+            Raw::F(f) if f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f) => {
+                (f as u32).to_string().parse().map_err(serde::de::Error::custom)
+            }
+            Raw::F(f) => Err(serde::de::Error::custom(format!("invalid concurrency {f}: a whole number of runs or a percentage"))),
             Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
         }
     }
@@ -139,18 +145,18 @@ pub struct CreateJob {
     pub target: Target,
     pub command: CommandSpec,
     /// Execution time limit per run. Default 60 s.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::option")]
     pub timeout_secs: Option<u64>,
     /// How long runs wait for agents that are offline. Default 10 min; 0: online agents only.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::option")]
     pub ttl_secs: Option<u64>,
     #[serde(default)]
     pub concurrency: Option<Concurrency>,
     /// Stop dispatching once this many runs have failed; the rest end `skipped`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::option")]
     pub max_errors: Option<u32>,
     /// Bytes of output kept per stream and run. Default 1 MiB, at most 16 MiB.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::option")]
     pub output_limit: Option<u64>,
     /// Only report what the target matches; create nothing.
     #[serde(default)]
@@ -395,6 +401,10 @@ mod tests {
         assert_eq!(Concurrency::Percent(25).resolve(10), 3);
         assert_eq!(Concurrency::Percent(1).resolve(3), 1);
         assert_eq!(serde_json::from_str::<Concurrency>("5").unwrap(), Concurrency::Count(5));
+        assert_eq!(serde_json::from_str::<Concurrency>("5.0").unwrap(), Concurrency::Count(5));
+        for bad in ["0", "0.0", "2.5", "-1", "4294967296", "4294967296.0"] {
+            assert!(serde_json::from_str::<Concurrency>(bad).is_err(), "{bad}");
+        }
         assert_eq!(serde_json::to_string(&Concurrency::Percent(50)).unwrap(), "\"50%\"");
     }
 

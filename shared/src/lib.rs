@@ -9,6 +9,7 @@ pub mod labels;
 pub mod protocol;
 pub mod selector;
 pub mod time;
+pub mod whole;
 
 pub use id::AgentId;
 pub use labels::Labels;

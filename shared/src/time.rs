@@ -64,10 +64,17 @@ impl From<Timestamp> for SystemTime {
     }
 }
 
+impl Timestamp {
+    /// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+    pub const MAX_RFC3339: Timestamp = Timestamp(253_402_300_799_999);
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // humantime formats only times at or after the epoch; earlier ones never occur here.
-        let t = SystemTime::from(Timestamp(self.0.max(0)));
+        // humantime formats only times from the epoch to the end of year 9999 (and fails, rather
+        // than writing, past it). Earlier ones never occur here; later ones are the "never" of
+        // an expiry a very long ttl saturated, and read as the last time there is.
+        let t = SystemTime::from(Timestamp(self.0.clamp(0, Self::MAX_RFC3339.0)));
         write!(f, "{}", humantime::format_rfc3339_millis(t))
     }
 }
@@ -102,6 +109,15 @@ mod tests {
         assert_eq!(json, "\"2025-11-22T01:46:40.123Z\"");
         let back: Timestamp = serde_json::from_str(&json).unwrap();
         assert_eq!(back, t);
+    }
+
+    #[test]
+    fn timestamps_past_year_9999_are_written_as_its_last_millisecond() {
+        // A token with a ttl of u64::MAX seconds saturates to i64::MAX; serializing it must not fail.
+        let far = Timestamp::from_unix_millis(0).saturating_add(Duration::from_secs(u64::MAX));
+        assert_eq!(serde_json::to_string(&far).unwrap(), "\"9999-12-31T23:59:59.999Z\"");
+        assert_eq!(Timestamp::MAX_RFC3339.to_string(), "9999-12-31T23:59:59.999Z");
+        assert_eq!(Timestamp::parse_rfc3339("9999-12-31T23:59:59.999Z").unwrap(), Timestamp::MAX_RFC3339);
     }
 
     #[test]

@@ -55,8 +55,17 @@ async fn api_refuses_requests_without_a_valid_token() {
     let _: ApiError = resp.json().await.unwrap();
     let resp = server.api.raw_get("/agents?status=sideways").await;
     assert_eq!(resp.status(), 400);
-    let resp = server.api.raw_get("/agents/zzzz").await;
-    assert_eq!(resp.status(), 400);
+    // A malformed id is a 400 on every route, before any lookup; a well-formed unknown one a 404.
+    for path in ["/agents/zzzz", "/jobs/zzzz", "/jobs/0123456789ABCDEF/events", "/agents/%FF/runs"] {
+        let resp = server.api.raw_get(path).await;
+        assert_eq!(resp.status(), 400, "{path}");
+        assert_eq!(resp.json::<ApiError>().await.unwrap().error, "bad_request", "{path}");
+    }
+    for path in ["/tokens/zzzz", "/enroll-tokens/0123"] {
+        let resp = server.api.http().delete(server.api.url(path)).bearer_auth(&server.admin_token).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{path}");
+    }
+    assert_eq!(server.api.raw_get("/jobs/0123456789abcdef").await.status(), 404);
     let resp = server
         .api
         .http()
@@ -208,6 +217,27 @@ async fn metrics_are_prometheus_text_need_a_token_and_their_counters_move() {
     })
     .await;
     drop(agent);
+}
+
+/// What the OpenAPI document promises of tokens: a name is counted in characters, and a ttl is
+/// at most max_token_ttl.
+#[tokio::test]
+async fn token_names_count_characters_and_ttls_are_capped() {
+    let server = TestServer::spawn().await;
+    let create = |name: String, ttl_secs: Option<u64>| {
+        let req = CreateToken { name, role: Role::Viewer, ttl_secs };
+        server.api.http().post(server.api.url("/tokens")).bearer_auth(&server.admin_token).json(&req).send()
+    };
+    assert_eq!(create("é".repeat(64), None).await.unwrap().status(), 201);
+    assert_eq!(create("é".repeat(65), None).await.unwrap().status(), 400);
+    // A ttl past max_token_ttl (a year by default) is refused; the longest allowed is taken.
+    assert_eq!(create("forever".into(), Some(u64::MAX)).await.unwrap().status(), 400);
+    let resp = create("a year".into(), Some(365 * 86_400)).await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let created: TokenCreated = resp.json().await.unwrap();
+    assert!(created.info.expires_at.is_some());
+    let listed: Vec<shared::api::TokenInfo> = server.api.get("/tokens").await;
+    assert!(listed.iter().any(|t| t.id == created.info.id));
 }
 
 /// Every operation in the served OpenAPI document reaches a handler: no "no route" 404 and no

@@ -66,7 +66,8 @@ async fn a_label_selector_targets_exactly_the_matching_agents() {
     let done = server.api.wait_job_finished(&created.id, SOON).await;
     assert!(states(&done).iter().all(|s| *s == RunState::Succeeded));
 
-    // A target that names an unknown agent, or matches nothing, is refused.
+    // A target that names an unknown agent, or matches nothing, is refused: the request is well
+    // formed, the fleet is what refuses it.
     let resp = server
         .api
         .http()
@@ -76,7 +77,8 @@ async fn a_label_selector_targets_exactly_the_matching_agents() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 400);
+    assert_eq!(resp.status(), 409);
+    assert_eq!(resp.json::<shared::api::ApiError>().await.unwrap().error, "conflict");
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! Fleet state: agents, their heartbeats, and fleet counts.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use shared::api::{AgentDetail, AgentStatus, AgentSummary, ConnectionInfo, FleetCounts, HeartbeatSample, Role};
@@ -11,6 +11,7 @@ use shared::{AgentId, Selector, Timestamp};
 
 use super::caller::Caller;
 use super::error::{Error, Result};
+use super::path::AgentPath;
 use crate::app::AppState;
 use crate::store::{AgentRow, AuditEntry};
 
@@ -31,10 +32,6 @@ pub fn summary(row: &AgentRow) -> AgentSummary {
         last_heartbeat_at: row.last_heartbeat_at,
         metrics: row.last_metrics.clone(),
     }
-}
-
-fn parse_id(id: &str) -> Result<AgentId> {
-    AgentId::parse(id).map_err(|e| Error::BadRequest(e.to_string()))
 }
 
 /// 404 for an agent the server never enrolled, rather than an empty history.
@@ -64,9 +61,8 @@ pub async fn list(
     ))
 }
 
-pub async fn get(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<AgentDetail>> {
+pub async fn get(State(app): State<AppState>, caller: Caller, AgentPath(id): AgentPath) -> Result<Json<AgentDetail>> {
     caller.require(Role::Viewer)?;
-    let id = parse_id(&id)?;
     let row = app.store.agent(&id).await?.ok_or_else(|| Error::NotFound(format!("no agent {id}")))?;
     let transitions = app.store.transitions(&id, 20).await?;
     let connection = match (&row.remote_addr, row.connected_at, &row.node) {
@@ -103,12 +99,11 @@ pub struct HeartbeatQuery {
 pub async fn heartbeats(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    AgentPath(id): AgentPath,
     query: std::result::Result<Query<HeartbeatQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<HeartbeatSample>>> {
     caller.require(Role::Viewer)?;
     let Query(q) = query?;
-    let id = parse_id(&id)?;
     let now = Timestamp::now();
     let since = match q.since.as_deref() {
         None => now.saturating_sub(std::time::Duration::from_secs(3600)),
@@ -142,12 +137,11 @@ pub struct RunsQuery {
 pub async fn runs(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    AgentPath(id): AgentPath,
     query: std::result::Result<Query<RunsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<AgentRun>>> {
     caller.require(Role::Viewer)?;
     let Query(q) = query?;
-    let id = parse_id(&id)?;
     let limit = super::limit(q.limit, 20, 500)?;
     require_agent(&app, &id).await?;
     Ok(Json(app.store.agent_runs(&id, limit).await?))
@@ -159,9 +153,8 @@ pub async fn fleet(State(app): State<AppState>, caller: Caller) -> Result<Json<F
 }
 
 /// `DELETE /api/v1/agents/{id}`: revokes the agent's credential and closes its connection.
-pub async fn revoke(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode> {
+pub async fn revoke(State(app): State<AppState>, caller: Caller, AgentPath(id): AgentPath) -> Result<StatusCode> {
     caller.require(Role::Admin)?;
-    let id = parse_id(&id)?;
     let now = Timestamp::now();
     if !app.store.revoke_agent(&id, now).await? {
         return Err(Error::NotFound(format!("no agent {id}, or it is already revoked")));

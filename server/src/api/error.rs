@@ -20,6 +20,9 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    /// A well-formed request that the state of things refuses (a target that matches no agents).
+    #[error("{0}")]
+    Conflict(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -51,6 +54,7 @@ impl IntoResponse for Error {
             Error::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", self.to_string()),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", self.to_string()),
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", self.to_string()),
+            Error::Conflict(_) => (StatusCode::CONFLICT, "conflict", self.to_string()),
             Error::Store(StoreError::Full) => {
                 tracing::error!("database disk full");
                 (StatusCode::INSUFFICIENT_STORAGE, "unavailable", "the server's disk is full; nothing was changed".into())

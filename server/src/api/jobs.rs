@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +23,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::caller::Caller;
 use super::error::{Error, Result};
+use super::path::PathId;
 use crate::app::AppState;
 use crate::auth;
 use crate::store::{AgentTarget, AuditEntry, JobRow};
@@ -81,8 +82,9 @@ fn validate(req: &CreateJob) -> Result<()> {
     Ok(())
 }
 
-/// The agents a target names, in a stable order. Unknown or revoked ids are an error: a typo
-/// should not silently shrink a job.
+/// The agents a target names, in a stable order. Unknown or revoked ids are an error (409, as
+/// the request is well formed and the fleet is what refuses it): a typo should not silently
+/// shrink a job.
 async fn resolve(app: &AppState, target: &Target) -> Result<Vec<AgentTarget>> {
     let agents = app.store.agent_targets().await?;
     match target {
@@ -96,7 +98,7 @@ async fn resolve(app: &AppState, target: &Target) -> Result<Vec<AgentTarget>> {
             let found: Vec<AgentTarget> = agents.into_iter().filter(|a| wanted.contains(&a.id)).collect();
             let known: HashSet<&AgentId> = found.iter().map(|a| &a.id).collect();
             if let Some(missing) = ids.iter().find(|id| !known.contains(id)) {
-                return Err(Error::BadRequest(format!("no agent {missing} (or it was revoked)")));
+                return Err(Error::Conflict(format!("no agent {missing} (or it was revoked)")));
             }
             Ok(found)
         }
@@ -125,7 +127,7 @@ pub async fn create(
         return Ok(Json(DryRun { matched: agents.len() as u64, online, agents }).into_response());
     }
     if matched.is_empty() {
-        return Err(Error::BadRequest(format!("the target ({}) matches no agents", req.target)));
+        return Err(Error::Conflict(format!("the target ({}) matches no agents", req.target)));
     }
     let now = Timestamp::now();
     let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(DEFAULT_TTL_SECS));
@@ -246,7 +248,7 @@ pub struct OutputQuery {
 pub async fn output(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
     query: std::result::Result<Query<OutputQuery>, QueryRejection>,
 ) -> Result<Json<shared::job::OutputPage>> {
     caller.require(Role::Viewer)?;
@@ -280,14 +282,14 @@ pub async fn output(
     }))
 }
 
-pub async fn get(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<JobDetail>> {
+pub async fn get(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobDetail>> {
     caller.require(Role::Viewer)?;
     Ok(Json(load(&app, &id).await?))
 }
 
 /// `POST /api/v1/jobs/{id}/cancel`: runs not started end `cancelled`; running ones are told to
 /// stop (SIGTERM, then SIGKILL) and report how they ended.
-pub async fn cancel(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<Json<JobDetail>> {
+pub async fn cancel(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobDetail>> {
     caller.require(Role::Operator)?;
     let now = Timestamp::now();
     let (ended, on_agents) = app.store.cancel_job(&id, now).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
@@ -331,7 +333,7 @@ fn sse(event: &JobEvent) -> Event {
 pub async fn events(
     State(app): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
     caller.require(Role::Viewer)?;
     let (end, guard) = caller.watch(&app);

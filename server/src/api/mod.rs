@@ -6,6 +6,7 @@ mod caller;
 mod error;
 mod events;
 mod jobs;
+mod path;
 mod tokens;
 
 use axum::extract::DefaultBodyLimit;
@@ -190,12 +191,52 @@ mod tests {
     }
 
     #[test]
-    fn every_schema_reference_resolves() {
+    fn every_reference_resolves() {
         let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
-        let text = OPENAPI;
-        for part in text.split("\"$ref\": \"#/components/schemas/").skip(1) {
-            let name = part.split('"').next().unwrap();
-            assert!(doc["components"]["schemas"].get(name).is_some(), "dangling $ref {name}");
+        let mut refs = 0;
+        for part in OPENAPI.split("\"$ref\": \"#/").skip(1) {
+            let pointer = format!("/{}", part.split('"').next().unwrap());
+            assert!(doc.pointer(&pointer).is_some(), "dangling $ref #{pointer}");
+            refs += 1;
+        }
+        assert!(refs > 100, "only {refs} references");
+    }
+
+    /// Links (which the stateful API tests follow) name operations that exist, by parameters
+    /// those operations have.
+    #[test]
+    fn every_link_names_an_operation_and_its_parameters() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let resolve = |p: &serde_json::Value| match p["$ref"].as_str() {
+            Some(r) => doc.pointer(r.trim_start_matches('#')).unwrap().clone(),
+            None => p.clone(),
+        };
+        let mut params: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+        let mut links = Vec::new();
+        for item in doc["paths"].as_object().unwrap().values() {
+            let shared: Vec<serde_json::Value> = item["parameters"].as_array().cloned().unwrap_or_default();
+            for (method, op) in item.as_object().unwrap() {
+                if method == "parameters" {
+                    continue;
+                }
+                let own = op["parameters"].as_array().cloned().unwrap_or_default();
+                let names = shared.iter().chain(&own).map(|p| resolve(p)["name"].as_str().unwrap().to_owned()).collect();
+                let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{method} without operationId")).to_owned();
+                assert!(params.insert(id.clone(), names).is_none(), "operationId {id} twice");
+                for response in op["responses"].as_object().unwrap().values() {
+                    for link in response["links"].as_object().into_iter().flat_map(|l| l.values()) {
+                        links.push(link.clone());
+                    }
+                }
+            }
+        }
+        assert!(links.len() >= 6, "only {} links", links.len());
+        for link in links {
+            let target = link["operationId"].as_str().unwrap();
+            let names = params.get(target).unwrap_or_else(|| panic!("a link to {target}, which does not exist"));
+            for name in link["parameters"].as_object().unwrap().keys() {
+                assert!(names.contains(name), "a link gives {target} a parameter {name} it does not have");
+            }
         }
     }
 }

@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use shared::Timestamp;
 use shared::api::{CreateEnrollToken, CreateToken, EnrollTokenCreated, EnrollTokenInfo, Role, TokenCreated, TokenInfo, WhoAmI};
 
 use super::caller::Caller;
 use super::error::{Error, Result};
+use super::path::PathId;
 use crate::app::AppState;
 use crate::auth::{self, Kind};
 use crate::store::{ApiTokenRow, AuditEntry, EnrollTokenRow, Store};
@@ -101,7 +102,7 @@ pub async fn list_enroll(State(app): State<AppState>, caller: Caller) -> Result<
     Ok(Json(app.store.list_enroll_tokens().await?.iter().map(enroll_info).collect()))
 }
 
-pub async fn revoke_enroll(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode> {
+pub async fn revoke_enroll(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<StatusCode> {
     caller.require(Role::Admin)?;
     let now = Timestamp::now();
     if !app.store.revoke_enroll_token(&id, now).await? {
@@ -121,7 +122,7 @@ pub async fn revoke_enroll(State(app): State<AppState>, caller: Caller, Path(id)
 /// Creates an operator token. Used by the API and by `muster-server bootstrap`.
 pub async fn create_token_row(store: &dyn Store, req: &CreateToken, created_by: &str) -> Result<TokenCreated> {
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
         return Err(Error::BadRequest("name must be 1 to 64 printable characters".into()));
     }
     let issued = issue(Kind::Operator)?;
@@ -174,7 +175,7 @@ pub async fn list_tokens(State(app): State<AppState>, caller: Caller) -> Result<
     Ok(Json(app.store.list_api_tokens().await?.iter().map(token_info).collect()))
 }
 
-pub async fn revoke_token(State(app): State<AppState>, caller: Caller, Path(id): Path<String>) -> Result<StatusCode> {
+pub async fn revoke_token(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<StatusCode> {
     caller.require(Role::Admin)?;
     let now = Timestamp::now();
     if !app.store.revoke_api_token(&id, now).await? {
