@@ -368,7 +368,7 @@ pub fn summary(job: &JobDetail, out: Out<'_>) -> anyhow::Result<()> {
         let more = runs.iter().any(|r| (r.stdout.len() as u64) < r.stdout_len || (r.stderr.len() as u64) < r.stderr_len);
         let note = match (truncated, more) {
             (true, _) => " [output truncated]",
-            (false, true) => " [output continues: muster job ID --json, or GET /api/v1/runs/{id}/output]",
+            (false, true) => " [output continues: muster job ID prints all of it]",
             _ => "",
         };
         writeln!(out, "  {who} {how}{hosts}: {text}{note}")?;

@@ -11,6 +11,9 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Every connection is a file: take the hard limit on open files, as the default
+    // max_connections (the limit less 512) is derived from it.
+    raise_open_files_limit();
     let config = match Config::resolve(&cli.settings) {
         Ok(c) => c,
         Err(e) => {
@@ -41,5 +44,14 @@ fn main() -> ExitCode {
             let _ = writeln!(std::io::stderr(), "muster-server: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
     }
 }

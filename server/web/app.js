@@ -1170,7 +1170,11 @@ async function jobView(ctx) {
     if (!r.stdout && !r.stderr) {
       return h('pre', { class: 'output' }, FINAL_STATES.has(r.state) ? '(no output)' : '(no output yet)');
     }
+    // The job's detail carries the head of each stream; the rest is paged from /runs/{id}/output.
+    const held = (text) => new TextEncoder().encode(text || '').length;
+    const more = (r.stdout_len || 0) - held(r.stdout) + (r.stderr_len || 0) - held(r.stderr);
     return h('pre', { class: 'output' }, r.stdout || '', r.stderr ? h('span', { class: 'err' }, r.stderr) : null,
+      more > 0 ? h('span', { class: 'muted' }, `\n[${more} more bytes: muster job ${job.id}, or GET /api/v1/runs/${r.id}/output]`) : null,
       r.stdout_truncated || r.stderr_truncated ? h('span', { class: 'err' }, '\n[output truncated at the job\'s limit]') : null);
   }
 

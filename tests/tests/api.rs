@@ -261,3 +261,29 @@ async fn every_documented_operation_is_served() {
     }
     assert!(probed >= 20, "only {probed} operations documented");
 }
+
+/// `muster-server bootstrap --data-dir DIR` (flags after the subcommand, as the README shows)
+/// works, and `muster ... | head` closing the pipe early is a quiet success.
+#[tokio::test]
+async fn global_flags_follow_the_subcommand_and_a_closed_pipe_is_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(tests::bin("muster-server")).arg("bootstrap").arg("--data-dir").arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("mst_"));
+
+    let server = TestServer::spawn().await;
+    let mut child = std::process::Command::new(tests::bin("muster"))
+        .args(["token", "list"])
+        .env("MUSTER_SERVER", &server.url)
+        .env("MUSTER_TOKEN", &server.admin_token)
+        .env("MUSTER_CA", &server.ca)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before the CLI writes its table.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit {:?}", out.status);
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -498,3 +498,76 @@ async fn a_lost_connection_is_recorded_in_words() {
     assert!(!reason.contains("http"), "a status reason quotes a library: {reason}");
     assert!(reason.starts_with("connection"), "{reason}");
 }
+
+#[tokio::test]
+async fn a_tcp_peer_that_never_starts_tls_is_dropped_after_the_handshake_timeout() {
+    let server = TestServer::spawn_with(&["--handshake-timeout", "1s"]).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    let got = wait_closed(&mut tcp, Duration::from_secs(5)).await;
+    assert!(got.is_empty());
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout() {
+    let server = TestServer::spawn_with(&["--keep-alive-timeout", "1s"]).await;
+    let mut tls = tls_from([127, 0, 0, 1], server.port, &server.ca).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
+    // The answer comes, then nothing: the server closes the idle connection by itself.
+    let got = String::from_utf8_lossy(&wait_closed(&mut tls, Duration::from_secs(5)).await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+}
+
+#[tokio::test]
+async fn unauthenticated_connections_in_total_are_capped_and_authenticated_ones_go_on() {
+    let server = TestServer::spawn_with(&["--max-unauthenticated", "10", "--header-timeout", "2s"]).await;
+    let (mut agent, id, _) = raw_agent_every(&server, &[], "steady", 250).await;
+    assert!(server.api.healthz().await);
+    let mut silent = Vec::new();
+    for i in 0..10u8 {
+        silent.push(tls_from([127, 0, 0, 30 + i], server.port, &server.ca).await.expect("admitted"));
+    }
+    assert!(tls_from([127, 0, 0, 60], server.port, &server.ca).await.is_err(), "the 11th unauthenticated connection is refused");
+    // The agent that already authenticated keeps heartbeating and stays online.
+    for seq in 1..=4 {
+        ws::send(&mut agent, &ws::heartbeat(seq, "steady")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(server.api.agent(&id).await.summary.status, AgentStatus::Online);
+    for s in &mut silent {
+        wait_closed(s, Duration::from_secs(5)).await;
+    }
+    wait_for("room for a new connection", Duration::from_secs(5), || async {
+        tls_from([127, 0, 0, 60], server.port, &server.ca).await.ok().map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_over_its_byte_budget_is_closed_with_4005() {
+    let server = TestServer::spawn_with(&["--agent-bytes-per-second", "100000", "--agent-byte-burst", "200000"]).await;
+    let (ws, _, _) = raw_agent(&server, &[], "bulky").await;
+    let (mut tx, mut rx) = ws.split();
+    let reader = tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), rx.next()).await {
+                Ok(Some(Ok(Message::Close(f)))) => return f.map(|f| u16::from(f.code)),
+                Ok(Some(Ok(_))) => continue,
+                _ => return None,
+            }
+        }
+    });
+    let chunk = AgentMessage::RunOutput(RunOutput {
+        run_id: "0000000000000001".into(),
+        stream: Stream::Stdout,
+        offset: 0,
+        data: "b".repeat(16 * 1024),
+    });
+    let text = serde_json::to_string(&chunk).unwrap();
+    // Bounded: 5,000 chunks of 16 KiB, or until the server closes.
+    for _ in 0..5000 {
+        if tx.send(Message::Text(text.clone().into())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(reader.await.unwrap(), Some(close::RATE_LIMITED));
+}
