@@ -2,8 +2,13 @@
 //! agent sends a heartbeat every few seconds and output in 16 KiB chunks; the defaults sit
 //! far above that, so only a peer that floods ever meets them.
 //!
-//! Over budget, a message is dropped (and counted); a session that keeps going after
-//! [`DROPS_BEFORE_CLOSE`] drops is closed with `close::RATE_LIMITED`.
+//! - **Messages** over budget are dropped (and counted); a session that keeps going after
+//!   [`DROPS_BEFORE_CLOSE`] drops is closed with `close::RATE_LIMITED`. A flood of small
+//!   messages (pings, heartbeats) is what this stops.
+//! - **Bytes** over budget are not dropped: the session stops reading from the agent until the
+//!   budget has refilled, so TCP holds the agent to the budget's rate and no byte of output is
+//!   lost. A legitimate agent that re-sends a great deal of output after a reconnect is slowed,
+//!   never cut off; a peer that floods bytes costs the server at most the budget's rate.
 
 use tokio::time::Instant;
 
@@ -63,25 +68,32 @@ impl Budget {
         Self::new(l.agent_messages_per_second, l.agent_message_burst, l.agent_bytes_per_second, l.agent_byte_burst)
     }
 
-    /// Charges one message of `len` bytes.
-    pub fn take(&mut self, len: usize) -> Verdict {
+    fn refill(&mut self) {
         let now = Instant::now();
         let secs = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         self.messages.refill(secs);
         self.bytes.refill(secs);
-        let len = len as f64;
-        let which = if self.messages.level < 1.0 {
-            "messages"
-        } else if self.bytes.level < len {
-            "bytes"
-        } else {
-            self.messages.level -= 1.0;
-            self.bytes.level -= len;
-            return Verdict::Pass;
-        };
-        self.dropped += 1;
-        if self.dropped > DROPS_BEFORE_CLOSE { Verdict::Close { which } } else { Verdict::Drop { which } }
+    }
+
+    /// Charges one message of `len` bytes: its bytes always (the byte budget may go into debt
+    /// by one message, which [`Budget::pause`] then waits out), its count if there is room.
+    pub fn take(&mut self, len: usize) -> Verdict {
+        self.refill();
+        if self.messages.level < 1.0 {
+            self.dropped += 1;
+            let which = "messages";
+            return if self.dropped > DROPS_BEFORE_CLOSE { Verdict::Close { which } } else { Verdict::Drop { which } };
+        }
+        self.messages.level -= 1.0;
+        self.bytes.level -= len as f64;
+        Verdict::Pass
+    }
+
+    /// How long to stop reading from the agent before the byte budget is out of debt.
+    pub fn pause(&mut self) -> Option<std::time::Duration> {
+        self.refill();
+        (self.bytes.level < 0.0).then(|| std::time::Duration::from_secs_f64(-self.bytes.level / self.bytes.rate))
     }
 }
 
@@ -119,11 +131,15 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn bytes_have_a_budget_of_their_own() {
+    async fn bytes_over_budget_pause_reading_until_the_debt_is_paid() {
         let mut b = Budget::new(1000, 1000, 1000, 4000);
         assert_eq!(b.take(4000), Verdict::Pass);
-        assert_eq!(b.take(1), Verdict::Drop { which: "bytes" });
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert_eq!(b.take(1000), Verdict::Pass);
+        assert_eq!(b.pause(), None);
+        // One more message goes into debt; nothing is dropped, reading waits instead.
+        assert_eq!(b.take(500), Verdict::Pass);
+        assert_eq!(b.pause(), Some(Duration::from_millis(500)));
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(b.pause(), None);
+        assert_eq!(b.dropped, 0);
     }
 }

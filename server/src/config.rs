@@ -127,7 +127,8 @@ pub struct LimitSettings {
     /// Messages one agent may send in a burst above the sustained rate. [default: 5000]
     #[arg(long, global = true, env = "MUSTER_AGENT_MESSAGE_BURST")]
     pub agent_message_burst: Option<u32>,
-    /// Bytes one agent may send per second, sustained. [default: 8388608]
+    /// Bytes one agent may send per second, sustained; past it the server reads from that
+    /// agent more slowly (nothing is dropped). [default: 8388608]
     #[arg(long, global = true, env = "MUSTER_AGENT_BYTES_PER_SECOND")]
     pub agent_bytes_per_second: Option<u64>,
     /// Bytes one agent may send in a burst above the sustained rate. [default: 67108864]
@@ -422,8 +423,9 @@ impl Limits {
         }
         // A burst must hold at least one largest message, or that message could never pass.
         let max_message = shared::protocol::MAX_MESSAGE_BYTES as u64;
-        if self.agent_bytes_per_second == 0 || self.agent_byte_burst < max_message {
-            return bad("agent_bytes_per_second must be positive and agent_byte_burst at least 131072 (one largest message)");
+        // At least 64 KiB/s, so that waiting out one largest message takes at most 2 s.
+        if self.agent_bytes_per_second < 64 * 1024 || self.agent_byte_burst < max_message {
+            return bad("agent_bytes_per_second must be at least 65536 and agent_byte_burst at least 131072 (one largest message)");
         }
         if self.recorder_queue_bytes < shared::protocol::MAX_MESSAGE_BYTES {
             return bad("recorder_queue_bytes must be at least 131072 (one largest message)");

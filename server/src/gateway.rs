@@ -505,10 +505,16 @@ impl Session<'_> {
         let mut ping = tokio::time::interval_at(Instant::now() + app.config.ping_interval, app.config.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
+        // While the agent is over its byte budget, nothing is read from it (see `budget`).
+        let mut paused_until: Option<Instant> = None;
         loop {
             // Borrow the socket only while waiting; handle the event after the select.
             let event = tokio::select! {
-                frame = socket.recv() => Event::Frame(frame),
+                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
+                    paused_until = None;
+                    continue;
+                }
+                frame = socket.recv(), if paused_until.is_none() => Event::Frame(frame),
                 msg = outbound.recv() => Event::Outbound(msg),
                 _ = ping.tick() => Event::Ping,
                 _ = closer.closed() => Event::Close,
@@ -561,6 +567,10 @@ impl Session<'_> {
                             crate::telemetry::agent_over_budget(which);
                             return Ending::close(close::RATE_LIMITED, format!("over the {which} budget"));
                         }
+                    }
+                    if let Some(wait) = self.budget.pause() {
+                        crate::telemetry::agent_over_budget("bytes");
+                        paused_until = Some(Instant::now() + wait);
                     }
                     match frame {
                         Message::Text(text) => {

@@ -12,5 +12,5 @@ ROUNDS=${ROUNDS:-3}
 PORT=${PORT:-18544}
 source tests/bench/lib.sh
 
-target/release/muster-loadgen --server "https://127.0.0.1:$PORT" --ca "$dir/tls/ca.pem" --token "$token" \
+"$bin"/muster-loadgen --server "https://127.0.0.1:$PORT" --ca "$dir/tls/ca.pem" --token "$token" \
   --agents-file "$dir/agents.json" --agents "$AGENTS" broadcast --db "$dir/muster.db" --rounds "$ROUNDS"

@@ -15,7 +15,7 @@ PORT=${PORT:-18545}
 source tests/bench/lib.sh
 
 # The simulated fleet stays up for the whole measurement, then stops by itself.
-target/release/muster-loadgen --server "https://127.0.0.1:$PORT" --ca "$dir/tls/ca.pem" --token "$token" \
+"$bin"/muster-loadgen --server "https://127.0.0.1:$PORT" --ca "$dir/tls/ca.pem" --token "$token" \
   --agents-file "$dir/agents.json" --agents "$AGENTS" \
   heartbeats --interval "$INTERVAL" --duration "$((WATCH + 150))s" --db "$dir/muster.db" >"$dir/loadgen.log" 2>&1 &
 loadgen_pid=$!

@@ -3,6 +3,7 @@
 # SERVER_LOG sets the server's log filter; KEEP_LOG=FILE keeps its log.
 
 cargo build --release -q -p server -p tests
+bin=${CARGO_TARGET_DIR:-target}/release
 dir=$(mktemp -d)
 server_pid=
 cleanup() {
@@ -14,7 +15,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-token=$(target/release/muster-server --data-dir "$dir" bootstrap --name bench)
-MUSTER_LOG=${SERVER_LOG:-warn} target/release/muster-server --data-dir "$dir" --listen "127.0.0.1:$PORT" 2>"$dir/server.log" &
+token=$("$bin"/muster-server --data-dir "$dir" bootstrap --name bench)
+MUSTER_LOG=${SERVER_LOG:-warn} "$bin"/muster-server --data-dir "$dir" --listen "127.0.0.1:$PORT" 2>"$dir/server.log" &
 server_pid=$!
 for _ in $(seq 100); do [ -f "$dir/tls/ca.pem" ] && break; sleep 0.1; done

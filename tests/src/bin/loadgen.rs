@@ -119,6 +119,11 @@ async fn main() -> anyhow::Result<()> {
             if *duration > MAX_DURATION {
                 bail!("--duration is at most {MAX_DURATION:?}");
             }
+            // An agent announces its interval, at least 200 ms, and the server stores one sample
+            // per half interval: a simulated agent heartbeating faster would not be one.
+            if *interval < Duration::from_millis(200) {
+                bail!("--interval is at least 200ms, the shortest an agent may announce; offer more load with more --agents");
+            }
             heartbeats(&cli, &agents, tls, addr, *interval, *duration, db).await
         }
         Cmd::Broadcast { db, rounds } => broadcast(&cli, &agents, tls, addr, db, (*rounds).clamp(1, 20)).await,
