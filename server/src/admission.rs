@@ -67,6 +67,7 @@ impl Admission {
 
     /// Admits a new connection from `ip`, or says which cap refuses it.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refused> {
+        let ip = source(ip);
         let mut counts = self.counts();
         if self.total.load(Ordering::Relaxed) >= self.caps.max_connections {
             return Err(Refused::Total);
@@ -102,6 +103,18 @@ impl Admission {
     }
 }
 
+/// The "address" a per-address cap counts: an IPv4 address, or the /64 an IPv6 address is in
+/// (one host usually holds a whole /64, so counting /128s would give it millions of shares).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+    }
+}
+
 /// One admitted connection. Clones share it; the slot is given back when the last clone goes
 /// (the connection task holds one, an upgraded agent session another). Requests carry it as an
 /// extension so that authentication can promote the connection.
@@ -116,6 +129,10 @@ struct TicketInner {
 }
 
 impl Ticket {
+    pub fn is_promoted(&self) -> bool {
+        self.0.promoted.load(Ordering::Acquire)
+    }
+
     /// The connection presented a valid credential: it no longer counts as unauthenticated.
     pub fn promote(&self) {
         if !self.0.promoted.swap(true, Ordering::AcqRel) {
@@ -172,6 +189,16 @@ mod tests {
         assert_eq!(a.held(), (1, 0), "the session's clone keeps the slot");
         drop(session);
         assert_eq!(a.held(), (0, 0));
+    }
+
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        let a = Admission::new(caps(100, 50, 1));
+        let one: IpAddr = "2001:db8::1".parse().unwrap();
+        let other_in_the_same_64: IpAddr = "2001:db8::ffff:1".parse().unwrap();
+        let _t = a.admit(one).unwrap();
+        assert_eq!(a.admit(other_in_the_same_64).unwrap_err(), Refused::PerAddress);
+        assert!(a.admit("2001:db8:0:1::1".parse().unwrap()).is_ok());
     }
 
     #[test]

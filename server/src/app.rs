@@ -46,6 +46,10 @@ impl RefusalLog {
     }
 }
 
+/// Cancels the HTTP connection a request came on.
+#[derive(Clone, Debug)]
+pub struct ConnCancel(pub CancellationToken);
+
 /// What every handler and session shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -225,12 +229,17 @@ impl Application {
                     }
                 };
                 let conn_ticket = ticket.clone();
+                // Cancelled to drop the connection outright (a revoked token's stream whose client
+                // does not read would otherwise never be polled to notice).
+                let conn_cancel = tokio_util::sync::CancellationToken::new();
+                let cancel_in_service = conn_cancel.clone();
                 let spoke = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let spoke_in_service = spoke.clone();
                 let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                     spoke_in_service.store(true, std::sync::atomic::Ordering::Relaxed);
                     req.extensions_mut().insert(ConnectInfo(remote));
                     req.extensions_mut().insert(conn_ticket.clone());
+                    req.extensions_mut().insert(ConnCancel(cancel_in_service.clone()));
                     router.clone().oneshot(req)
                 });
                 // HTTP/1.1 only, as documented: hyper's own HTTP/1 connection. An HTTP/2 preface
@@ -240,6 +249,8 @@ impl Application {
                 // speaks (or trickles its first request) is closed.
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
+                    // Request line and headers: at most 80 KiB held per connection.
+                    .max_buf_size(80 * 1024)
                     .header_read_timeout(limits.keep_alive_timeout)
                     .serve_connection(TokioIo::new(tls), service)
                     .with_upgrades();
@@ -247,6 +258,12 @@ impl Application {
                 let first_request = tokio::time::sleep(limits.header_timeout);
                 tokio::pin!(first_request);
                 let mut waiting_first = true;
+                // A connection that has not presented a credential by then is closed, whatever it
+                // is doing: unauthenticated requests (the dashboard's page, /healthz) take far
+                // less, and a peer that never reads its answers cannot hold the slot.
+                let unauthenticated_until = tokio::time::sleep(limits.header_timeout + limits.body_timeout);
+                tokio::pin!(unauthenticated_until);
+                let mut waiting_auth = true;
                 let ended = loop {
                     tokio::select! {
                         ended = conn.as_mut() => break ended,
@@ -256,6 +273,17 @@ impl Application {
                                 tracing::debug!(%remote, "no request within the header timeout");
                                 return;
                             }
+                        }
+                        _ = &mut unauthenticated_until, if waiting_auth => {
+                            waiting_auth = false;
+                            if !ticket.is_promoted() {
+                                tracing::debug!(%remote, "no credential presented in time");
+                                return;
+                            }
+                        }
+                        _ = conn_cancel.cancelled() => {
+                            tracing::debug!(%remote, "connection closed: its credential was revoked");
+                            return;
                         }
                         _ = stop.cancelled() => {
                             // Finish the request in flight, then close.

@@ -87,6 +87,11 @@ impl Budget {
         }
         self.messages.level -= 1.0;
         self.bytes.level -= len as f64;
+        // Drops count towards closing only while the agent stays over budget: once it is back
+        // under half its burst, it starts afresh.
+        if self.messages.level >= self.messages.burst / 2.0 {
+            self.dropped = 0;
+        }
         Verdict::Pass
     }
 
@@ -114,6 +119,20 @@ mod tests {
             assert!(matches!(b.take(100), Verdict::Drop { .. }));
         }
         assert_eq!(b.take(100), Verdict::Close { which: "messages" });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drops_are_forgiven_once_the_agent_is_back_under_budget() {
+        let mut b = Budget::new(10, 20, 1 << 20, 1 << 20);
+        for _ in 0..20 {
+            b.take(1);
+        }
+        for _ in 0..DROPS_BEFORE_CLOSE {
+            assert!(matches!(b.take(1), Verdict::Drop { .. }));
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(b.take(1), Verdict::Pass);
+        assert_eq!(b.dropped, 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -121,10 +121,10 @@ pub struct LimitSettings {
     /// Largest request body, in bytes; larger ones get 413. [default: 1048576]
     #[arg(long, global = true, env = "MUSTER_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
-    /// Messages (frames, pings included) one agent may send per second, sustained. [default: 500]
+    /// Messages (frames, pings included) one agent session may send per second, sustained. [default: 2000]
     #[arg(long, global = true, env = "MUSTER_AGENT_MESSAGES_PER_SECOND")]
     pub agent_messages_per_second: Option<u32>,
-    /// Messages one agent may send in a burst above the sustained rate. [default: 5000]
+    /// Messages one agent session may send in a burst above the sustained rate. [default: 20000]
     #[arg(long, global = true, env = "MUSTER_AGENT_MESSAGE_BURST")]
     pub agent_message_burst: Option<u32>,
     /// Bytes one agent may send per second, sustained; past it the server reads from that
@@ -232,8 +232,8 @@ impl Default for Limits {
             keep_alive_timeout: Duration::from_secs(75),
             body_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
-            agent_messages_per_second: 500,
-            agent_message_burst: 5000,
+            agent_messages_per_second: 2000,
+            agent_message_burst: 20_000,
             agent_bytes_per_second: 8 << 20,
             agent_byte_burst: 64 << 20,
             recorder_queue_bytes: 64 << 20,

@@ -74,10 +74,9 @@ pub async fn connect(
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the server cannot check credentials right now".into());
         }
     };
+    // The connection is promoted out of the unauthenticated caps once `hello` has been read
+    // too (in `run_session`), so a credential alone cannot hold upgraded sockets open.
     let ticket = ticket.map(|axum::Extension(t)| t);
-    if let Some(t) = &ticket {
-        t.promote();
-    }
     let guard = app.tracker.token();
     ws.protocols([protocol::SUBPROTOCOL])
         .max_message_size(protocol::MAX_MESSAGE_BYTES)
@@ -86,7 +85,7 @@ pub async fn connect(
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
-            run_session(app, socket, verified, remote).await;
+            run_session(app, socket, verified, remote, ticket.as_ref()).await;
             // The session holds its connection's slot until it ends.
             drop(ticket);
             drop(guard);
@@ -333,9 +332,20 @@ async fn read_hello(socket: &mut WebSocket) -> Result<Hello, Ending> {
     }
 }
 
-async fn run_session(app: AppState, mut socket: WebSocket, verified: Verified, remote: SocketAddr) {
+async fn run_session(
+    app: AppState,
+    mut socket: WebSocket,
+    verified: Verified,
+    remote: SocketAddr,
+    ticket: Option<&crate::admission::Ticket>,
+) {
     let hello = match read_hello(&mut socket).await {
-        Ok(h) => h,
+        Ok(h) => {
+            if let Some(t) = ticket {
+                t.promote();
+            }
+            h
+        }
         Err(ending) => {
             let who = match &verified {
                 Verified::Agent(row) => row.id.to_string(),
@@ -439,6 +449,7 @@ async fn run_session(app: AppState, mut socket: WebSocket, verified: Verified, r
                 budget: crate::budget::Budget::from_limits(&app.config.limits),
                 min_sample_gap: (interval / 2).max(MIN_HEARTBEAT / 2),
                 last_sample: None,
+                queued: crate::recorder::session_share(),
             };
             session.run(&mut socket, &closer, &mut out_rx).await
         }
@@ -496,6 +507,8 @@ struct Session<'a> {
     /// keeps to its interval.
     min_sample_gap: Duration,
     last_sample: Option<Instant>,
+    /// This session's share of the recorder's queue.
+    queued: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl Session<'_> {
@@ -642,11 +655,12 @@ impl Session<'_> {
                 // down, which is the backpressure output needs; nothing is dropped.
                 let record =
                     Record::RunOutput { agent_id: agent_id.clone(), run_id: m.run_id, stream: m.stream, offset: m.offset, data: m.data };
-                app.recorder.send(record).await;
+                app.recorder.send_as(Some(&self.queued), record).await;
                 Ok(())
             }
             AgentMessage::RunFinished(m) => {
-                app.recorder.send(Record::RunFinished { agent_id: agent_id.clone(), finished: Box::new(m), at: Timestamp::now() }).await;
+                let record = Record::RunFinished { agent_id: agent_id.clone(), finished: Box::new(m), at: Timestamp::now() };
+                app.recorder.send_as(Some(&self.queued), record).await;
                 Ok(())
             }
         }

@@ -4,8 +4,8 @@
 //! `output_limit`, and each byte once. A chunk from the agent (`offset`, `data`) is judged
 //! against that:
 //! - it starts past `held`: a **gap** (refused; the agent is asked to send again from `held`);
-//! - it lies within what is held: a **repeat** when its bytes equal the stored ones (nothing to
-//!   do), a **conflict** when they differ (refused and counted: the agent is lying or broken);
+//! - it lies within what is held: a **repeat**, nothing to do (its bytes are not compared,
+//!   so a re-send costs no read; nothing is stored either way);
 //! - it overlaps the end of what is held: accepted only if the overlap equals the stored
 //!   bytes, and then only its new tail is stored;
 //! - bytes past `output_limit` are dropped and the stream is marked **truncated**; once
@@ -43,7 +43,9 @@ pub enum Decision<'a> {
 /// [`decide`].
 pub fn overlap(held: Held, offset: u64, len: usize) -> Option<(u64, u64)> {
     let end = offset.saturating_add(len as u64);
-    (offset < held.len && len > 0).then(|| (offset, end.min(held.len)))
+    // A chunk wholly within what is held, or for a truncated stream, stores nothing whatever
+    // its bytes: it is not compared (so a repeat costs no read).
+    (!held.truncated && offset < held.len && end > held.len).then_some((offset, held.len))
 }
 
 /// Judges a chunk. `stored` holds the bytes of [`overlap`]'s range when there is one.
@@ -56,14 +58,14 @@ pub fn decide<'a>(held: Held, limit: u64, offset: u64, data: &'a str, stored: Op
         return if held.len >= limit { Decision::Truncate } else { Decision::Gap };
     }
     let skip = usize::try_from(held.len - offset).unwrap_or(usize::MAX);
+    if skip >= data.len() {
+        return Decision::Nothing;
+    }
     if skip > 0 {
         let shared = skip.min(data.len());
         if stored != Some(&data.as_bytes()[..shared]) {
             return Decision::Conflict;
         }
-    }
-    if skip >= data.len() {
-        return Decision::Nothing;
     }
     let Some(fresh) = data.get(skip..) else { return Decision::Conflict };
     let room = usize::try_from(limit.saturating_sub(held.len)).unwrap_or(usize::MAX);
@@ -136,8 +138,8 @@ mod tests {
 
     #[test]
     fn a_repeat_changes_nothing_and_a_different_overlap_is_refused() {
-        assert_eq!(decide(held(4), LIMIT, 1, "bc", Some(b"bc")), Decision::Nothing);
-        assert_eq!(decide(held(4), LIMIT, 1, "XX", Some(b"bc")), Decision::Conflict);
+        assert_eq!(overlap(held(4), 1, 2), None, "a chunk within what is held needs no read");
+        assert_eq!(decide(held(4), LIMIT, 1, "bc", None), Decision::Nothing);
         assert_eq!(decide(held(2), LIMIT, 0, "XXcd", Some(b"ab")), Decision::Conflict);
     }
 

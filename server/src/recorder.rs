@@ -42,20 +42,42 @@ const MAX_BATCH: usize = 8_192;
 
 #[derive(Clone)]
 pub struct Recorder {
-    tx: mpsc::Sender<Record>,
+    tx: mpsc::Sender<Queued>,
     stats: Arc<Stats>,
-    /// Bytes of output the queue may hold: with 65,536 records of up to 16 KiB each, a count
-    /// alone would let the queue grow to a gigabyte. A session waits here for room.
+    /// Bytes the queue may hold: with 65,536 records of up to 16 KiB of output (or a heartbeat
+    /// with 64 file systems) each, a count alone would let the queue grow to gigabytes.
     bytes: Arc<Semaphore>,
 }
 
-/// Bytes a record holds in the queue, for the byte budget.
-fn weight(record: &Record) -> usize {
-    match record {
+/// A record in the queue, with the bytes it holds and the session whose share they use.
+struct Queued {
+    record: Record,
+    weight: u32,
+    session: Option<Arc<Semaphore>>,
+}
+
+/// Bytes a session may have in the queue at once: one agent that outpaces the disk waits for
+/// its own records, and leaves the rest of the queue to everyone else.
+pub const SESSION_QUEUE_BYTES: usize = 1 << 20;
+
+/// A session's share of the queue.
+pub fn session_share() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(SESSION_QUEUE_BYTES))
+}
+
+/// Bytes a record holds in the queue, for the byte budget (strings, and a little per record).
+fn weight(record: &Record) -> u32 {
+    let n = match record {
         Record::RunOutput { data, .. } => data.len(),
         Record::RunFinished { finished, .. } => finished.error.as_ref().map_or(0, String::len),
+        Record::Heartbeat { metrics, .. } => {
+            let m = metrics.as_ref();
+            let text = m.hostname.len() + m.os.len() + m.kernel.len() + m.arch.len() + m.agent_version.len();
+            256 + text + m.disks.iter().map(|d| 48 + d.mount.len() + d.fs_type.len()).sum::<usize>()
+        }
         _ => 0,
-    }
+    };
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 #[derive(Debug, Default)]
@@ -79,24 +101,49 @@ impl Recorder {
     /// Queues a record that must not be lost, waiting for room (in records and in bytes) if
     /// the queue is full.
     pub async fn send(&self, record: Record) {
-        let w = weight(&record);
-        if w > 0 {
-            // One message is at most 128 KiB and the budget at least that, so this always fits.
-            let n = u32::try_from(w).unwrap_or(u32::MAX);
-            match self.bytes.acquire_many(n).await {
-                // Given back by the writer once the batch holding the record is written.
-                Ok(permit) => permit.forget(),
+        self.send_as(None, record).await;
+    }
+
+    /// The same, for a session: its output also waits for room in the session's own share.
+    pub async fn send_as(&self, session: Option<&Arc<Semaphore>>, record: Record) {
+        let weight = weight(&record);
+        if weight > 0 {
+            // One message is at most 128 KiB and both budgets at least that, so this always
+            // fits. The permits are given back by the writer once the batch is written.
+            if let Some(s) = session {
+                match s.acquire_many(weight).await {
+                    Ok(p) => p.forget(),
+                    Err(_) => return,
+                }
+            }
+            match self.bytes.acquire_many(weight).await {
+                Ok(p) => p.forget(),
                 Err(_) => return,
             }
         }
-        if self.tx.send(record).await.is_err() {
+        let queued = Queued { record, weight, session: session.cloned() };
+        if self.tx.send(queued).await.is_err() {
             tracing::error!("recorder stopped; a session record was not written");
         }
     }
 
-    /// Queues a heartbeat if there is room; drops it otherwise.
+    /// Queues a heartbeat if there is room (in records and in bytes); drops it otherwise.
     pub fn heartbeat(&self, record: Record) {
-        if self.tx.try_send(record).is_err() {
+        let weight = weight(&record);
+        let room = match self.bytes.try_acquire_many(weight) {
+            Ok(p) => {
+                p.forget();
+                match self.tx.try_send(Queued { record, weight, session: None }) {
+                    Ok(()) => true,
+                    Err(_) => {
+                        self.bytes.add_permits(weight as usize);
+                        false
+                    }
+                }
+            }
+            Err(_) => false,
+        };
+        if !room {
             let n = self.stats.dropped_heartbeats.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
                 tracing::warn!(dropped = n + 1, "recorder queue full: heartbeats dropped");
@@ -109,10 +156,20 @@ impl Recorder {
     }
 }
 
-async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<Stats>, hooks: Hooks, bytes: Arc<Semaphore>) {
+async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Queued>, stats: Arc<Stats>, hooks: Hooks, bytes: Arc<Semaphore>) {
+    let mut queued = Vec::with_capacity(MAX_BATCH);
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut shares = Vec::new();
     let mut last_heartbeat_event: std::collections::HashMap<shared::AgentId, tokio::time::Instant> = Default::default();
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while rx.recv_many(&mut queued, MAX_BATCH).await > 0 {
+        let mut held = 0usize;
+        for q in queued.drain(..) {
+            held += q.weight as usize;
+            if let Some(s) = q.session {
+                shares.push((s, q.weight as usize));
+            }
+            batch.push(q.record);
+        }
         let t = std::time::Instant::now();
         let effects = write_with_retry(store.as_ref(), &batch).await;
         crate::telemetry::db_batch(batch.len(), t.elapsed());
@@ -121,7 +178,10 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Record>, stats: Arc<S
         announce(&hooks, effects);
         stats.written.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
-        bytes.add_permits(batch.iter().map(weight).sum());
+        bytes.add_permits(held);
+        for (s, n) in shares.drain(..) {
+            s.add_permits(n);
+        }
         batch.clear();
     }
 }

@@ -62,20 +62,25 @@ struct Entry {
     outbound: mpsc::Sender<ServerMessage>,
     closer: Closer,
     remote: std::net::SocketAddr,
+    /// A heartbeat has arrived on this session (registration alone does not make it live).
+    heartbeated: bool,
 }
 
-/// A session that was alive (it heartbeated within [`LIVE_WITHIN`]) when another connection
-/// with the same credential replaced it: two machines share one credential (a cloned image), or
-/// the credential was copied. A reconnect after a network blip replaces a session that has gone
-/// quiet, and is not reported.
+/// A session that was alive (it heartbeated within [`LIVE_WITHIN`]) was replaced by another
+/// connection with the same credential, for the second time within [`CONFLICT_WINDOW`]: two
+/// machines share one credential (a cloned image, or a copied credential file) and take turns.
+/// A reconnect after a network blip replaces a session once (often one that has gone quiet) and
+/// is not reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
     pub previous: std::net::SocketAddr,
     pub current: std::net::SocketAddr,
 }
 
-/// How recent the replaced session's last heartbeat must be for a replacement to be a conflict.
+/// How recent the replaced session's last heartbeat must be for a replacement to count.
 pub const LIVE_WITHIN: Duration = Duration::from_secs(5);
+/// Two replacements of live sessions within this long are a conflict.
+pub const CONFLICT_WINDOW: Duration = Duration::from_secs(600);
 
 /// A status change the caller must record.
 #[derive(Debug, PartialEq, Eq)]
@@ -90,6 +95,9 @@ pub struct Change {
 pub struct Registry {
     entries: Mutex<HashMap<AgentId, Entry>>,
     next_conn: AtomicU64,
+    /// When each agent's live session was last replaced (entries older than the window are
+    /// dropped as new ones come, so this holds at most the agents replaced recently).
+    replaced: Mutex<HashMap<AgentId, Instant>>,
 }
 
 /// What `register` hands back to the session.
@@ -114,12 +122,26 @@ impl Registry {
         remote: std::net::SocketAddr,
     ) -> Registration {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry { conn, status: AgentStatus::Online, last_heartbeat: Instant::now(), thresholds, outbound, closer, remote };
+        let entry = Entry {
+            conn,
+            status: AgentStatus::Online,
+            last_heartbeat: Instant::now(),
+            thresholds,
+            outbound,
+            closer,
+            remote,
+            heartbeated: false,
+        };
         let old = lock(&self.entries).insert(id.clone(), entry);
-        let conflict = old
-            .as_ref()
-            .filter(|old| old.status == AgentStatus::Online && old.last_heartbeat.elapsed() < LIVE_WITHIN)
-            .map(|old| Conflict { previous: old.remote, current: remote });
+        let live =
+            old.as_ref().filter(|old| old.status == AgentStatus::Online && old.heartbeated && old.last_heartbeat.elapsed() < LIVE_WITHIN);
+        let conflict = live.and_then(|old| {
+            let mut replaced = lock(&self.replaced);
+            let now = Instant::now();
+            replaced.retain(|_, at| now.duration_since(*at) < CONFLICT_WINDOW);
+            let again = replaced.insert(id.clone(), now).is_some();
+            again.then_some(Conflict { previous: old.remote, current: remote })
+        });
         let change = match old {
             Some(old) => {
                 old.closer.close(close::REPLACED, "replaced by a newer connection from the same agent");
@@ -142,6 +164,7 @@ impl Registry {
         let mut entries = lock(&self.entries);
         let e = entries.get_mut(id).filter(|e| e.conn == conn)?;
         e.last_heartbeat = Instant::now();
+        e.heartbeated = true;
         if e.status == AgentStatus::Stale {
             e.status = AgentStatus::Online;
             return Some(Change {
@@ -232,13 +255,19 @@ mod tests {
     async fn replacing_a_live_session_is_a_conflict_and_replacing_a_quiet_one_is_not() {
         let r = Registry::new();
         let (tx, _rx) = mpsc::channel(4);
-        r.register(&id(1), thresholds(), tx.clone(), Closer::default(), addr(1));
-        let clone = r.register(&id(1), thresholds(), tx.clone(), Closer::default(), addr(2));
-        assert_eq!(clone.conflict, Some(Conflict { previous: addr(1), current: addr(2) }));
-        // The agent whose link died reconnects after its old session went quiet.
+        // The agent whose link died reconnects after its old session went quiet: no conflict.
+        let first = r.register(&id(1), thresholds(), tx.clone(), Closer::default(), addr(1));
+        r.heartbeat(&id(1), first.conn);
         tokio::time::advance(LIVE_WITHIN + Duration::from_secs(1)).await;
-        let reconnect = r.register(&id(1), thresholds(), tx, Closer::default(), addr(3));
+        let reconnect = r.register(&id(1), thresholds(), tx.clone(), Closer::default(), addr(3));
         assert_eq!(reconnect.conflict, None);
+        // Two machines take turns replacing each other's live sessions: the second turn is one.
+        r.heartbeat(&id(1), reconnect.conn);
+        let clone = r.register(&id(1), thresholds(), tx.clone(), Closer::default(), addr(2));
+        assert_eq!(clone.conflict, None, "one replacement of a live session may be a quick reconnect");
+        r.heartbeat(&id(1), clone.conn);
+        let back = r.register(&id(1), thresholds(), tx, Closer::default(), addr(3));
+        assert_eq!(back.conflict, Some(Conflict { previous: addr(2), current: addr(3) }));
     }
 
     fn id(n: u8) -> AgentId {

@@ -120,6 +120,11 @@ impl Labels {
             if out.len() >= MAX_LABELS {
                 break;
             }
+            // A key already in the reported namespace would be prefixed twice into one that does
+            // not validate when read back; such a key is the agent's mistake, and left out.
+            if is_reported(k) {
+                continue;
+            }
             out.insert(format!("{AGENT_PREFIX}{k}"), v.clone());
         }
         Labels(out)
@@ -207,6 +212,11 @@ mod tests {
         let long = format!("{}{}", AGENT_PREFIX, "k".repeat(MAX_KEY_LEN));
         assert!(validate_key(&long).is_ok());
         assert!(validate_key("agent.").is_err());
+        // A reported key that already has the prefix is left out, never stored twice-prefixed.
+        let sneaky = Labels::from_pairs([format!("{AGENT_PREFIX}{}=x", "k".repeat(MAX_KEY_LEN))]).unwrap();
+        let merged = trusted.with_reported(&sneaky);
+        assert_eq!(merged, trusted);
+        assert!(serde_json::from_str::<Labels>(&serde_json::to_string(&merged).unwrap()).is_ok());
     }
 
     #[test]

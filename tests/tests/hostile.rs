@@ -425,9 +425,32 @@ async fn two_machines_with_one_credential_raise_a_conflict_instead_of_a_silent_l
     let mut events = server.api.raw_get("/events").await.bytes_stream();
     let (mut first, id, credential) = raw_agent(&server, &[], "original").await;
     ws::send(&mut first, &ws::heartbeat(1, "original")).await.unwrap();
+    let api = server.api.clone();
+    wait_for("the first session's heartbeat to be stored", Duration::from_secs(10), || {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            let s: Vec<HeartbeatSample> = api.get(&format!("/agents/{id}/heartbeats")).await;
+            (!s.is_empty()).then_some(())
+        }
+    })
+    .await;
     let Handshake::Open(mut clone) = ws::connect_ca(&server.url, Some(&credential), &server.ca).await else { panic!("refused") };
     ws::open(&mut clone, "clone", 10_000).await;
     assert_eq!(ws::close_code(&mut first, Duration::from_secs(5)).await, Some(close::REPLACED));
+    // The original comes back and replaces the clone's live session: they take turns.
+    ws::send(&mut clone, &ws::heartbeat(1, "clone")).await.unwrap();
+    let api = server.api.clone();
+    wait_for("both sessions' heartbeats to be stored", Duration::from_secs(10), || {
+        let (api, id) = (api.clone(), id.clone());
+        async move {
+            let s: Vec<HeartbeatSample> = api.get(&format!("/agents/{id}/heartbeats")).await;
+            (s.len() >= 2).then_some(())
+        }
+    })
+    .await;
+    let Handshake::Open(mut again) = ws::connect_ca(&server.url, Some(&credential), &server.ca).await else { panic!("refused") };
+    ws::open(&mut again, "original", 10_000).await;
+    assert_eq!(ws::close_code(&mut clone, Duration::from_secs(5)).await, Some(close::REPLACED));
     // Read the fleet stream (bounded by a deadline) until the conflict shows.
     let until = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut buf = Vec::new();
@@ -596,4 +619,14 @@ async fn an_agent_over_its_byte_budget_is_slowed_to_it_and_loses_nothing() {
     );
     assert!(read > 0.0 && read <= allowed, "the server read {read} chunks; the budget allows {allowed:.0}");
     assert!(!reader.is_finished(), "an agent over its byte budget is slowed, not closed");
+}
+
+#[tokio::test]
+async fn a_connection_that_never_presents_a_credential_is_closed_in_time() {
+    let server = TestServer::spawn_with(&["--header-timeout", "1s", "--body-timeout", "1s"]).await;
+    let mut tls = tls_from([127, 0, 0, 1], server.port, &server.ca).await.unwrap();
+    // Requests that need no token keep the connection busy, but not past its allowance.
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\n\r\n").await.unwrap();
+    let got = String::from_utf8_lossy(&wait_closed(&mut tls, Duration::from_secs(6)).await).into_owned();
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }

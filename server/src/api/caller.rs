@@ -23,6 +23,8 @@ pub struct Caller {
     pub role: Role,
     /// When the token stops working; long-lived streams end then.
     pub expires_at: Option<Timestamp>,
+    /// Drops the connection the request came on.
+    pub connection: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Caller {
@@ -40,7 +42,7 @@ impl Caller {
         let guard = end.clone().drop_guard();
         let (id, expires_at) = (self.token_id.clone(), self.expires_at);
         let mut revoked = app.revoked.subscribe();
-        let (store, watch) = (app.store.clone(), end.clone());
+        let (store, watch, connection) = (app.store.clone(), end.clone(), self.connection.clone());
         tokio::spawn(async move {
             let until_expiry = async {
                 match expires_at {
@@ -68,6 +70,10 @@ impl Caller {
                 }
             }
             watch.cancel();
+            // A client that does not read is not polled, so ending its stream is not enough.
+            if let Some(c) = connection {
+                c.cancel();
+            }
         });
         (end, guard)
     }
@@ -108,6 +114,7 @@ impl FromRequestParts<AppState> for Caller {
             tracing::debug!(error = %e, "could not note token use");
         }
         crate::admission::promote(&parts.extensions);
-        Ok(Caller { token_id: row.id, name: row.name, role: row.role, expires_at: row.expires_at })
+        let connection = parts.extensions.get::<crate::app::ConnCancel>().map(|c| c.0.clone());
+        Ok(Caller { token_id: row.id, name: row.name, role: row.role, expires_at: row.expires_at, connection })
     }
 }

@@ -107,7 +107,13 @@ async fn bounded_body(
     if announced.is_some_and(|n| n > limits.max_body_bytes as u64) {
         return too_large();
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // Every route that takes a body needs a token: check it before reading, so a peer without
+    // one never makes the server hold a body. (The handler checks it again, with its role.)
+    let has_body = announced.is_some_and(|n| n > 0) || parts.headers.contains_key(axum::http::header::TRANSFER_ENCODING);
+    if has_body && let Err(e) = <Caller as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &app).await {
+        return e.into_response();
+    }
     match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, limits.max_body_bytes)).await {
         Err(_) => {
             crate::telemetry::body_refused("timeout");

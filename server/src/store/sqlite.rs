@@ -1623,6 +1623,8 @@ mod tests {
         let effects = store.record(&[chunk(3, "twothree"), finish]).await.unwrap();
         assert!(effects.contains(&Effect::Ack { agent_id: a.id.clone(), run_id: "r1".into() }), "{effects:?}");
         assert_eq!(store.runs("00000000000000j1").await.unwrap()[0].state, RunState::Succeeded);
+        // Once the result is stored, the output is settled: later chunks change nothing.
+        store.record(&[chunk(11, "forged")]).await.unwrap();
         let out = store.run_output_heads("00000000000000j1", 1 << 20, 1 << 30).await.unwrap();
         assert_eq!(out["r1"].stdout, "onetwothree");
     }
@@ -1658,6 +1660,8 @@ mod tests {
         assert_eq!(text, big[..8 * 1024]);
         let stored: i64 = sqlx::query_scalar("SELECT SUM(length(data)) FROM run_output").fetch_one(&store.pool).await.unwrap();
         assert_eq!(stored, 8 * 1024, "each byte once, none past the limit");
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM run_output").fetch_one(&store.pool).await.unwrap();
+        assert_eq!(rows, 1, "appends extend the last small row instead of adding rows");
         // Pages of the output end where the next begins.
         let (_, page) = store.run_output("r1", Stream::Stdout, 1000, 10).await.unwrap().unwrap();
         assert_eq!(page, big[1000..1010]);

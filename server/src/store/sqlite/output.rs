@@ -18,7 +18,13 @@ struct RunInfo {
     agent_id: String,
     limit: u64,
     held: [Held; 2],
+    /// The run's result is stored (and not one a later report may replace): its output is
+    /// settled and takes no more chunks.
+    settled: bool,
 }
+
+/// Rows are merged up to this size, so that reading an overlap touches a few rows at most.
+const ROW_BYTES: usize = 64 * 1024;
 
 /// One row to insert: consecutive appends to a stream in one batch become one row.
 struct Piece {
@@ -62,6 +68,10 @@ pub(super) async fn insert_outputs(tx: &mut sqlx::Transaction<'_, Sqlite>, recor
             crate::telemetry::output_refused("not_owner");
             continue;
         }
+        if info.settled {
+            crate::telemetry::output_refused("settled");
+            continue;
+        }
         let si = stream_index(stream);
         let held = info.held[si];
         let stored = match output::overlap(held, offset, data.len()) {
@@ -81,8 +91,17 @@ pub(super) async fn insert_outputs(tx: &mut sqlx::Transaction<'_, Sqlite>, recor
                     data: fresh.to_owned(),
                 });
                 let key = (run_id.clone(), si);
+                if !last_piece.contains_key(&key) {
+                    // The stream's last stored row, if small, is extended rather than followed by
+                    // another small row: an agent that sends a byte at a time still leaves rows of
+                    // tens of KiB, so an overlap is read from a few rows.
+                    if let Some(tail) = last_row(tx, run_id, si, at).await? {
+                        last_piece.insert(key.clone(), pieces.len());
+                        pieces.push(tail);
+                    }
+                }
                 match last_piece.get(&key).and_then(|&i| pieces.get_mut(i)) {
-                    Some(p) if p.offset + p.data.len() as u64 == at => p.data.push_str(fresh),
+                    Some(p) if p.offset + p.data.len() as u64 == at && p.data.len() + fresh.len() <= ROW_BYTES => p.data.push_str(fresh),
                     _ => {
                         last_piece.insert(key, pieces.len());
                         pieces.push(Piece { run_id: run_id.clone(), stream: si, offset: at, data: fresh.to_owned() });
@@ -114,7 +133,8 @@ pub(super) async fn insert_outputs(tx: &mut sqlx::Transaction<'_, Sqlite>, recor
         }
     }
     for chunk in pieces.chunks(ROWS_PER_STATEMENT) {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT OR IGNORE INTO run_output (run_id, stream, offset, data) ");
+        // A piece that extends a stored row replaces it (same key).
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT OR REPLACE INTO run_output (run_id, stream, offset, data) ");
         q.push_values(chunk, |mut b, p| {
             b.push_bind(p.run_id.clone()).push_bind(i64::from(p.stream == 1)).push_bind(to_i64(p.offset)).push_bind(p.data.clone());
         });
@@ -142,15 +162,18 @@ async fn run_infos(tx: &mut sqlx::Transaction<'_, Sqlite>, ids: &[&str]) -> Resu
     let mut out = HashMap::new();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT r.id, r.job_id, r.agent_id, j.output_limit, r.stdout_held, r.stdout_truncated, r.stderr_held, r.stderr_truncated \
-             FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
+            "SELECT r.id, r.job_id, r.agent_id, j.output_limit, r.stdout_held, r.stdout_truncated, r.stderr_held, r.stderr_truncated, \
+             r.state FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
         );
         push_in_list(&mut q, chunk);
-        type Row = (String, String, String, i64, i64, bool, i64, bool);
+        type Row = (String, String, String, i64, i64, bool, i64, bool, String);
         let rows: Vec<Row> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
-        for (id, job_id, agent_id, limit, out_len, out_t, err_len, err_t) in rows {
+        for (id, job_id, agent_id, limit, out_len, out_t, err_len, err_t, state) in rows {
             let held = [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }];
-            out.insert(id, RunInfo { job_id, agent_id, limit: to_u64(limit), held });
+            // Final states a later result may still replace (`lost`, `cancelled`) take output;
+            // the others are settled.
+            let settled = matches!(state.as_str(), "succeeded" | "failed" | "timed_out" | "expired" | "skipped");
+            out.insert(id, RunInfo { job_id, agent_id, limit: to_u64(limit), held, settled });
         }
     }
     Ok(out)
@@ -166,12 +189,15 @@ async fn stored_range(
     to: u64,
     pending: &[Piece],
 ) -> Result<Option<Vec<u8>>> {
+    // Rows from the one holding `from` (the last starting at or before it) to `to`: a bounded
+    // range of the primary key, not every row below `to`.
+    let code = stream_code(if stream == 1 { Stream::Stderr } else { Stream::Stdout });
     let rows: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT offset, data FROM run_output WHERE run_id = ? AND stream = ? AND offset < ? \
-         AND offset + length(CAST(data AS BLOB)) > ? ORDER BY offset",
+        "SELECT offset, data FROM run_output WHERE run_id = ?1 AND stream = ?2 AND offset < ?3 AND offset >= \
+         COALESCE((SELECT MAX(offset) FROM run_output WHERE run_id = ?1 AND stream = ?2 AND offset <= ?4), 0) ORDER BY offset",
     )
     .bind(run_id)
-    .bind(stream_code(if stream == 1 { Stream::Stderr } else { Stream::Stdout }))
+    .bind(code)
     .bind(to_i64(to))
     .bind(to_i64(from))
     .fetch_all(&mut **tx)
@@ -181,4 +207,23 @@ async fn stored_range(
     pieces.extend(pending.iter().filter(|p| p.run_id == run_id && p.stream == stream).map(|p| (p.offset, p.data.as_str())));
     pieces.sort_by_key(|p| p.0);
     Ok(output::extract(&pieces, from, to))
+}
+
+/// The stream's last stored row when it ends at `at` (where the next append goes) and is small
+/// enough to extend; None otherwise.
+async fn last_row(tx: &mut sqlx::Transaction<'_, Sqlite>, run_id: &str, stream: usize, at: u64) -> Result<Option<Piece>> {
+    let code = stream_code(if stream == 1 { Stream::Stderr } else { Stream::Stdout });
+    let row: Option<(i64, String)> =
+        sqlx::query_as("SELECT offset, data FROM run_output WHERE run_id = ? AND stream = ? ORDER BY offset DESC LIMIT 1")
+            .bind(run_id)
+            .bind(code)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(db_err)?;
+    Ok(row.filter(|(offset, data)| to_u64(*offset) + data.len() as u64 == at && data.len() < ROW_BYTES).map(|(offset, data)| Piece {
+        run_id: run_id.to_owned(),
+        stream,
+        offset: to_u64(offset),
+        data,
+    }))
 }
