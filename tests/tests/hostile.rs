@@ -379,6 +379,7 @@ async fn an_agent_cannot_choose_the_labels_that_targeting_trusts() {
         .unwrap();
     assert_eq!(resp.status(), 400);
     // A heartbeat whose hostname would forge a log line closes the session; the name stays.
+    server.api.wait_status(&welcome.agent_id, AgentStatus::Online, Duration::from_secs(10)).await;
     let mut hb = ws::heartbeat(1, "pos-1\nlevel=ERROR forged");
     ws::send(&mut ws, &hb).await.unwrap();
     assert_eq!(ws::close_code(&mut ws, Duration::from_secs(5)).await, Some(close::INVALID_PAYLOAD));
@@ -416,7 +417,8 @@ async fn a_refused_or_abandoned_handshake_spends_no_enrollment_use() {
     // The one use still enrolls a real agent, with its hostname.
     let Handshake::Open(mut ws) = ws::connect_ca(&server.url, Some(&token), &server.ca).await else { panic!("refused") };
     let welcome = ws::open(&mut ws, "pos-9", 10_000).await;
-    assert_eq!(server.api.agent(&welcome.agent_id).await.summary.hostname, "pos-9");
+    let detail = server.api.wait_status(&welcome.agent_id, AgentStatus::Online, Duration::from_secs(10)).await;
+    assert_eq!(detail.summary.hostname, "pos-9");
 }
 
 #[tokio::test]
@@ -527,6 +529,7 @@ async fn refused_requests_cannot_flood_the_log() {
 async fn a_lost_connection_is_recorded_in_words() {
     let server = TestServer::spawn().await;
     let (ws, id, _) = raw_agent(&server, &[], "cut").await;
+    server.api.wait_status(&id, AgentStatus::Online, Duration::from_secs(10)).await;
     // Dropped without a Close frame or a TLS close_notify.
     drop(ws);
     let detail = server.api.wait_status(&id, AgentStatus::Offline, Duration::from_secs(10)).await;

@@ -331,7 +331,7 @@ async fn the_fleet_is_served_while_hostile_neighbours_attack() {
         assert_eq!(d.transitions.len(), 1, "agent {id} changed status during the attacks: {:?}", d.transitions);
     }
     assert_eq!(lost.load(Ordering::Relaxed), 0, "simulated agents were dropped by the server");
-    assert!(server.api.agent(&new_id).await.summary.status == AgentStatus::Online);
+    server.api.wait_status(&new_id, AgentStatus::Online, Duration::from_secs(10)).await;
 
     let worst_ms = worst.load(Ordering::Relaxed);
     let rss_peak = rss_max.load(Ordering::Relaxed);
