@@ -3,20 +3,39 @@
 //! never reaches `decode`, but its replacement-character form is still text someone could send).
 //!
 //! Checks: `decode` never panics; a decoded message serializes, carries its own `type`, and
-//! decodes again to an equal value; what the server derives from a heartbeat never panics.
+//! decodes again to an equal value; `validate` never panics, and what the server derives from a
+//! valid heartbeat never panics; any heartbeat the agent sanitizes validates, and sanitizing
+//! twice is sanitizing once.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use shared::protocol::{AgentMessage, DecodeError, ServerMessage};
+use shared::protocol::{AgentMessage, DecodeError, Heartbeat, ServerMessage};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     if let Some(msg) = round_trip(&text, AgentMessage::decode, AgentMessage::type_name) {
+        // What the gateway does next: validate; only a valid message reaches the recorder.
+        let valid = msg.validate();
+        if let Err(e) = &valid {
+            let _ = e.to_string();
+        }
         match &msg {
             AgentMessage::Heartbeat(h) => {
-                let _ = h.metrics.disk_totals();
+                if valid.is_ok() {
+                    let _ = h.metrics.disk_totals();
+                }
+                // What the agent does before sending: after sanitize, validate must pass, and a
+                // second sanitize changes nothing.
+                let mut m = h.metrics.clone();
+                m.sanitize();
+                let sanitized = AgentMessage::Heartbeat(Heartbeat { seq: h.seq, metrics: m.clone() });
+                assert_eq!(sanitized.validate(), Ok(()), "sanitized {sanitized:?}");
+                let _ = m.disk_totals();
+                let mut again = m.clone();
+                again.sanitize();
+                assert_eq!(again, m, "sanitize is not idempotent");
             }
             AgentMessage::Hello(h) => {
                 let _ = h.labels.to_string();

@@ -28,8 +28,7 @@ fuzz_target!(|data: &[u8]| {
         check(t);
         let d = Duration::from_millis(data.get(8..16).map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default())));
         for u in [t.saturating_add(d), t.saturating_sub(d)] {
-            let _ = u.age(t);
-            let _ = t.age(u);
+            let _ = (u.age(t), t.age(u), u.age_until(t), t.age_until(u));
             let _ = SystemTime::from(u);
             let _ = u.to_string();
         }
