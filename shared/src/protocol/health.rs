@@ -76,6 +76,19 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_heartbeat_decodes_to_the_same_floats_after_a_round_trip() {
+        // From fuzz/protocol_decode. Without serde_json's float_roundtrip, this parsed one ULP
+        // above the nearest f64 (4.0000000000000004e-19), and that text parsed one ULP below it.
+        let json = r#"{"type":"heartbeat","seq":1,"metrics":{"hostname":"h","os":"","kernel":"","arch":"","agent_version":"",
+            "uptime_secs":0,"load_avg":[0.00000000000000000040000000000000000000000010632498320263144333,0.5,0.75],"cpu_percent":12.5,
+            "mem_used_bytes":0,"mem_total_bytes":0,"process_count":0}}"#;
+        let msg = AgentMessage::decode(json).unwrap();
+        let AgentMessage::Heartbeat(h) = &msg else { panic!("{msg:?}") };
+        assert_eq!(h.metrics.load_avg[0], 4e-19);
+        round_trip(&msg, "heartbeat");
+    }
+
+    #[test]
     fn disk_totals_sum_every_filesystem() {
         let mut m = sample_metrics();
         m.disks.push(DiskUsage { mount: "/data".into(), fs_type: "xfs".into(), used_bytes: 1, total_bytes: 2 });
