@@ -352,7 +352,7 @@ pub fn summary(job: &JobDetail, out: Out<'_>) -> anyhow::Result<()> {
         groups.entry((ending(r.state, r.exit_code, r.signal), text)).or_default().push(r);
     }
     let counts: Vec<String> = job.job.counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
-    writeln!(out, "\n{} runs: {}", job.job.total, counts.join(", "))?;
+    writeln!(out, "\n{} run{}: {}", job.job.total, if job.job.total == 1 { "" } else { "s" }, counts.join(", "))?;
     let mut groups: Vec<_> = groups.into_iter().collect();
     groups.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
     for ((how, text), runs) in groups {
