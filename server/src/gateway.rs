@@ -395,21 +395,18 @@ async fn run_session(
     // Revocation writes the database, then closes the registered session. A session that was
     // verified before the revocation but registered after that close is caught here.
     if who.credential.is_none() {
-        match app.store.agent_credential(&agent_id).await {
-            Ok(Some(row)) if !row.revoked => {}
-            Ok(_) => {
-                let ending = Ending::close(close::REVOKED, "credential revoked");
-                finish(&mut socket, &ending).await;
-                leave(&app, &agent_id, reg.conn, &ending).await;
-                return;
-            }
+        let refused = match app.store.agent_credential(&agent_id).await {
+            Ok(Some(row)) if !row.revoked => None,
+            Ok(_) => Some(Ending::close(close::REVOKED, "credential revoked")),
             Err(e) => {
                 tracing::error!(agent = %agent_id, error = %e, "cannot check the agent's credential");
-                let ending = Ending::close(close::INTERNAL_ERROR, "server cannot read its database");
-                finish(&mut socket, &ending).await;
-                leave(&app, &agent_id, reg.conn, &ending).await;
-                return;
+                Some(Ending::close(close::INTERNAL_ERROR, "server cannot read its database"))
             }
+        };
+        if let Some(ending) = refused {
+            finish(&mut socket, &ending).await;
+            leave(&app, &agent_id, reg.conn, &ending).await;
+            return;
         }
     }
     tracing::info!(agent = %agent_id, hostname = %hello.hostname, %remote, version = %hello.agent_version, "agent connected");
