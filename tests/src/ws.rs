@@ -96,3 +96,20 @@ pub async fn close_code(ws: &mut Ws, deadline: Duration) -> Option<u16> {
         }
     }
 }
+
+/// Reads server messages (skipping control frames and the ones `pick` passes over) until `pick`
+/// takes one; None if the connection ends or nothing is taken within `deadline`.
+pub async fn read_until<T>(ws: &mut Ws, deadline: Duration, mut pick: impl FnMut(ServerMessage) -> Option<T>) -> Option<T> {
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        match tokio::time::timeout_at(until, ws.next()).await.ok()?? {
+            Ok(Message::Text(t)) => {
+                if let Some(v) = ServerMessage::decode(t.as_str()).ok().and_then(&mut pick) {
+                    return Some(v);
+                }
+            }
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}

@@ -30,17 +30,11 @@ async fn raw_agent_every(server: &TestServer, labels: &[&str], hostname: &str, i
 
 /// Reads until a `run` message arrives (answering nothing else).
 async fn next_run(ws: &mut Ws) -> shared::protocol::Run {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("a run in time") {
-            Some(Ok(Message::Text(t))) => {
-                if let Ok(ServerMessage::Run(r)) = ServerMessage::decode(t.as_str()) {
-                    return r;
-                }
-            }
-            Some(Ok(_)) => {}
-            other => panic!("connection ended before a run: {other:?}"),
-        }
-    }
+    let run = ws::read_until(ws, Duration::from_secs(20), |m| match m {
+        ServerMessage::Run(r) => Some(r),
+        _ => None,
+    });
+    run.await.expect("a run in time")
 }
 
 #[tokio::test]
@@ -346,17 +340,12 @@ async fn an_agent_cannot_choose_the_labels_that_targeting_trusts() {
         h.labels = shared::Labels::from_pairs(["role=db", "rack=r1"]).unwrap();
     }
     ws::send(&mut ws, &hello).await.unwrap();
-    let welcome = loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                if let Ok(ServerMessage::Welcome(w)) = ServerMessage::decode(t.as_str()) {
-                    break w;
-                }
-            }
-            Some(Ok(_)) => {}
-            other => panic!("{other:?}"),
-        }
-    };
+    let welcome = ws::read_until(&mut ws, Duration::from_secs(10), |m| match m {
+        ServerMessage::Welcome(w) => Some(w),
+        _ => None,
+    })
+    .await
+    .expect("a welcome");
     assert_eq!(welcome.labels.to_string(), "agent.rack=r1,agent.role=db,role=pos");
     let dry = |sel: &str| {
         let mut req = job(Target::Selector(shared::Selector::parse(sel).unwrap()), shell("true"));

@@ -166,17 +166,11 @@ async fn the_fleet_is_served_while_hostile_neighbours_attack() {
             let mut req = job(Target::Agents(vec![id]), shell("true"));
             req.output_limit = Some(1 << 20);
             let _: JobSummary = server.api.post("/jobs", &req).await;
-            let run = loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) => {
-                        if let Ok(ServerMessage::Run(r)) = ServerMessage::decode(t.as_str()) {
-                            break r;
-                        }
-                    }
-                    Some(Ok(_)) => {}
-                    _ => return 0,
-                }
-            };
+            let run = ws::read_until(&mut ws, Duration::from_secs(30), |m| match m {
+                ServerMessage::Run(r) => Some(r),
+                _ => None,
+            });
+            let Some(run) = run.await else { return 0 };
             let data = "o".repeat(16 * 1024);
             let mut sent = 0;
             for offset in (0..).step_by(1000) {
