@@ -2,11 +2,14 @@
 //! environment variables, then flags. Validated before anything connects.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser};
 use serde::Deserialize;
 use shared::Labels;
+
+use crate::policy::{Policy, PolicyFile};
 
 /// muster-agent: reports this terminal's health to a Muster server and runs its commands.
 #[derive(Debug, Parser)]
@@ -67,6 +70,10 @@ pub struct Settings {
     /// Commands run at once; more wait their turn. [default: 8]
     #[arg(long, global = true, env = "MUSTER_MAX_RUNS")]
     pub max_runs: Option<usize>,
+    /// Run commands as this unprivileged user (`user` or `user:group`), with a clean
+    /// environment. [default: the agent's own user]
+    #[arg(long, global = true, env = "MUSTER_RUN_AS")]
+    pub run_as: Option<String>,
     /// Log filter. [default: info]
     #[arg(long, global = true, env = "MUSTER_LOG")]
     pub log: Option<String>,
@@ -90,6 +97,8 @@ struct FileSettings {
     backoff_max: Option<String>,
     max_runs: Option<usize>,
     log: Option<String>,
+    run_as: Option<String>,
+    policy: Option<PolicyFile>,
 }
 
 #[derive(Clone, Debug)]
@@ -108,6 +117,8 @@ pub struct Config {
     pub backoff_max: Duration,
     pub max_runs: usize,
     pub log: String,
+    /// What this agent agrees to run, from its own config only.
+    pub policy: Arc<Policy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +167,10 @@ impl Config {
             backoff_max: dur(s.backoff_max, &file.backoff_max, "backoff_max", Duration::from_secs(60))?,
             max_runs: s.max_runs.or(file.max_runs).unwrap_or(8),
             log: s.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
+            policy: Arc::new(
+                Policy::from_file(file.policy, s.run_as.as_deref().or(file.run_as.as_deref()).filter(|r| !r.is_empty()))
+                    .map_err(invalid)?,
+            ),
         };
         if let Some(h) = &config.hostname
             && (h.len() > 255 || h.chars().any(char::is_control))

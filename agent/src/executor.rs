@@ -12,13 +12,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use shared::AgentId;
-use shared::job::{Program, RunId, Stream};
+use shared::job::{RunId, Stream};
 use shared::protocol::{Outcome, Run, RunFinished};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Found, Ledger};
+use crate::policy::Policy;
 
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
 /// After the main process exits, how long its output pipes may stay open (held by a
@@ -60,6 +61,7 @@ struct Inner {
     slots: Arc<Semaphore>,
     notify: Notify,
     agent_id: Mutex<Option<AgentId>>,
+    policy: Arc<Policy>,
 }
 
 fn finished(run_id: &str, outcome: Outcome, error: Option<String>) -> RunFinished {
@@ -80,7 +82,7 @@ impl Executor {
     /// Opens the ledger and picks up where the last agent process left off: unacknowledged
     /// results are kept for the server, never-started runs start, and interrupted ones are
     /// reported lost.
-    pub fn open(state_dir: &Path, max_runs: usize) -> std::io::Result<Executor> {
+    pub fn open(state_dir: &Path, max_runs: usize, policy: Arc<Policy>) -> std::io::Result<Executor> {
         let ledger = Ledger::open(state_dir)?;
         let found = ledger.load();
         let exec = Executor {
@@ -90,6 +92,7 @@ impl Executor {
                 slots: Arc::new(Semaphore::new(max_runs.max(1))),
                 notify: Notify::new(),
                 agent_id: Mutex::new(None),
+                policy,
             }),
         };
         for f in found {
@@ -225,6 +228,18 @@ impl Executor {
     }
 
     async fn execute(&self, run: &Run, status: &Arc<Mutex<RunStatus>>, cancel: CancellationToken) -> RunFinished {
+        // The agent's own rules first: a refused run never starts a process.
+        let launch = match self.inner.policy.launch(&run.command, std::env::var("PATH").ok().as_deref()) {
+            Ok(l) => l,
+            Err(refusal) => {
+                tracing::warn!(run = %run.run_id, rule = refusal.rule, "run refused by this agent's policy");
+                return finished(&run.run_id, Outcome::Failed, Some(refusal.to_string()));
+            }
+        };
+        let scrubbed = self.inner.policy.scrubbed(&run.command);
+        if !scrubbed.is_empty() {
+            tracing::info!(run = %run.run_id, variables = ?scrubbed, "job variables dropped by this agent's policy (env = \"scrub\")");
+        }
         let permit = tokio::select! {
             p = self.inner.slots.clone().acquire_owned() => p,
             _ = cancel.cancelled() => return finished(&run.run_id, Outcome::Cancelled, Some("cancelled before it started".into())),
@@ -236,22 +251,19 @@ impl Executor {
         if let Err(e) = lock(&self.inner.ledger).mark_started(&run.run_id) {
             return finished(&run.run_id, Outcome::Failed, Some(format!("the agent could not record the start: {e}")));
         }
-        let mut cmd = match &run.command.program {
-            Program::Argv(argv) => {
-                let mut c = tokio::process::Command::new(&argv[0]);
-                c.args(&argv[1..]);
-                c
-            }
-            Program::Shell(script) => {
-                let mut c = tokio::process::Command::new("/bin/sh");
-                c.arg("-c").arg(script);
-                c
-            }
-        };
-        if let Some(cwd) = &run.command.cwd {
+        let mut cmd = tokio::process::Command::new(&launch.program);
+        cmd.arg0(&launch.arg0).args(&launch.args);
+        if let Some(cwd) = &launch.cwd {
             cmd.current_dir(cwd);
         }
-        cmd.envs(&run.command.env).env("MUSTER_RUN_ID", &run.run_id).env("MUSTER_JOB_ID", &run.job_id);
+        if launch.clean {
+            cmd.env_clear();
+        }
+        if let Some((uid, gid)) = launch.ids {
+            // std drops the supplementary groups (setgroups(0)) before setuid when root.
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.envs(&launch.env).env("MUSTER_RUN_ID", &run.run_id).env("MUSTER_JOB_ID", &run.job_id);
         if let Some(id) = lock(&self.inner.agent_id).as_ref() {
             cmd.env("MUSTER_AGENT_ID", id.as_str());
         }

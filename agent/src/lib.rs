@@ -8,11 +8,13 @@ pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod credential;
+pub mod descriptors;
 pub mod executor;
 pub mod install;
 pub mod ledger;
 pub mod metrics;
 pub mod pin;
+pub mod policy;
 pub mod session;
 pub mod tls;
 
@@ -26,7 +28,7 @@ use crate::session::{Outcome, Presenting, Session};
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let tls = tls::client_config(config.ca.as_deref()).context("TLS")?;
     let mut collector = metrics::Collector::new();
-    let executor = executor::Executor::open(&config.state_dir, config.max_runs)
+    let executor = executor::Executor::open(&config.state_dir, config.max_runs, config.policy.clone())
         .with_context(|| format!("opening the run ledger in {}", config.state_dir.display()))?;
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     tracing::info!(server = %config.server, state_dir = %config.state_dir.display(), "muster-agent starting");

@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
+    // Before anything else opens: commands must not inherit what started the agent.
+    let inherited = agent::descriptors::close_inherited_on_exec();
     let cli = agent::config::Cli::parse();
     if let Some(agent::config::Command::Uninstall(args)) = &cli.command {
         return report("uninstall", agent::install::uninstall(args));
@@ -28,6 +30,9 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
+    if inherited > 0 {
+        tracing::debug!(descriptors = inherited, "inherited descriptors marked close-on-exec");
+    }
     if rustls::crypto::ring::default_provider().install_default().is_err() {
         tracing::error!("a TLS crypto provider was already installed");
         return ExitCode::FAILURE;
@@ -47,6 +52,9 @@ fn main() -> ExitCode {
         return runtime.block_on(async {
             let outcome = agent::check::run(&config).await;
             let mut out = std::io::stdout().lock();
+            for line in config.policy.describe() {
+                let _ = writeln!(out, "{line}");
+            }
             match outcome {
                 Ok(ok) => {
                     let _ = writeln!(out, "{ok}");

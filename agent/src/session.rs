@@ -83,7 +83,8 @@ pub struct Session<'a> {
 /// Enrolls once and disconnects: connect with the token, `hello`, store the credential from
 /// `welcome`, close. For `muster-agent install`.
 pub async fn enroll(config: &Config, tls: Arc<rustls::ClientConfig>, token: &str) -> Result<shared::AgentId, String> {
-    let executor = Executor::open(&config.state_dir, 1).map_err(|e| format!("state directory {}: {e}", config.state_dir.display()))?;
+    let executor = Executor::open(&config.state_dir, 1, config.policy.clone())
+        .map_err(|e| format!("state directory {}: {e}", config.state_dir.display()))?;
     let mut collector = Collector::default();
     let cancel = CancellationToken::new();
     let session = Session { config, tls, collector: &mut collector, executor: &executor, cancel: &cancel };
@@ -235,7 +236,8 @@ impl Session<'_> {
                             Message::Text(t) => match ServerMessage::decode(t.as_str()) {
                                 Ok(ServerMessage::Welcome(_)) => tracing::debug!("ignoring a second welcome"),
                                 Ok(ServerMessage::Run(run)) => {
-                                    tracing::info!(run = %run.run_id, job = %run.job_id, command = %run.command.summary(), "run received");
+                                    tracing::info!(run = %run.run_id, job = %run.job_id, "run received");
+                                    tracing::debug!(run = %run.run_id, command = %run.command.summary(), "run command");
                                     let id = run.run_id.clone();
                                     if !self.executor.receive(run) {
                                         // A repeat: tell the server again where it stands.

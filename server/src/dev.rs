@@ -113,5 +113,6 @@ fn agent_config(server_url: &str, ca: &Path, state_dir: &Path, enroll_token: Str
         backoff_max: Duration::from_secs(60),
         max_runs: 8,
         log: String::new(),
+        policy: Default::default(),
     })
 }

@@ -100,6 +100,18 @@ impl Process {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Waits for the process to exit by itself, within the deadline.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> Option<std::process::ExitStatus> {
+        let end = tokio::time::Instant::now() + deadline;
+        while tokio::time::Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
 }
 
 impl Drop for Process {
@@ -231,6 +243,13 @@ impl TestServer {
         self.agent_template(hostname, labels).start_with(token)
     }
 
+    /// An agent with this text as its agent.toml (beside the usual flags, which win).
+    pub fn spawn_agent_with_config(&self, token: Option<&str>, labels: &[&str], config: &str) -> TestAgent {
+        let mut agent = self.agent_template(None, labels);
+        agent.config = Some(config.to_owned());
+        agent.start_with(token)
+    }
+
     fn agent_template(&self, hostname: Option<&str>, labels: &[&str]) -> TestAgent {
         TestAgent {
             state: tempfile::tempdir().expect("tempdir"),
@@ -240,6 +259,7 @@ impl TestServer {
             hostname: hostname.map(str::to_owned),
             labels: labels.iter().map(|s| s.to_string()).collect(),
             heartbeat_interval: "300ms".into(),
+            config: None,
         }
     }
 
@@ -263,6 +283,7 @@ pub struct TestAgent {
     hostname: Option<String>,
     labels: Vec<String>,
     heartbeat_interval: String,
+    config: Option<String>,
 }
 
 impl TestAgent {
@@ -295,6 +316,11 @@ impl TestAgent {
         if let Some(t) = token {
             cmd.arg("--enroll-token").arg(t);
         }
+        if let Some(text) = &self.config {
+            let path = self.state.path().join("agent.toml");
+            std::fs::write(&path, text).expect("write agent.toml");
+            cmd.arg("--config").arg(path);
+        }
         self.process = Some(Process { child: cmd.spawn().expect("spawn muster-agent"), log });
         self
     }
@@ -307,6 +333,16 @@ impl TestAgent {
 
     pub fn process(&mut self) -> &mut Process {
         self.process.as_mut().expect("agent is running")
+    }
+
+    /// `muster-agent check` with this agent's flags and config.
+    pub fn check(&self) -> Output {
+        let mut cmd = Command::new(bin("muster-agent"));
+        cmd.arg("--server").arg(&self.server).arg("--ca").arg(&self.ca).arg("--state-dir").arg(self.state.path());
+        if self.config.is_some() {
+            cmd.arg("--config").arg(self.state.path().join("agent.toml"));
+        }
+        cmd.arg("check").env_remove("MUSTER_ENROLL_TOKEN").output().expect("run muster-agent check")
     }
 
     pub fn credential_path(&self) -> PathBuf {
