@@ -99,6 +99,8 @@ struct FileSettings {
     log: Option<String>,
     run_as: Option<String>,
     policy: Option<PolicyFile>,
+    #[serde(default)]
+    trusted_keys: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -119,6 +121,8 @@ pub struct Config {
     pub log: String,
     /// What this agent agrees to run, from its own config only.
     pub policy: Arc<Policy>,
+    /// Operator keys whose signatures this agent requires; empty: unsigned jobs run.
+    pub trusted_keys: Vec<shared::signing::PublicKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +171,11 @@ impl Config {
             backoff_max: dur(s.backoff_max, &file.backoff_max, "backoff_max", Duration::from_secs(60))?,
             max_runs: s.max_runs.or(file.max_runs).unwrap_or(8),
             log: s.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
+            trusted_keys: file
+                .trusted_keys
+                .iter()
+                .map(|k| shared::signing::PublicKey::parse(k).map_err(|e| invalid(format!("trusted_keys: {k:?}: {e}"))))
+                .collect::<Result<_, _>>()?,
             policy: Arc::new(
                 Policy::from_file(file.policy, s.run_as.as_deref().or(file.run_as.as_deref()).filter(|r| !r.is_empty()))
                     .map_err(invalid)?,

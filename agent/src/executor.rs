@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{Found, Ledger};
 use crate::policy::Policy;
+use crate::trust::Trust;
 
 pub const KILL_GRACE: Duration = Duration::from_secs(5);
 /// After the main process exits, how long its output pipes may stay open (held by a
@@ -62,6 +63,7 @@ struct Inner {
     notify: Notify,
     agent_id: Mutex<Option<AgentId>>,
     policy: Arc<Policy>,
+    trust: Arc<Trust>,
 }
 
 fn finished(run_id: &str, outcome: Outcome, error: Option<String>) -> RunFinished {
@@ -82,7 +84,7 @@ impl Executor {
     /// Opens the ledger and picks up where the last agent process left off: unacknowledged
     /// results are kept for the server, never-started runs start, and interrupted ones are
     /// reported lost.
-    pub fn open(state_dir: &Path, max_runs: usize, policy: Arc<Policy>) -> std::io::Result<Executor> {
+    pub fn open(state_dir: &Path, max_runs: usize, policy: Arc<Policy>, trust: Arc<Trust>) -> std::io::Result<Executor> {
         let ledger = Ledger::open(state_dir)?;
         let found = ledger.load();
         let exec = Executor {
@@ -93,6 +95,7 @@ impl Executor {
                 notify: Notify::new(),
                 agent_id: Mutex::new(None),
                 policy,
+                trust,
             }),
         };
         for f in found {
@@ -131,6 +134,10 @@ impl Executor {
         lock(&self.inner.runs).insert(result.run_id, Arc::new(Mutex::new(status)));
     }
 
+    pub fn trust(&self) -> &Trust {
+        &self.inner.trust
+    }
+
     pub fn set_agent_id(&self, id: AgentId) {
         *lock(&self.inner.agent_id) = Some(id);
     }
@@ -163,9 +170,23 @@ impl Executor {
             tracing::info!(run = %run.run_id, "run delivered again; not executing it twice");
             return false;
         }
+        // Signed jobs are checked here, once, before the run is in the ledger: a run that was
+        // admitted and then interrupted by a restart is not judged a replay of itself.
+        let agent_id = lock(&self.inner.agent_id).clone();
+        let refused = self.inner.trust.admit(&run, agent_id.as_ref(), shared::Timestamp::now()).err();
         if let Err(e) = lock(&self.inner.ledger).accept(&run) {
             tracing::error!(run = %run.run_id, error = %e, "cannot record the run in the ledger");
             self.insert_finished(finished(&run.run_id, Outcome::Failed, Some(format!("the agent could not record the run: {e}"))));
+            self.poke();
+            return true;
+        }
+        if let Some(why) = refused {
+            tracing::warn!(run = %run.run_id, job = %run.job_id, reason = %why, "run refused: signature");
+            let result = finished(&run.run_id, Outcome::Failed, Some(why));
+            if let Err(e) = lock(&self.inner.ledger).finish(&result) {
+                tracing::error!(run = %run.run_id, error = %e, "cannot store the result on disk; it is kept in memory");
+            }
+            self.insert_finished(result);
             self.poke();
             return true;
         }

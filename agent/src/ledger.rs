@@ -174,6 +174,7 @@ mod tests {
 
     fn run(id: &str) -> Run {
         Run {
+            signature: None,
             run_id: id.into(),
             job_id: "j".into(),
             command: CommandSpec { program: Program::Argv(vec!["true".into()]), cwd: None, env: Default::default() },

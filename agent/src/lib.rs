@@ -17,6 +17,7 @@ pub mod pin;
 pub mod policy;
 pub mod session;
 pub mod tls;
+pub mod trust;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +29,7 @@ use crate::session::{Outcome, Presenting, Session};
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let tls = tls::client_config(config.ca.as_deref()).context("TLS")?;
     let mut collector = metrics::Collector::new();
-    let executor = executor::Executor::open(&config.state_dir, config.max_runs, config.policy.clone())
+    let executor = executor::Executor::open(&config.state_dir, config.max_runs, config.policy.clone(), trust(&config)?)
         .with_context(|| format!("opening the run ledger in {}", config.state_dir.display()))?;
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     tracing::info!(server = %config.server, state_dir = %config.state_dir.display(), "muster-agent starting");
@@ -75,4 +76,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
             _ = cancel.cancelled() => return Ok(()),
         }
     }
+}
+
+/// The signed-job checks, from the config's trusted keys and the state directory.
+pub fn trust(config: &Config) -> anyhow::Result<std::sync::Arc<trust::Trust>> {
+    let t = trust::Trust::open(&config.state_dir, &config.trusted_keys, &config.labels)
+        .with_context(|| format!("opening the signed-job record in {}", config.state_dir.display()))?;
+    Ok(std::sync::Arc::new(t))
 }

@@ -55,6 +55,16 @@ fn main() -> ExitCode {
             for line in config.policy.describe() {
                 let _ = writeln!(out, "{line}");
             }
+            match agent::trust(&config) {
+                Ok(t) => {
+                    for line in t.describe() {
+                        let _ = writeln!(out, "{line}");
+                    }
+                }
+                Err(e) => {
+                    let _ = writeln!(out, "signed jobs: {e:#}");
+                }
+            }
             match outcome {
                 Ok(ok) => {
                     let _ = writeln!(out, "{ok}");

@@ -83,7 +83,7 @@ pub struct Session<'a> {
 /// Enrolls once and disconnects: connect with the token, `hello`, store the credential from
 /// `welcome`, close. For `muster-agent install`.
 pub async fn enroll(config: &Config, tls: Arc<rustls::ClientConfig>, token: &str) -> Result<shared::AgentId, String> {
-    let executor = Executor::open(&config.state_dir, 1, config.policy.clone())
+    let executor = Executor::open(&config.state_dir, 1, config.policy.clone(), crate::trust(config).map_err(|e| format!("{e:#}"))?)
         .map_err(|e| format!("state directory {}: {e}", config.state_dir.display()))?;
     let mut collector = Collector::default();
     let cancel = CancellationToken::new();
@@ -250,6 +250,11 @@ impl Session<'_> {
                                     self.executor.cancel(&c.run_id);
                                 }
                                 Ok(ServerMessage::ResultAck(a)) => self.executor.ack(&a.run_id),
+                                Ok(ServerMessage::KeyRevoked(r)) => match self.executor.trust().revoke(&r) {
+                                    Ok(true) => tracing::warn!(key = %r.key, by = %r.by, "operator key revoked; its signatures are refused from now on"),
+                                    Ok(false) => {}
+                                    Err(e) => tracing::warn!(key = %r.key, error = %e, "ignoring a key revocation"),
+                                },
                                 Ok(ServerMessage::Resend(r)) => {
                                     reported.finished.remove(&r.run_id);
                                     self.executor.resend_from(&r.run_id, r.stdout_from, r.stderr_from);

@@ -29,6 +29,10 @@ pub struct Connection {
     /// CA certificate (PEM) to trust for the server; without it, the system's roots.
     #[arg(long, env = "MUSTER_CA", global = true)]
     pub ca: Option<PathBuf>,
+    /// Operator signing key (from `muster key generate`); `muster run` signs jobs with it.
+    /// [default: ~/.config/muster/signing.key if it exists]
+    #[arg(long, env = "MUSTER_SIGNING_KEY", global = true)]
+    pub signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,6 +74,31 @@ pub enum Command {
     /// Show one job and its runs, or cancel it.
     #[command(args_conflicts_with_subcommands = true)]
     Job(JobArgs),
+    /// Operator signing keys: agents with `trusted_keys` run only jobs signed by one.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Write a new ed25519 key pair (private key 0600, never sent anywhere) and print its
+    /// public key, for agents' `trusted_keys`.
+    Generate {
+        /// Where to write it. [default: --signing-key, or ~/.config/muster/signing.key]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace a key that is already there.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the public key of the signing key.
+    Show,
+    /// Revoke a key on every agent that trusts the signing key: the server delivers the
+    /// revocation, signed here, and agents keep it.
+    Revoke {
+        /// The key to revoke, ed25519:<hex>.
+        key: shared::signing::PublicKey,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -105,6 +134,9 @@ pub struct RunArgs {
     /// Print the job id and return at once.
     #[arg(long)]
     pub detach: bool,
+    /// Do not sign the job, even with a signing key configured.
+    #[arg(long)]
+    pub no_sign: bool,
     /// Print the finished job as JSON instead of live output.
     #[arg(long)]
     pub json: bool,

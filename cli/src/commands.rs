@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use serde::Serialize;
 use shared::api::{
     AgentDetail, AgentSummary, CreateEnrollToken, CreateToken, EnrollTokenCreated, EnrollTokenInfo, FleetCounts, TokenCreated, TokenInfo,
@@ -167,6 +167,44 @@ pub async fn fleet(client: &Client, as_json: bool, out: Out<'_>) -> anyhow::Resu
         return json(out, &c);
     }
     writeln!(out, "{}: {} online, {} stale, {} offline", crate::output::agents(c.total), c.online, c.stale, c.offline)?;
+    Ok(())
+}
+
+/// `muster key generate` and `muster key show`.
+pub fn key_local(conn: &crate::args::Connection, k: &crate::args::KeyCommand, out: Out<'_>) -> anyhow::Result<()> {
+    use crate::args::KeyCommand;
+    let configured = || conn.signing_key.clone().or_else(crate::keys::default_path).context("no HOME: give --signing-key");
+    match k {
+        KeyCommand::Generate { out: path, force } => {
+            let path = match path {
+                Some(p) => p.clone(),
+                None => configured()?,
+            };
+            let public = crate::keys::generate(&path, *force)?;
+            writeln!(out, "{public}")?;
+            let mut err = std::io::stderr();
+            writeln!(err, "Private key written to {} (0600). Give agents the public key above:", path.display())?;
+            writeln!(err, "  muster-agent install ... --trust-key {public}")?;
+        }
+        KeyCommand::Show => {
+            let signer = crate::keys::Signer::load(&configured()?)?;
+            writeln!(out, "{}", signer.public)?;
+        }
+        KeyCommand::Revoke { .. } => {}
+    }
+    Ok(())
+}
+
+/// `muster key revoke KEY`: signed here, delivered by the server, checked by each agent.
+pub async fn key_revoke(
+    client: &Client,
+    signer: &crate::keys::Signer,
+    key: &shared::signing::PublicKey,
+    out: Out<'_>,
+) -> anyhow::Result<()> {
+    let revocation = signer.revocation(key)?;
+    let _: serde_json::Value = client.post("/keys/revocations", &revocation).await?;
+    writeln!(out, "Revoked {key} (signed by {}); agents that trust {} refuse it from now on.", signer.public, signer.public)?;
     Ok(())
 }
 

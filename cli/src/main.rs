@@ -10,6 +10,7 @@ use clap::Parser;
 mod args;
 mod client;
 mod commands;
+mod keys;
 mod output;
 mod run;
 mod sse;
@@ -44,6 +45,11 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 
 /// Ok(false): the command worked, but a job it reports on did not fully succeed.
 async fn run(cli: Cli) -> anyhow::Result<bool> {
+    // Keys are local: no server needed.
+    if let Command::Key(k @ (args::KeyCommand::Generate { .. } | args::KeyCommand::Show)) = &cli.command {
+        let stdout = std::io::stdout();
+        return commands::key_local(&cli.conn, k, &mut stdout.lock()).map(|()| true);
+    }
     let server = cli.conn.server.as_deref().context("no server: set MUSTER_SERVER or pass --server https://host:port")?;
     let token = cli.conn.token.as_deref().context("no token: set MUSTER_TOKEN or pass --token")?;
     let client = client::Client::new(server, token, cli.conn.ca.as_deref())?;
@@ -56,11 +62,30 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::EnrollToken(c) => commands::enroll_token(&client, &cli.conn, c, &mut out).await.map(|()| true),
         Command::Token(c) => commands::token(&client, c, &mut out).await.map(|()| true),
         Command::Whoami => commands::whoami(&client, &mut out).await.map(|()| true),
-        Command::Run(r) => run::run(&client, r, &mut out).await.map(|o| o.all_succeeded),
+        Command::Run(r) => run::run(&client, r, signer(&cli.conn, r.no_sign)?.as_ref(), &mut out).await.map(|o| o.all_succeeded),
+        Command::Key(args::KeyCommand::Revoke { key }) => {
+            let signer = signer(&cli.conn, false)?.context("no signing key: a revocation is signed with one (--signing-key)")?;
+            commands::key_revoke(&client, &signer, key, &mut out).await.map(|()| true)
+        }
+        Command::Key(_) => Ok(true),
         Command::Jobs { limit, json } => run::jobs(&client, *limit, *json, &mut out).await.map(|()| true),
         Command::Job(j) => run::job(&client, j, &mut out).await.map(|o| o.all_succeeded),
         Command::Watch { json } => watch::watch(&client, *json, &mut out).await.map(|()| true),
     }?;
     out.flush()?;
     Ok(ok)
+}
+
+/// The signing key for `muster run`: `--signing-key`, else the default file if it exists.
+fn signer(conn: &args::Connection, no_sign: bool) -> anyhow::Result<Option<keys::Signer>> {
+    if no_sign {
+        return Ok(None);
+    }
+    match &conn.signing_key {
+        Some(path) => keys::Signer::load(path).map(Some),
+        None => match keys::default_path().filter(|p| p.exists()) {
+            Some(path) => keys::Signer::load(&path).map(Some),
+            None => Ok(None),
+        },
+    }
 }

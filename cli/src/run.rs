@@ -42,11 +42,49 @@ fn request(args: &RunArgs) -> CreateJob {
         max_errors: args.max_errors,
         output_limit: None,
         dry_run: args.dry_run,
+        id: None,
+        signature: None,
     }
 }
 
-pub async fn run(client: &Client, args: &RunArgs, out: Out<'_>) -> anyhow::Result<JobOutcome> {
-    let req = request(args);
+/// Turns a request into a signed one: the target becomes the agent ids the signature binds
+/// (a selector is also signed, for each agent to check against its own labels).
+async fn sign(client: &Client, signer: &crate::keys::Signer, req: &mut CreateJob) -> anyhow::Result<()> {
+    let selector = match &req.target {
+        Target::Selector(s) => Some(s.clone()),
+        _ => None,
+    };
+    let ids = match &req.target {
+        Target::Agents(ids) => ids.clone(),
+        _ => {
+            let mut dry = req.clone();
+            dry.dry_run = true;
+            let matched: DryRun = client.post("/jobs", &dry).await?;
+            matched.agents.into_iter().map(|a| a.id).collect()
+        }
+    };
+    if ids.is_empty() {
+        anyhow::bail!("the target ({}) matches no agents: nothing to sign", req.target);
+    }
+    let id = crate::keys::new_job_id()?;
+    let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(shared::job::DEFAULT_TTL_SECS));
+    let timeout = Duration::from_secs(req.timeout_secs.unwrap_or(shared::job::DEFAULT_TIMEOUT_SECS));
+    let signature = signer.sign_job(&id, &req.command, &ids, crate::keys::expiry(ttl, timeout), selector.as_ref())?;
+    let mut err = std::io::stderr();
+    writeln!(err, "Signed for {} with {}.", crate::output::agents(ids.len() as u64), signer.public)?;
+    req.target = Target::Agents(ids);
+    req.id = Some(id);
+    req.signature = Some(signature);
+    Ok(())
+}
+
+pub async fn run(client: &Client, args: &RunArgs, signer: Option<&crate::keys::Signer>, out: Out<'_>) -> anyhow::Result<JobOutcome> {
+    let mut req = request(args);
+    if let Some(signer) = signer
+        && !args.dry_run
+    {
+        sign(client, signer, &mut req).await?;
+    }
     if args.dry_run {
         let dry: DryRun = client.post("/jobs", &req).await?;
         if args.json {

@@ -130,6 +130,7 @@ impl Application {
             events: events.clone(),
             fleet: fleet.clone(),
             progress: Default::default(),
+            signed: Default::default(),
             kick,
         };
         let config_limits = config.limits.clone();

@@ -114,5 +114,6 @@ fn agent_config(server_url: &str, ca: &Path, state_dir: &Path, enroll_token: Str
         max_runs: 8,
         log: String::new(),
         policy: Default::default(),
+        trusted_keys: Vec::new(),
     })
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use shared::job::{JobEvent, RunId, RunState};
 use shared::protocol::{Run, ServerMessage};
+use shared::signing::{AgentSet, RunSignature};
 use shared::{AgentId, Timestamp};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,9 @@ pub struct Dispatcher {
     pub fleet: FleetEvents,
     /// When each job's progress last went to the fleet stream, and with which counts.
     pub progress: Arc<std::sync::Mutex<std::collections::HashMap<String, (tokio::time::Instant, shared::job::StateCounts)>>>,
+    /// The signed set of agents of each open signed job, built once from the store: every run
+    /// carries its agent's proof from it.
+    pub signed: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<AgentSet>>>>,
     pub kick: Arc<Notify>,
 }
 
@@ -127,6 +131,7 @@ impl Dispatcher {
                     self.events.publish(&job.id, JobEvent::Finished { counts: c.clone() });
                     self.fleet.publish(shared::api::FleetEvent::JobFinished { job_id: job.id.clone(), counts: c });
                     self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.id);
+                    self.signed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.id);
                 }
                 continue;
             }
@@ -178,13 +183,31 @@ impl Dispatcher {
         tracing::debug!(runs = marked.len(), ms = t.elapsed().as_millis() as u64, "marked dispatched");
         let mut undelivered = Vec::new();
         let mut delivered = Vec::new();
+        let set = match &job.signature {
+            Some(_) => Some(self.signed_set(&job.id).await?),
+            None => None,
+        };
         for r in send.into_iter().filter(|r| marked.contains(&r.id)) {
+            let signature = match (&job.signature, &set) {
+                (Some(sig), Some(set)) => Some(Box::new(RunSignature {
+                    key: sig.key.clone(),
+                    signature: sig.signature.clone(),
+                    expires_at: sig.expires_at,
+                    selector: sig.selector.clone(),
+                    agents: set.len(),
+                    // Every run's agent is in the signed set (the API made the runs from it);
+                    // an empty proof would only make that agent refuse.
+                    proof: set.proof(&r.agent_id).unwrap_or_default(),
+                })),
+                _ => None,
+            };
             let msg = ServerMessage::Run(Run {
                 run_id: r.id.clone(),
                 job_id: job.id.clone(),
                 command: job.command.clone(),
                 timeout_ms: job.timeout_ms,
                 output_limit: job.output_limit,
+                signature,
             });
             let sent = self.registry.sender(&r.agent_id).is_some_and(|tx| tx.try_send(msg).is_ok());
             if sent {
@@ -201,6 +224,16 @@ impl Dispatcher {
         let ids: Vec<RunId> = delivered.iter().map(|r| r.id.clone()).collect();
         self.publish_states(&job.id, &delivered, &ids, RunState::Dispatched, None);
         Ok(())
+    }
+
+    async fn signed_set(&self, job_id: &str) -> Result<Arc<AgentSet>, StoreError> {
+        if let Some(set) = self.signed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(job_id) {
+            return Ok(set.clone());
+        }
+        let ids = self.store.signed_agents(job_id).await?;
+        let set = Arc::new(AgentSet::new(&ids));
+        self.signed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.to_owned(), set.clone());
+        Ok(set)
     }
 
     /// When an agent says hello: runs the server thinks are on it but that the agent does not

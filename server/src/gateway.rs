@@ -436,7 +436,9 @@ async fn run_session(
         Ending::quiet("could not send welcome")
     } else {
         app.dispatcher.kick.notify_one();
-        if let Err(e) = cancel_held_runs_of_cancelled_jobs(&app, &mut socket, &held).await {
+        if let Err(e) = send_revocations(&app, &mut socket).await {
+            Ending::quiet(e)
+        } else if let Err(e) = cancel_held_runs_of_cancelled_jobs(&app, &mut socket, &held).await {
             Ending::quiet(e)
         } else {
             let mut session = Session {
@@ -466,6 +468,17 @@ async fn leave(app: &AppState, agent_id: &AgentId, conn: u64, ending: &Ending) {
 }
 
 /// A job cancelled while the agent was away: its runs still on the agent get their cancel now.
+/// Every key revoked fleet-wide, so an agent that was away learns of it before any run.
+async fn send_revocations(app: &AppState, socket: &mut WebSocket) -> Result<(), String> {
+    let revocations = app.store.key_revocations().await.map_err(|e| format!("cannot read key revocations: {e}"))?;
+    for r in revocations {
+        send_json(socket, &ServerMessage::KeyRevoked(Box::new(r)))
+            .await
+            .map_err(|()| "connection lost while sending key revocations".to_owned())?;
+    }
+    Ok(())
+}
+
 async fn cancel_held_runs_of_cancelled_jobs(app: &AppState, socket: &mut WebSocket, held: &[crate::store::OpenRun]) -> Result<(), String> {
     let mut cancelled_jobs = std::collections::HashMap::new();
     for r in held {

@@ -226,6 +226,11 @@ impl Registry {
         lock(&self.entries).get(id).map(|e| e.outbound.clone())
     }
 
+    /// Every live session's outbound queue, for a message to the whole fleet.
+    pub fn senders(&self) -> Vec<mpsc::Sender<ServerMessage>> {
+        lock(&self.entries).values().map(|e| e.outbound.clone()).collect()
+    }
+
     pub fn is_connected(&self, id: &AgentId) -> bool {
         lock(&self.entries).contains_key(id)
     }

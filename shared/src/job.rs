@@ -161,6 +161,19 @@ pub struct CreateJob {
     /// Only report what the target matches; create nothing.
     #[serde(default)]
     pub dry_run: bool,
+    /// The job's id, chosen by the caller (32 lowercase hex digits: 128 random bits); a signed
+    /// job must have one. The API refuses an id it has seen. Default: the server picks one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<JobId>,
+    /// The operator's signature over the job; the target must then be `agents`, the ids it
+    /// was signed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<crate::signing::JobSignature>,
+}
+
+/// A job id chosen by a client: 32 lowercase hex digits.
+pub fn is_client_job_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Where a run is. The first three are in progress; the rest are final.
@@ -258,6 +271,9 @@ pub struct JobSummary {
     pub finished_at: Option<Timestamp>,
     pub total: u64,
     pub counts: StateCounts,
+    /// The operator key that signed the job, if it is signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed_by: Option<crate::signing::PublicKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -424,6 +440,8 @@ mod tests {
                 max_errors: Some(1),
                 output_limit: None,
                 dry_run: false,
+                id: Some("0123456789abcdef0123456789abcdef".into()),
+                signature: None,
             };
             let json = serde_json::to_string(&job).unwrap();
             assert_eq!(serde_json::from_str::<CreateJob>(&json).unwrap(), job, "{json}");

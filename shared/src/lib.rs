@@ -8,6 +8,7 @@ pub mod job;
 pub mod labels;
 pub mod protocol;
 pub mod selector;
+pub mod signing;
 pub mod time;
 pub mod whole;
 

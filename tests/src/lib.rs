@@ -491,6 +491,8 @@ pub fn job(target: shared::job::Target, program: shared::job::Program) -> shared
         max_errors: None,
         output_limit: None,
         dry_run: false,
+        id: None,
+        signature: None,
     }
 }
 

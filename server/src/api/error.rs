@@ -59,6 +59,7 @@ impl IntoResponse for Error {
                 tracing::error!("database disk full");
                 (StatusCode::INSUFFICIENT_STORAGE, "unavailable", "the server's disk is full; nothing was changed".into())
             }
+            Error::Store(StoreError::Duplicate) => (StatusCode::CONFLICT, "conflict", "that id is already taken".into()),
             Error::Store(StoreError::Busy) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database is busy; try again".into()),
             Error::Store(e) => {
                 tracing::error!(error = %e, "store error");

@@ -47,6 +47,7 @@ pub fn summary(job: &JobRow, counts: StateCounts) -> JobSummary {
         finished_at: job.finished_at,
         total: counts.values().sum(),
         counts,
+        signed_by: job.signature.as_ref().map(|s| s.key.clone()),
     }
 }
 
@@ -78,6 +79,29 @@ fn validate(req: &CreateJob) -> Result<()> {
     }
     if req.max_errors == Some(0) {
         return bad("max_errors must be at least 1; leave it out for no limit");
+    }
+    if let Some(id) = &req.id
+        && !shared::job::is_client_job_id(id)
+    {
+        return bad("id must be 32 lowercase hex digits (128 random bits)");
+    }
+    if let Some(sig) = &req.signature {
+        let Some(id) = &req.id else {
+            return bad("a signed job must carry the id it was signed with");
+        };
+        let Target::Agents(ids) = &req.target else {
+            return bad("a signed job must target the agent ids it was signed for (target.agents)");
+        };
+        // The server checks too, so that a mistake is a clear 400 rather than runs every
+        // agent refuses; the agents do not rely on this check.
+        let set = shared::signing::AgentSet::new(ids);
+        let statement = shared::signing::job_statement(id, &req.command, &set.root(), set.len(), sig.expires_at, sig.selector.as_ref());
+        if sig.key.verify(&statement, &sig.signature).is_err() {
+            return bad("signature: it does not verify for this id, command, set of agents and expiry");
+        }
+        if sig.expires_at <= Timestamp::now() {
+            return bad("signature: it has expired");
+        }
     }
     Ok(())
 }
@@ -131,8 +155,16 @@ pub async fn create(
     }
     let now = Timestamp::now();
     let ttl = Duration::from_secs(req.ttl_secs.unwrap_or(DEFAULT_TTL_SECS));
+    // A signed run cannot start after its signature expires: neither can the job.
+    let expires_at = match &req.signature {
+        Some(sig) => now.saturating_add(ttl).min(sig.expires_at),
+        None => now.saturating_add(ttl),
+    };
     let job = JobRow {
-        id: new_id()?,
+        id: match &req.id {
+            Some(id) => id.clone(),
+            None => new_id()?,
+        },
         created_at: now,
         created_by: caller.actor(),
         target: req.target.clone(),
@@ -143,9 +175,10 @@ pub async fn create(
         max_in_flight: req.concurrency.map(|c| c.resolve(matched.len())),
         max_errors: req.max_errors,
         output_limit: req.output_limit.unwrap_or(DEFAULT_OUTPUT_LIMIT),
-        expires_at: now.saturating_add(ttl),
+        expires_at,
         cancelled_at: None,
         finished_at: None,
+        signature: req.signature.clone(),
     };
     let runs = matched.iter().map(|a| Ok((new_id()?, a.id.clone()))).collect::<Result<Vec<_>>>()?;
     app.store.create_job(&job, &runs).await?;
@@ -165,7 +198,8 @@ pub async fn create(
         }),
     })
     .await;
-    tracing::info!(job = %job.id, by = %job.created_by, agents = runs.len(), command = %job.command.summary(), "job created");
+    tracing::info!(job = %job.id, by = %job.created_by, agents = runs.len(), signed = job.signature.is_some(), "job created");
+    tracing::debug!(job = %job.id, command = %job.command.summary(), "job command");
     app.fleet.publish(shared::api::FleetEvent::JobCreated {
         job_id: job.id.clone(),
         command: job.command.summary(),

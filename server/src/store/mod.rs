@@ -29,6 +29,9 @@ pub enum StoreError {
     Database(String),
     #[error("migrating the database: {0}")]
     Migrate(String),
+    /// A row with this key exists (a job id chosen twice).
+    #[error("already exists")]
+    Duplicate,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -212,6 +215,8 @@ pub struct JobRow {
     pub expires_at: Timestamp,
     pub cancelled_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
+    /// The operator's signature; the agents it covers are in [`Store::signed_agents`].
+    pub signature: Option<shared::signing::JobSignature>,
 }
 
 #[derive(Clone, Debug)]
@@ -346,6 +351,13 @@ pub trait Store: Send + Sync + 'static {
     /// Marks the job cancelled; its pending runs, and dispatched ones never accepted, end
     /// `cancelled`. Returns those, and the runs still open on agents (to send `cancel` to).
     async fn cancel_job(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>>;
+
+    // Signed jobs.
+    /// The agents a signed job was signed for (empty for an unsigned job).
+    async fn signed_agents(&self, job_id: &str) -> Result<Vec<AgentId>>;
+    /// Stores a key revocation; false if that key was already revoked.
+    async fn insert_key_revocation(&self, r: &shared::signing::KeyRevocation, at: Timestamp, by: &str) -> Result<bool>;
+    async fn key_revocations(&self) -> Result<Vec<shared::signing::KeyRevocation>>;
 }
 
 /// Writes an audit entry. A failure is logged loudly but does not undo the audited action.

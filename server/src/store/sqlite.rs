@@ -25,6 +25,7 @@ use super::*;
 const ROWS_PER_STATEMENT: usize = 500;
 
 mod output;
+mod signing;
 use output::insert_outputs;
 
 #[derive(Clone)]
@@ -46,6 +47,10 @@ fn db_err(e: sqlx::Error) -> StoreError {
     if let sqlx::Error::Database(d) = &e {
         // Primary result code is the low byte of the extended one.
         let code = d.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
+        // SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE (extended codes).
+        if matches!(d.code().and_then(|c| c.parse::<i32>().ok()), Some(1555 | 2067)) {
+            return StoreError::Duplicate;
+        }
         match code {
             Some(13) => return StoreError::Full,    // SQLITE_FULL
             Some(5 | 6) => return StoreError::Busy, // SQLITE_BUSY, SQLITE_LOCKED
@@ -588,7 +593,7 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         sqlx::query(
             "INSERT INTO jobs (id, created_at, created_by, target, command, timeout_ms, ttl_ms, concurrency, max_in_flight, \
-             max_errors, output_limit, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             max_errors, output_limit, expires_at, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&job.id)
         .bind(job.created_at.unix_millis())
@@ -602,9 +607,21 @@ impl Store for SqliteStore {
         .bind(job.max_errors.map(i64::from))
         .bind(to_i64(job.output_limit))
         .bind(job.expires_at.unix_millis())
+        .bind(job.signature.as_ref().map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
+        if job.signature.is_some()
+            && let shared::job::Target::Agents(ids) = &job.target
+        {
+            let list: Vec<&str> = ids.iter().map(AgentId::as_str).collect();
+            sqlx::query("INSERT INTO job_signed_agents (job_id, agents) VALUES (?, ?)")
+                .bind(&job.id)
+                .bind(list.join(","))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
         for (n, chunk) in runs.chunks(ROWS_PER_STATEMENT).enumerate() {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("INSERT INTO runs (id, job_id, agent_id, seq, state) ");
             q.push_values(chunk.iter().enumerate(), |mut b, (i, (run_id, agent_id))| {
@@ -834,6 +851,19 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn signed_agents(&self, job_id: &str) -> Result<Vec<AgentId>> {
+        signing::signed_agents(&self.pool, job_id).await
+    }
+
+    async fn insert_key_revocation(&self, r: &shared::signing::KeyRevocation, at: Timestamp, by: &str) -> Result<bool> {
+        let _gate = self.writer().await;
+        signing::insert_key_revocation(&self.pool, r, at, by).await
+    }
+
+    async fn key_revocations(&self) -> Result<Vec<shared::signing::KeyRevocation>> {
+        signing::key_revocations(&self.pool).await
+    }
+
     async fn cancel_job(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>> {
         let gate = self.writer().await;
         let done = sqlx::query("UPDATE jobs SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?")
@@ -912,12 +942,14 @@ struct JobDb {
     expires_at: i64,
     cancelled_at: Option<i64>,
     finished_at: Option<i64>,
+    signature: Option<String>,
 }
 
 impl TryFrom<JobDb> for JobRow {
     type Error = StoreError;
     fn try_from(r: JobDb) -> Result<Self> {
         let corrupt = |what: &str, e: String| StoreError::Corrupt(format!("job {}: {what}: {e}", r.id));
+        let signature = r.signature.as_deref().map(serde_json::from_str).transpose().map_err(|e| corrupt("signature", e.to_string()))?;
         Ok(JobRow {
             target: serde_json::from_str(&r.target).map_err(|e| corrupt("target", e.to_string()))?,
             command: serde_json::from_str(&r.command).map_err(|e| corrupt("command", e.to_string()))?,
@@ -933,6 +965,7 @@ impl TryFrom<JobDb> for JobRow {
             expires_at: ts(r.expires_at),
             cancelled_at: r.cancelled_at.map(ts),
             finished_at: r.finished_at.map(ts),
+            signature,
         })
     }
 }
@@ -1566,6 +1599,7 @@ mod tests {
             expires_at: Timestamp::from_unix_millis(created_at + 1_000),
             cancelled_at: None,
             finished_at: None,
+            signature: None,
         }
     }
 

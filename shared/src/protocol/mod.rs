@@ -84,6 +84,9 @@ pub enum ServerMessage {
     Cancel(Cancel),
     ResultAck(ResultAck),
     Resend(Resend),
+    /// An operator key revoked fleet-wide, signed by a trusted key: the agent checks the
+    /// signature itself and, if it verifies, never accepts that key again.
+    KeyRevoked(Box<crate::signing::KeyRevocation>),
 }
 
 impl AgentMessage {
@@ -102,7 +105,7 @@ impl AgentMessage {
 }
 
 impl ServerMessage {
-    pub const TYPES: &'static [&'static str] = &["welcome", "run", "cancel", "result_ack", "resend"];
+    pub const TYPES: &'static [&'static str] = &["welcome", "run", "cancel", "result_ack", "resend", "key_revoked"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -111,6 +114,7 @@ impl ServerMessage {
             ServerMessage::Cancel(_) => "cancel",
             ServerMessage::ResultAck(_) => "result_ack",
             ServerMessage::Resend(_) => "resend",
+            ServerMessage::KeyRevoked(_) => "key_revoked",
         }
     }
 }

@@ -18,6 +18,9 @@ pub struct Run {
     pub timeout_ms: u64,
     /// Bytes of output kept per stream; the rest is discarded and flagged as truncated.
     pub output_limit: u64,
+    /// For a signed job: the operator's signature and this agent's proof that it is named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Box<crate::signing::RunSignature>>,
 }
 
 /// Server → agent: stop this run (SIGTERM to its process group, SIGKILL after a grace).
@@ -115,6 +118,7 @@ mod tests {
             },
             timeout_ms: 60_000,
             output_limit: 1 << 20,
+            signature: None,
         };
         round_trip(&ServerMessage::Run(run), "run");
         round_trip(&ServerMessage::Cancel(Cancel { run_id: "a".into() }), "cancel");

@@ -418,6 +418,8 @@ async fn broadcast(
             max_errors: None,
             output_limit: None,
             dry_run: false,
+            id: None,
+            signature: None,
         };
         let started = Instant::now();
         if let Ok(mut t) = t0.lock() {
