@@ -173,7 +173,10 @@ async fn enroll(app: &AppState, token: &crate::store::EnrollTokenRow, hello: &He
     let new = NewAgent { id: agent_id.clone(), secret_hash: issued.hash, token_labels: token.labels.clone(), at: now };
     match app.store.enroll_agent(&token.id, &new).await {
         Ok(true) => {}
-        Ok(false) => return Err(Ending::close(close::ENROLLMENT_REFUSED, "the enrollment token is used up, expired or revoked")),
+        Ok(false) => {
+            app.auditor.refused(remote.ip(), "agent", &AuthError::UsedUp, Some(format!("mse_{}", token.id)));
+            return Err(Ending::close(close::ENROLLMENT_REFUSED, "the enrollment token is used up, expired or revoked"));
+        }
         Err(e) => return Err(unavailable(&e)),
     }
     app.audit(AuditEntry {
@@ -405,7 +408,10 @@ async fn run_session(
     if who.credential.is_none() {
         let refused = match app.store.agent_credential(&agent_id).await {
             Ok(Some(row)) if !row.revoked => None,
-            Ok(_) => Some(Ending::close(close::REVOKED, "credential revoked")),
+            Ok(_) => {
+                app.auditor.refused(remote.ip(), "agent", &AuthError::Revoked, Some(format!("msa_{agent_id}")));
+                Some(Ending::close(close::REVOKED, "credential revoked"))
+            }
             Err(e) => {
                 tracing::error!(agent = %agent_id, error = %e, "cannot check the agent's credential");
                 Some(Ending::close(close::INTERNAL_ERROR, "server cannot read its database"))
