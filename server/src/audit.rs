@@ -136,9 +136,10 @@ impl Auditor {
         let now = Timestamp::now();
         let mut r = self.refusals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let full = r.by_address.len() >= MAX_REFUSING_ADDRESSES;
-        let tally = match r.by_address.contains_key(&key) || !full {
-            true => r.by_address.entry(key).or_insert_with(|| Tally::new(now)),
-            false => r.others.get_or_insert_with(|| Tally::new(now)),
+        let tally = if full && !r.by_address.contains_key(&key) {
+            r.others.get_or_insert_with(|| Tally::new(now))
+        } else {
+            r.by_address.entry(key).or_insert_with(|| Tally::new(now))
         };
         tally.add(now, via, reason, credential_id);
     }
@@ -223,6 +224,28 @@ mod tests {
         assert_eq!(d["count"], 250);
         assert_eq!(d["ids"].as_array().map(Vec::len), Some(MAX_LISTED_AGENTS));
         assert_eq!(d["ids_cut"], true);
+    }
+
+    #[tokio::test]
+    async fn refusals_from_many_addresses_cost_a_bounded_number_of_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::SqliteStore::open(&dir.path().join("t.db")).await.unwrap());
+        let auditor = Auditor::new(store.clone(), None);
+        for n in 0..1000u32 {
+            let ip = IpAddr::from([10, 0, (n / 250) as u8, (n % 250) as u8]);
+            auditor.refused(ip, "api", &AuthError::Wrong, Some(format!("mst_{n:016x}")));
+            auditor.refused(ip, "agent", &AuthError::Malformed, None);
+        }
+        auditor.flush_refusals().await;
+        let q = crate::store::AuditQuery { action: Some("auth.refused".into()), limit: 1000, ..Default::default() };
+        let entries = store.audit_entries(&q).await.unwrap();
+        assert_eq!(entries.len(), MAX_REFUSING_ADDRESSES + 1);
+        assert_eq!(entries.iter().map(|e| e.detail["refusals"].as_u64().unwrap()).sum::<u64>(), 2000);
+        let others = entries.iter().find(|e| e.address.is_none()).unwrap();
+        assert_eq!((others.detail["refusals"].as_u64(), others.detail["addresses_over_cap"].as_bool()), (Some(2000 - 32), Some(true)));
+        assert!(entries.iter().all(|e| e.detail["credential_ids"].as_array().unwrap().len() <= MAX_IDS));
+        auditor.flush_refusals().await;
+        assert_eq!(store.audit_entries(&q).await.unwrap().len(), MAX_REFUSING_ADDRESSES + 1, "nothing left to write");
     }
 
     #[test]
