@@ -77,6 +77,9 @@ pub enum Command {
     /// Operator signing keys: agents with `trusted_keys` run only jobs signed by one.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Read the audit log (admin), or check its hash chain.
+    #[command(args_conflicts_with_subcommands = true)]
+    Audit(AuditArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +101,45 @@ pub enum KeyCommand {
     Revoke {
         /// The key to revoke, ed25519:<hex>.
         key: shared::signing::PublicKey,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only entries since this: a duration back from now (1h, 7d) or an RFC 3339 time.
+    #[arg(long, value_parser = parse_time_or_duration)]
+    pub since: Option<String>,
+    /// Only entries before this: a duration back from now or an RFC 3339 time.
+    #[arg(long, value_parser = parse_time_or_duration)]
+    pub until: Option<String>,
+    /// Only entries by this actor: its whole name or its token id.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// Only this action (token.create), or a family of them (token).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only entries about this target (a token, agent or job id).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// How many entries, newest first.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub limit: u32,
+    /// One JSON entry per line, with its hashes.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action_command: Option<AuditAction>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Fetch the whole audit log and check every entry's hash and every link of the chain.
+    /// Prints the head (the newest entry's id and hash); exits 1 saying where it broke.
+    Verify {
+        /// A head hash recorded earlier (elsewhere): fail unless that entry is still in the
+        /// chain, so that entries removed from the end are noticed too.
+        #[arg(long, value_parser = parse_hash)]
+        head: Option<String>,
     },
 }
 
@@ -256,6 +298,20 @@ fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     shared::duration::parse(s).map_err(|e| e.to_string())
 }
 
+fn parse_time_or_duration(s: &str) -> Result<String, String> {
+    if shared::Timestamp::parse_rfc3339(s).is_ok() || shared::duration::parse(s).is_ok() {
+        Ok(s.to_owned())
+    } else {
+        Err("expected a duration back from now (1h, 7d) or an RFC 3339 time (2026-12-01T09:00:00Z)".into())
+    }
+}
+
+fn parse_hash(s: &str) -> Result<String, String> {
+    let s = s.trim().to_ascii_lowercase();
+    let s = s.strip_prefix("sha256:").unwrap_or(&s).to_owned();
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) { Ok(s) } else { Err("expected 64 hex digits (an entry's hash)".into()) }
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     shared::Labels::parse_pair(s).map_err(|e| e.to_string())
 }
@@ -285,6 +341,9 @@ mod tests {
             vec!["muster", "run", "--all"],
             vec!["muster", "run", "--all", "--concurrency", "0", "--", "uptime"],
             vec!["muster", "run", "--all", "--max-errors", "0", "--", "uptime"],
+            vec!["muster", "audit", "--since", "last tuesday"],
+            vec!["muster", "audit", "--limit", "0"],
+            vec!["muster", "audit", "verify", "--head", "abc"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?} should be refused");
         }

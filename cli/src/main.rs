@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Parser;
 
 mod args;
+mod audit;
 mod client;
 mod commands;
 mod keys;
@@ -71,6 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Jobs { limit, json } => run::jobs(&client, *limit, *json, &mut out).await.map(|()| true),
         Command::Job(j) => run::job(&client, j, &mut out).await.map(|o| o.all_succeeded),
         Command::Watch { json } => watch::watch(&client, *json, &mut out).await.map(|()| true),
+        Command::Audit(a) => audit::audit(&client, a, &mut out).await,
     }?;
     out.flush()?;
     Ok(ok)

@@ -105,7 +105,7 @@ impl Admission {
 
 /// The "address" a per-address cap counts: an IPv4 address, or the /64 an IPv6 address is in
 /// (one host usually holds a whole /64, so counting /128s would give it millions of shares).
-fn source(ip: IpAddr) -> IpAddr {
+pub(crate) fn source(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

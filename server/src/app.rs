@@ -66,12 +66,13 @@ pub struct AppState {
     pub admission: Arc<crate::admission::Admission>,
     /// Ids of operator tokens revoked on this node, for the streams that hold them.
     pub revoked: tokio::sync::broadcast::Sender<String>,
+    pub auditor: crate::audit::Auditor,
 }
 
 impl AppState {
     /// Writes an audit entry. A failure is logged loudly but does not undo the action.
     pub async fn audit(&self, entry: AuditEntry) {
-        crate::store::audit_or_log(self.store.as_ref(), entry).await;
+        self.auditor.record(entry).await;
     }
 }
 
@@ -124,7 +125,9 @@ impl Application {
         let fleet = crate::fleet_events::FleetEvents::default();
         let hooks = Hooks { registry: registry.clone(), events: events.clone(), fleet: fleet.clone(), dispatch: kick.clone() };
         let (recorder, recorder_task) = Recorder::spawn(shared_store.clone(), hooks, config.limits.recorder_queue_bytes);
+        let auditor = crate::audit::Auditor::new(shared_store.clone(), config.audit_file.clone());
         let dispatcher = Dispatcher {
+            auditor: auditor.clone(),
             store: shared_store.clone(),
             registry: registry.clone(),
             events: events.clone(),
@@ -145,6 +148,7 @@ impl Application {
             shutdown,
             tracker: TaskTracker::new(),
             revoked: tokio::sync::broadcast::channel(64).0,
+            auditor,
             admission: crate::admission::Admission::new(crate::admission::Caps {
                 max_connections: config_limits.max_connections,
                 max_unauthenticated: config_limits.max_unauthenticated,
@@ -178,7 +182,13 @@ impl Application {
         let cancel = state.shutdown.clone();
         let tracker = state.tracker.clone();
         tracker.spawn(health::run_sweeper(state.registry.clone(), state.recorder.clone(), state.config.sweep_interval, cancel.clone()));
-        tracker.spawn(health::run_pruner(state.store.clone(), state.config.heartbeat_retention, cancel.clone()));
+        let retention = health::Retention {
+            heartbeats: state.config.heartbeat_retention,
+            jobs: state.config.job_retention,
+            audit: state.config.audit_retention,
+        };
+        tracker.spawn(health::run_pruner(state.auditor.clone(), retention, cancel.clone()));
+        tracker.spawn(state.auditor.clone().run(cancel.clone()));
         tracker.spawn(state.dispatcher.clone().run(cancel.clone()));
         if let Some(secret) = state.config.webhook_secret.clone() {
             let (urls, hold) = (state.config.webhooks.clone(), state.config.alert_hold_down);

@@ -65,6 +65,21 @@ pub enum AuthError {
     WrongKind,
 }
 
+impl AuthError {
+    /// A stable name for the reason, for the audit log.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::Wrong => "wrong",
+            AuthError::Expired => "expired",
+            AuthError::Revoked => "revoked",
+            AuthError::UsedUp => "used_up",
+            AuthError::WrongKind => "wrong_kind",
+        }
+    }
+}
+
 fn random_hex(bytes: usize) -> Result<String, getrandom::Error> {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf)?;
@@ -106,6 +121,11 @@ impl Presented {
             return Err(AuthError::Malformed);
         }
         Ok(Presented { kind, id: id.to_owned(), secret: secret.to_owned() })
+    }
+
+    /// The credential named without its secret (`mst_<id>`), for the audit log.
+    pub fn public_name(&self) -> String {
+        format!("{}{}", self.kind.prefix(), self.id)
     }
 
     /// True when the secret matches the stored hash; constant time in the secret.

@@ -71,6 +71,17 @@ pub struct Settings {
     /// How long heartbeat history is kept. [default: 7d]
     #[arg(long, global = true, env = "MUSTER_HEARTBEAT_RETENTION", value_parser = parse_duration)]
     pub heartbeat_retention: Option<Duration>,
+    /// How long finished jobs, their runs and output are kept after they finished (open jobs
+    /// are kept however old). [default: 30d]
+    #[arg(long, global = true, env = "MUSTER_JOB_RETENTION", value_parser = parse_duration)]
+    pub job_retention: Option<Duration>,
+    /// How long audit log entries are kept. [default: 365d]
+    #[arg(long, global = true, env = "MUSTER_AUDIT_RETENTION", value_parser = parse_duration)]
+    pub audit_retention: Option<Duration>,
+    /// Also append each audit entry, with its hash, as one JSON line to this file (created
+    /// 0600), after it is committed to the database: a copy to ship elsewhere.
+    #[arg(long, global = true, env = "MUSTER_AUDIT_FILE")]
+    pub audit_file: Option<PathBuf>,
     /// How often liveness is evaluated. [default: 1s]
     #[arg(long, global = true, env = "MUSTER_SWEEP_INTERVAL", value_parser = parse_duration)]
     pub sweep_interval: Option<Duration>,
@@ -161,6 +172,9 @@ struct FileSettings {
     node_id: Option<String>,
     ping_interval: Option<String>,
     heartbeat_retention: Option<String>,
+    job_retention: Option<String>,
+    audit_retention: Option<String>,
+    audit_file: Option<PathBuf>,
     sweep_interval: Option<String>,
     webhooks: Option<Vec<String>>,
     webhook_secret: Option<String>,
@@ -192,6 +206,9 @@ pub struct Config {
     pub node_id: String,
     pub ping_interval: Duration,
     pub heartbeat_retention: Duration,
+    pub job_retention: Duration,
+    pub audit_retention: Duration,
+    pub audit_file: Option<PathBuf>,
     pub sweep_interval: Duration,
     pub webhooks: Vec<String>,
     pub webhook_secret: Option<String>,
@@ -309,6 +326,9 @@ impl Config {
                 "heartbeat_retention",
                 Duration::from_secs(7 * 86_400),
             )?,
+            job_retention: dur(settings.job_retention, &file.job_retention, "job_retention", Duration::from_secs(30 * 86_400))?,
+            audit_retention: dur(settings.audit_retention, &file.audit_retention, "audit_retention", Duration::from_secs(365 * 86_400))?,
+            audit_file: settings.audit_file.clone().or(file.audit_file),
             sweep_interval: dur(settings.sweep_interval, &file.sweep_interval, "sweep_interval", Duration::from_secs(1))?,
             webhooks: settings.webhooks.clone().or(file.webhooks).unwrap_or_default().into_iter().filter(|w| !w.is_empty()).collect(),
             webhook_secret: settings.webhook_secret.clone().or(file.webhook_secret),
@@ -330,6 +350,16 @@ impl Config {
         }
         if self.heartbeat_retention < Duration::from_secs(60) {
             return bad("heartbeat_retention must be at least 1m");
+        }
+        // A bare number is seconds: `audit_retention = "365"` would keep six minutes.
+        if self.job_retention < Duration::from_secs(3600) {
+            return bad("job_retention must be at least 1h");
+        }
+        if self.audit_retention < Duration::from_secs(86_400) {
+            return bad("audit_retention must be at least 1d");
+        }
+        if self.audit_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return bad("audit_file must be a path");
         }
         if let Some(w) = self.webhooks.iter().find(|w| !(w.starts_with("https://") || w.starts_with("http://"))) {
             return Err(ConfigError::Invalid(format!("webhook {w:?} must be an http:// or https:// URL")));
@@ -458,6 +488,24 @@ mod tests {
         assert_eq!(c.node_id, "b");
         assert_eq!(c.ping_interval, Duration::from_secs(5));
         assert_eq!(c.heartbeat_retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(
+            (c.job_retention, c.audit_retention, c.audit_file),
+            (Duration::from_secs(30 * 86_400), Duration::from_secs(365 * 86_400), None)
+        );
+    }
+
+    #[test]
+    fn retention_and_the_audit_file_come_from_the_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, "job_retention = \"7d\"\naudit_retention = \"730d\"\naudit_file = \"/var/log/muster/audit.jsonl\"\n")
+            .unwrap();
+        let c = Config::resolve(&Settings { config: Some(path.clone()), ..Settings::default() }).unwrap();
+        assert_eq!(c.job_retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.audit_retention, Duration::from_secs(730 * 86_400));
+        assert_eq!(c.audit_file, Some(PathBuf::from("/var/log/muster/audit.jsonl")));
+        let s = Settings { config: Some(path), audit_retention: Some(Duration::from_secs(365)), ..Settings::default() };
+        assert!(Config::resolve(&s).unwrap_err().to_string().contains("audit_retention"));
     }
 
     #[test]

@@ -33,13 +33,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     let ca = std::fs::canonicalize(app.ca_file().context("the dev server has no generated CA")?)?;
     let store = app.state().store.clone();
 
-    let admin = api::create_token_row(
+    let (admin, entry) = api::create_token_row(
         store.as_ref(),
         &CreateToken { name: "dev-admin".into(), role: Role::Admin, ttl_secs: None },
         "muster-server --dev",
     )
     .await
     .map_err(|e| anyhow::anyhow!("creating the dev admin token: {e}"))?;
+    app.state().audit(entry).await;
     let enroll_token = dev_enroll_token(store.as_ref()).await?;
 
     let env_path = env_file(&data_dir);

@@ -33,6 +33,8 @@ const TICK: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Dispatcher {
     pub store: Arc<dyn Store>,
+    /// A job's end is audited with its outcome.
+    pub auditor: crate::audit::Auditor,
     pub registry: Arc<Registry>,
     pub events: Events,
     pub fleet: FleetEvents,
@@ -128,6 +130,20 @@ impl Dispatcher {
             if pending + in_flight == 0 {
                 if self.store.finish_job_if_done(&job.id, now).await? {
                     tracing::info!(job = %job.id, "job finished");
+                    self.auditor
+                        .record(crate::store::AuditEntry {
+                            at: now,
+                            actor: crate::store::sqlite::SERVER_ACTOR.into(),
+                            address: None,
+                            action: "job.finish".into(),
+                            target: Some(job.id.clone()),
+                            detail: serde_json::json!({
+                                "counts": c,
+                                "cancelled": job.cancelled_at.is_some(),
+                                "created_by": job.created_by,
+                            }),
+                        })
+                        .await;
                     self.events.publish(&job.id, JobEvent::Finished { counts: c.clone() });
                     self.fleet.publish(shared::api::FleetEvent::JobFinished { job_id: job.id.clone(), counts: c });
                     self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.id);

@@ -67,6 +67,7 @@ pub async fn connect(
         Ok(v) => v,
         Err(Refusal::Auth(e)) => {
             crate::logging::refused_handshake("agent handshake", remote, &e);
+            app.auditor.refused(remote.ip(), "agent", &e, public_name(auth_header));
             return refuse(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string());
         }
         Err(Refusal::Internal(e)) => {
@@ -107,6 +108,11 @@ impl From<crate::store::StoreError> for Refusal {
 enum Verified {
     Agent(crate::store::AgentCredentialRow),
     EnrollToken(crate::store::EnrollTokenRow),
+}
+
+/// The presented credential without its secret, for the audit log's refusals.
+fn public_name(header: Option<&str>) -> Option<String> {
+    Presented::from_header(header).ok().map(|p| p.public_name())
 }
 
 /// Checks an agent credential or an enrollment token, changing nothing.
@@ -154,7 +160,7 @@ struct Authenticated {
 
 /// Takes one use of the enrollment token and creates the agent, atomically; the agent's
 /// credential is returned in `welcome`. Runs only once `hello` has been read and checked.
-async fn enroll(app: &AppState, token: &crate::store::EnrollTokenRow, hello: &Hello) -> Result<Authenticated, Ending> {
+async fn enroll(app: &AppState, token: &crate::store::EnrollTokenRow, hello: &Hello, remote: SocketAddr) -> Result<Authenticated, Ending> {
     let unavailable = |e: &dyn std::fmt::Display| {
         tracing::error!(error = %e, "cannot enroll an agent");
         Ending::close(close::INTERNAL_ERROR, "the server cannot enroll agents right now")
@@ -167,12 +173,16 @@ async fn enroll(app: &AppState, token: &crate::store::EnrollTokenRow, hello: &He
     let new = NewAgent { id: agent_id.clone(), secret_hash: issued.hash, token_labels: token.labels.clone(), at: now };
     match app.store.enroll_agent(&token.id, &new).await {
         Ok(true) => {}
-        Ok(false) => return Err(Ending::close(close::ENROLLMENT_REFUSED, "the enrollment token is used up, expired or revoked")),
+        Ok(false) => {
+            app.auditor.refused(remote.ip(), "agent", &AuthError::UsedUp, Some(format!("mse_{}", token.id)));
+            return Err(Ending::close(close::ENROLLMENT_REFUSED, "the enrollment token is used up, expired or revoked"));
+        }
         Err(e) => return Err(unavailable(&e)),
     }
     app.audit(AuditEntry {
         at: now,
         actor: format!("enroll-token:{}", token.id),
+        address: Some(remote.to_string()),
         action: "agent.enroll".into(),
         target: Some(agent_id.to_string()),
         detail: serde_json::json!({ "labels": token.labels, "hostname": hello.hostname }),
@@ -192,6 +202,7 @@ pub async fn check(State(app): State<AppState>, ConnectInfo(remote): ConnectInfo
         Ok(Verified::EnrollToken(t)) => Json(serde_json::json!({ "enroll_token": t.id, "uses_left": t.uses_left })).into_response(),
         Err(Refusal::Auth(e)) => {
             crate::logging::refused_handshake("agent check", remote, &e);
+            app.auditor.refused(remote.ip(), "agent", &e, public_name(auth_header));
             refuse(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
         }
         Err(Refusal::Internal(e)) => {
@@ -358,7 +369,7 @@ async fn run_session(
     };
     let who = match verified {
         Verified::Agent(row) => Authenticated { agent_id: row.id, token_labels: row.token_labels, credential: None },
-        Verified::EnrollToken(token) => match enroll(&app, &token, &hello).await {
+        Verified::EnrollToken(token) => match enroll(&app, &token, &hello, remote).await {
             Ok(who) => who,
             Err(ending) => {
                 tracing::warn!(token = %token.id, %remote, reason = %ending.reason, "enrollment refused");
@@ -397,7 +408,10 @@ async fn run_session(
     if who.credential.is_none() {
         let refused = match app.store.agent_credential(&agent_id).await {
             Ok(Some(row)) if !row.revoked => None,
-            Ok(_) => Some(Ending::close(close::REVOKED, "credential revoked")),
+            Ok(_) => {
+                app.auditor.refused(remote.ip(), "agent", &AuthError::Revoked, Some(format!("msa_{agent_id}")));
+                Some(Ending::close(close::REVOKED, "credential revoked"))
+            }
             Err(e) => {
                 tracing::error!(agent = %agent_id, error = %e, "cannot check the agent's credential");
                 Some(Ending::close(close::INTERNAL_ERROR, "server cannot read its database"))

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod alerts;
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod budget;
 pub mod check;
@@ -57,7 +58,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
 async fn bootstrap(config: &Config, name: &str) -> anyhow::Result<()> {
     let store = app::open_store(config).await?;
     let req = CreateToken { name: name.to_owned(), role: Role::Admin, ttl_secs: None };
-    let created = api::create_token_row(&store, &req, "muster-server bootstrap").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (created, entry) = api::create_token_row(&store, &req, "muster-server bootstrap").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Beside a running server, through the database's own lock: one chain either way.
+    store::audit_or_log(&store, entry).await;
     store.close().await;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", created.token)?;

@@ -342,6 +342,10 @@ function debounced(fn, ms) {
 // ---------------------------------------------------------------------------------------------
 // Session and shell
 
+function isAdmin() {
+  return !!session.who && ROLE_RANK[session.who.role] >= ROLE_RANK.admin;
+}
+
 function canRun() {
   return session.who && ROLE_RANK[session.who.role] >= ROLE_RANK.operator;
 }
@@ -411,7 +415,8 @@ function renderShell() {
   const nav = h('nav', { class: 'nav' },
     h('a', { href: '#/', 'data-nav': 'fleet' }, 'Fleet'),
     h('a', { href: '#/jobs', 'data-nav': 'jobs' }, 'Jobs'),
-    h('a', { href: '#/run', 'data-nav': 'run' }, 'Run'));
+    h('a', { href: '#/run', 'data-nav': 'run' }, 'Run'),
+    isAdmin() ? h('a', { href: '#/audit', 'data-nav': 'audit' }, 'Audit') : null);
   const header = h('header', { class: 'topbar' },
     h('a', { class: 'brand', href: '#/' }, h('img', { src: '/ui/icon.svg', alt: '' }), 'Muster'),
     nav,
@@ -431,7 +436,7 @@ function renderShell() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Routing: #/ (fleet), #/agents/ID, #/jobs, #/jobs/ID, #/run
+// Routing: #/ (fleet), #/agents/ID, #/jobs, #/jobs/ID, #/run, #/audit
 
 let unmount = null;
 
@@ -460,6 +465,7 @@ function render() {
   else if (parts[0] === 'jobs' && parts[1]) { view = jobView; arg = parts[1]; section = 'jobs'; }
   else if (parts[0] === 'jobs') { view = jobsView; section = 'jobs'; }
   else if (parts[0] === 'run') { view = runView; section = 'run'; }
+  else if (parts[0] === 'audit') { view = auditView; section = 'audit'; }
   for (const a of shell.nav.querySelectorAll('a')) a.classList.toggle('active', a.dataset.nav === section);
   const cleanups = [];
   // Every "3s ago" the view draws, kept ticking until it leaves the page.
@@ -1454,6 +1460,76 @@ async function runView(ctx) {
 
 // ---------------------------------------------------------------------------------------------
 // Start
+
+// ---------------------------------------------------------------------------------------------
+// Audit: the audit log, newest first, filtered and paged by the server (admin only).
+
+const AUDIT_PAGE = 100;
+
+async function auditView(ctx) {
+  ctx.main.append(h('div', { class: 'page-head' }, h('div', { class: 'titles' }, h('h1', {}, 'Audit'),
+    h('div', { class: 'sub' }, 'Who did what, from where, newest first. `muster audit verify` checks the chain.'))));
+  if (!isAdmin()) {
+    ctx.main.append(h('div', { class: 'notice error', role: 'alert' }, 'The audit log can be read with an admin token only.'));
+    return;
+  }
+  const fields = [['actor', 'Actor or token ID'], ['action', 'Action: token.create, or token'], ['target', 'Target ID'], ['since', 'Since: 1h, 7d or a time']];
+  const inputs = {};
+  for (const [name, placeholder] of fields) {
+    inputs[name] = h('input', { type: 'text', class: 'grow', name, placeholder, 'aria-label': placeholder, value: ctx.query.get(name) || '', spellcheck: false });
+  }
+  const error = h('div', { class: 'notice error hidden', role: 'alert' });
+  const tbody = h('tbody');
+  const older = h('button', { type: 'button', id: 'audit-older', class: 'hidden' }, 'Older entries');
+  const form = h('form', { class: 'toolbar', id: 'audit-filters' }, ...Object.values(inputs), h('button', { type: 'submit', class: 'primary' }, 'Filter'));
+  ctx.main.append(h('div', { class: 'panel' }, form, error,
+    h('div', { class: 'table-wrap' }, h('table', { class: 'cards', id: 'audit' },
+      h('thead', {}, h('tr', {}, ['ID', 'When', 'Actor', 'Address', 'Action', 'Target', 'Detail'].map((t) => h('th', { scope: 'col' }, t)))),
+      tbody)),
+    h('div', { class: 'hint' }, older)));
+
+  let before = null;
+  function filters() {
+    const q = new URLSearchParams();
+    for (const [name] of fields) if (inputs[name].value.trim()) q.set(name, inputs[name].value.trim());
+    return q;
+  }
+  async function load(reset) {
+    const q = filters();
+    q.set('limit', String(AUDIT_PAGE));
+    if (!reset && before !== null) q.set('before', String(before));
+    let page;
+    try {
+      page = await api('GET', `/audit?${q}`);
+    } catch (e) {
+      error.textContent = e.message;
+      error.classList.remove('hidden');
+      return;
+    }
+    error.classList.add('hidden');
+    if (reset) clear(tbody);
+    for (const e of page.entries) {
+      tbody.append(h('tr', { 'data-audit-id': String(e.id), 'data-action': e.action },
+        h('td', { class: 'num mono' }, String(e.id)),
+        h('td', { 'data-label': 'When' }, h('span', { title: e.at }, localTime(e.at))),
+        h('td', { class: 'primary', 'data-label': 'Actor' }, e.actor),
+        h('td', { class: 'mono', 'data-label': 'Address' }, e.address || '-'),
+        h('td', { class: 'mono', 'data-label': 'Action' }, e.action),
+        h('td', { class: 'mono', 'data-label': 'Target' }, e.target || '-'),
+        h('td', { class: 'mono detail', 'data-label': 'Detail' }, JSON.stringify(e.detail))));
+    }
+    if (!tbody.children.length) tbody.append(h('tr', {}, h('td', { class: 'empty', colspan: 7 }, 'No entries match.')));
+    before = page.next_before;
+    older.classList.toggle('hidden', before === null);
+  }
+  form.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    setQuery(Object.fromEntries(filters()));
+    load(true);
+  });
+  older.addEventListener('click', () => load(false));
+  await load(true);
+}
 
 window.addEventListener('hashchange', render);
 ticker.start();

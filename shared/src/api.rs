@@ -280,6 +280,20 @@ mod tests {
         round_trip(&CreateEnrollToken { ttl_secs: 60, uses: 2, labels: Labels::new() });
         round_trip(&CreateToken { name: "ci".into(), role: Role::Operator, ttl_secs: None });
         round_trip(&ApiError { error: "not_found".into(), message: "no agent 0123".into() });
+        round_trip(&AuditPage {
+            entries: vec![AuditEntry {
+                id: 7,
+                at: t,
+                actor: "alice (0123456789abcdef)".into(),
+                address: Some("127.0.0.1:5555".into()),
+                action: "token.create".into(),
+                target: Some("fedcba9876543210".into()),
+                detail: serde_json::json!({ "role": "viewer" }),
+                prev_hash: Some("00".repeat(32)),
+                hash: Some("ab".repeat(32)),
+            }],
+            next_before: Some(7),
+        });
     }
 
     #[test]
@@ -358,6 +372,36 @@ pub enum FleetEvent {
     /// before a restart): fetch the state again.
     Resync,
 }
+
+/// One entry of the audit log (`GET /api/v1/audit`). `prev_hash` and `hash` chain it to the
+/// entry before (docs/audit.md has the encoding); both are null on entries written before the
+/// chain began.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: u64,
+    pub at: Timestamp,
+    /// Who: `name (token id)` for an operator token, `enroll-token:ID` for an enrollment,
+    /// `unauthenticated` for a refused credential, `muster-server` for what the server does itself.
+    pub actor: String,
+    /// The peer's address (`ip:port`; only `ip` for refusals, which are summed per address).
+    pub address: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    pub detail: serde_json::Value,
+    pub prev_hash: Option<String>,
+    pub hash: Option<String>,
+}
+
+/// A page of the audit log, newest first. `next_before`, when set, is the `before` that asks
+/// for the next (older) page; null on the last page.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    pub next_before: Option<u64>,
+}
+
+/// Most entries one audit page holds (`limit`); the default is 100.
+pub const AUDIT_PAGE_MAX: u32 = 1000;
 
 #[cfg(test)]
 mod fleet_event_tests {

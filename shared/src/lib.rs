@@ -2,6 +2,7 @@
 //! response types, and the validated newtypes both sides parse at their edges. Serde only, no I/O.
 
 pub mod api;
+pub mod audit;
 pub mod duration;
 pub mod id;
 pub mod job;

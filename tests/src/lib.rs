@@ -263,6 +263,20 @@ impl TestServer {
         }
     }
 
+    /// Runs one SQL statement straight on the server's SQLite file, as anyone holding the data
+    /// directory could; returns the rows it changed.
+    pub async fn sql(&self, statement: &str) -> u64 {
+        use sqlx::ConnectOptions;
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(self.dir.path().join("muster.db"))
+            .busy_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("open the server's database");
+        let done = sqlx::query(sqlx::AssertSqlSafe(statement.to_owned())).execute(&mut conn).await.expect(statement);
+        done.rows_affected()
+    }
+
     /// Runs the `muster` CLI against this server as the admin.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("muster"))

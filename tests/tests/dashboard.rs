@@ -131,3 +131,59 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
     // What the page showed is what the server holds.
     assert_eq!(server.api.agent(&victim_id).await.summary.status, AgentStatus::Offline);
 }
+
+#[tokio::test]
+async fn the_audit_page_pages_through_the_log_for_admins_only() {
+    let chromium = std::env::var("MUSTER_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned());
+    assert!(Path::new(&chromium).exists(), "{chromium} is missing: the dashboard test needs Debian's chromium (apt-get install chromium)");
+    ensure_playwright();
+
+    let server = TestServer::spawn().await;
+    let operator: TokenCreated = server
+        .api
+        .post("/tokens", &CreateToken { name: "<img src=x onerror=alert(1)>".into(), role: Role::Operator, ttl_secs: None })
+        .await;
+    let mut last = None;
+    for n in 0..110 {
+        let t: TokenCreated = server.api.post("/tokens", &CreateToken { name: format!("t{n}"), role: Role::Viewer, ttl_secs: None }).await;
+        last = Some(t.info.id);
+    }
+    let resp = server
+        .api
+        .http()
+        .delete(server.api.url(&format!("/tokens/{}", last.unwrap())))
+        .bearer_auth(&server.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let page: shared::api::AuditPage = server.api.get("/audit?limit=1000").await;
+    let entries = page.entries.len();
+    assert!((101..200).contains(&entries), "{entries}");
+
+    let shots = std::env::var("MUSTER_SCREENSHOTS").ok();
+    let mut node = Command::new("node")
+        .arg(browser_dir().join("audit.mjs"))
+        .current_dir(browser_dir())
+        .env("MUSTER_URL", &server.url)
+        .env("MUSTER_ADMIN_TOKEN", &server.admin_token)
+        .env("MUSTER_TOKEN", &operator.token)
+        .env("MUSTER_ENTRIES", entries.to_string())
+        .env("MUSTER_CHROMIUM", &chromium)
+        .envs(shots.iter().map(|s| ("MUSTER_SHOTS", s.as_str())))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node is needed for the dashboard test");
+    let started = Instant::now();
+    while node.try_wait().unwrap().is_none() {
+        if started.elapsed() > DEADLINE {
+            let _ = node.kill();
+            panic!("the audit page test did not finish in {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = node.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.trim_end().ends_with("ok"), "the audit page test failed:\n{said}");
+}

@@ -13,7 +13,7 @@ use super::caller::Caller;
 use super::error::{Error, Result};
 use super::path::AgentPath;
 use crate::app::AppState;
-use crate::store::{AgentRow, AuditEntry};
+use crate::store::AgentRow;
 
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {
@@ -172,13 +172,6 @@ pub async fn revoke(State(app): State<AppState>, caller: Caller, AgentPath(id): 
     }
     app.dispatcher.kick.notify_one();
     app.fleet.publish(shared::api::FleetEvent::AgentRevoked { agent_id: id.clone(), at: now });
-    app.audit(AuditEntry {
-        at: now,
-        actor: caller.actor(),
-        action: "agent.revoke".into(),
-        target: Some(id.to_string()),
-        detail: serde_json::json!({}),
-    })
-    .await;
+    app.audit(caller.entry("agent.revoke", Some(id.to_string()), serde_json::json!({ "runs_cancelled": open.len() }))).await;
     Ok(StatusCode::NO_CONTENT)
 }

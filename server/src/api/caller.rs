@@ -9,6 +9,7 @@ use shared::api::Role;
 use super::error::Error;
 use crate::app::AppState;
 use crate::auth::{AuthError, Kind, Presented};
+use crate::store::AuditEntry;
 
 /// How often a long-lived stream checks that its token still works.
 pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(2);
@@ -25,6 +26,8 @@ pub struct Caller {
     pub expires_at: Option<Timestamp>,
     /// Drops the connection the request came on.
     pub connection: Option<tokio_util::sync::CancellationToken>,
+    /// The peer's address (`ip:port`), for the audit log.
+    pub address: Option<String>,
 }
 
 impl Caller {
@@ -82,6 +85,11 @@ impl Caller {
     pub fn actor(&self) -> String {
         format!("{} ({})", self.name, self.token_id)
     }
+
+    /// An audit entry of something this caller did, now, from its address.
+    pub fn entry(&self, action: &str, target: Option<String>, detail: serde_json::Value) -> AuditEntry {
+        AuditEntry { at: Timestamp::now(), actor: self.actor(), address: self.address.clone(), action: action.into(), target, detail }
+    }
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -89,11 +97,17 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, app: &AppState) -> Result<Self, Self::Rejection> {
         let header = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let remote = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0);
+        let presented = Presented::from_header(header);
+        let named = presented.as_ref().ok().map(Presented::public_name);
         let refused = |e: AuthError| {
             crate::logging::refused_request(parts.uri.path(), &e);
+            if let Some(remote) = remote {
+                app.auditor.refused(remote.ip(), "api", &e, named.clone());
+            }
             Error::Unauthorized(e)
         };
-        let presented = Presented::from_header(header).map_err(refused)?;
+        let presented = presented.map_err(refused)?;
         if presented.kind != Kind::Operator {
             return Err(refused(AuthError::WrongKind));
         }
@@ -115,6 +129,7 @@ impl FromRequestParts<AppState> for Caller {
         }
         crate::admission::promote(&parts.extensions);
         let connection = parts.extensions.get::<crate::app::ConnCancel>().map(|c| c.0.clone());
-        Ok(Caller { token_id: row.id, name: row.name, role: row.role, expires_at: row.expires_at, connection })
+        let address = remote.map(|r| r.to_string());
+        Ok(Caller { token_id: row.id, name: row.name, role: row.role, expires_at: row.expires_at, connection, address })
     }
 }

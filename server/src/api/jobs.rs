@@ -26,7 +26,7 @@ use super::error::{Error, Result};
 use super::path::PathId;
 use crate::app::AppState;
 use crate::auth;
-use crate::store::{AgentTarget, AuditEntry, JobRow};
+use crate::store::{AgentTarget, JobRow};
 
 const MAX_TIMEOUT_SECS: u64 = 7 * 86_400;
 const MAX_TTL_SECS: u64 = 30 * 86_400;
@@ -182,21 +182,19 @@ pub async fn create(
     };
     let runs = matched.iter().map(|a| Ok((new_id()?, a.id.clone()))).collect::<Result<Vec<_>>>()?;
     app.store.create_job(&job, &runs).await?;
-    app.audit(AuditEntry {
-        at: now,
-        actor: caller.actor(),
-        action: "job.create".into(),
-        target: Some(job.id.clone()),
-        detail: serde_json::json!({
+    app.audit(caller.entry(
+        "job.create",
+        Some(job.id.clone()),
+        serde_json::json!({
             "target": job.target,
-            "command": job.command,
-            "agents": matched.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            "command": crate::audit::command_detail(&job.command),
+            "agents": crate::audit::agents_detail(matched.iter().map(|a| a.id.as_str())),
             "timeout_secs": job.timeout_ms / 1000,
             "ttl_secs": job.ttl_ms / 1000,
             "concurrency": job.concurrency,
             "max_errors": job.max_errors,
         }),
-    })
+    ))
     .await;
     tracing::info!(job = %job.id, by = %job.created_by, agents = runs.len(), signed = job.signature.is_some(), "job created");
     tracing::debug!(job = %job.id, command = %job.command.summary(), "job command");
@@ -338,13 +336,11 @@ pub async fn cancel(State(app): State<AppState>, caller: Caller, PathId(id): Pat
             let _ = tx.try_send(ServerMessage::Cancel(Cancel { run_id: r.id.clone() }));
         }
     }
-    app.audit(AuditEntry {
-        at: now,
-        actor: caller.actor(),
-        action: "job.cancel".into(),
-        target: Some(id.clone()),
-        detail: serde_json::json!({ "not_started": ended.len(), "signalled": on_agents.len() }),
-    })
+    app.audit(caller.entry(
+        "job.cancel",
+        Some(id.clone()),
+        serde_json::json!({ "not_started": ended.len(), "signalled": on_agents.len() }),
+    ))
     .await;
     app.dispatcher.kick.notify_one();
     Ok(Json(load(&app, &id).await?))

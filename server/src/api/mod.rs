@@ -2,6 +2,7 @@
 //! `router` is a plain function of the state, so tests can drive it without a socket.
 
 mod agents;
+mod audit;
 mod caller;
 mod error;
 mod events;
@@ -46,6 +47,7 @@ fn api_routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("POST", "/jobs/{id}/cancel", post(jobs::cancel)),
         ("GET", "/jobs/{id}/events", get(jobs::events)),
         ("GET", "/runs/{id}/output", get(jobs::output)),
+        ("GET", "/audit", get(audit::list)),
         ("GET", "/agent/connect", get(gateway::connect)),
         ("GET", "/agent/check", get(gateway::check)),
         ("GET", "/openapi.json", get(openapi)),

@@ -86,13 +86,11 @@ pub async fn create_enroll(
         revoked_at: None,
     };
     app.store.insert_enroll_token(&row).await?;
-    app.audit(AuditEntry {
-        at: now,
-        actor: caller.actor(),
-        action: "enroll_token.create".into(),
-        target: Some(row.id.clone()),
-        detail: serde_json::json!({ "ttl_secs": req.ttl_secs, "uses": req.uses, "labels": row.labels }),
-    })
+    app.audit(caller.entry(
+        "enroll_token.create",
+        Some(row.id.clone()),
+        serde_json::json!({ "ttl_secs": req.ttl_secs, "uses": req.uses, "labels": row.labels }),
+    ))
     .await;
     Ok((StatusCode::CREATED, Json(EnrollTokenCreated { info: enroll_info(&row), token: issued.token })))
 }
@@ -108,19 +106,13 @@ pub async fn revoke_enroll(State(app): State<AppState>, caller: Caller, PathId(i
     if !app.store.revoke_enroll_token(&id, now).await? {
         return Err(Error::NotFound(format!("no enrollment token {id}, or it is already revoked")));
     }
-    app.audit(AuditEntry {
-        at: now,
-        actor: caller.actor(),
-        action: "enroll_token.revoke".into(),
-        target: Some(id),
-        detail: serde_json::json!({}),
-    })
-    .await;
+    app.audit(caller.entry("enroll_token.revoke", Some(id), serde_json::json!({}))).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Creates an operator token. Used by the API and by `muster-server bootstrap`.
-pub async fn create_token_row(store: &dyn Store, req: &CreateToken, created_by: &str) -> Result<TokenCreated> {
+/// Creates an operator token. Used by the API, `--dev` and `muster-server bootstrap`; returns
+/// the audit entry for the caller to record (with the address it knows).
+pub async fn create_token_row(store: &dyn Store, req: &CreateToken, created_by: &str) -> Result<(TokenCreated, AuditEntry)> {
     let name = req.name.trim();
     if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
         return Err(Error::BadRequest("name must be 1 to 64 printable characters".into()));
@@ -139,18 +131,15 @@ pub async fn create_token_row(store: &dyn Store, req: &CreateToken, created_by: 
         last_used_at: None,
     };
     store.insert_api_token(&row).await?;
-    crate::store::audit_or_log(
-        store,
-        AuditEntry {
-            at: now,
-            actor: created_by.to_owned(),
-            action: "token.create".into(),
-            target: Some(row.id.clone()),
-            detail: serde_json::json!({ "name": row.name, "role": row.role, "ttl_secs": req.ttl_secs }),
-        },
-    )
-    .await;
-    Ok(TokenCreated { info: token_info(&row), token: issued.token })
+    let entry = AuditEntry {
+        at: now,
+        actor: created_by.to_owned(),
+        address: None,
+        action: "token.create".into(),
+        target: Some(row.id.clone()),
+        detail: serde_json::json!({ "name": row.name, "role": row.role, "ttl_secs": req.ttl_secs }),
+    };
+    Ok((TokenCreated { info: token_info(&row), token: issued.token }, entry))
 }
 
 pub async fn create_token(
@@ -167,7 +156,10 @@ pub async fn create_token(
     if req.ttl_secs.is_some_and(|s| s > max.as_secs()) {
         return Err(Error::BadRequest(format!("ttl_secs must be at most {} ({})", max.as_secs(), shared::duration::format(max))));
     }
-    Ok((StatusCode::CREATED, Json(create_token_row(app.store.as_ref(), &req, &caller.actor()).await?)))
+    let (created, mut entry) = create_token_row(app.store.as_ref(), &req, &caller.actor()).await?;
+    entry.address = caller.address.clone();
+    app.audit(entry).await;
+    Ok((StatusCode::CREATED, Json(created)))
 }
 
 pub async fn list_tokens(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<TokenInfo>>> {
@@ -183,13 +175,6 @@ pub async fn revoke_token(State(app): State<AppState>, caller: Caller, PathId(id
     }
     // Streams held with this token end now (no receivers is fine).
     let _ = app.revoked.send(id.clone());
-    app.audit(AuditEntry {
-        at: now,
-        actor: caller.actor(),
-        action: "token.revoke".into(),
-        target: Some(id),
-        detail: serde_json::json!({}),
-    })
-    .await;
+    app.audit(caller.entry("token.revoke", Some(id), serde_json::json!({}))).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -257,13 +257,33 @@ pub struct RunOutputText {
     pub stderr: String,
 }
 
+/// An audit entry to append: the store gives it its id and chains it (`prev_hash`, `hash`).
+/// Never a secret in any field: tokens are named by their ids.
 #[derive(Clone, Debug)]
 pub struct AuditEntry {
     pub at: Timestamp,
     pub actor: String,
+    /// The peer's address, when a peer caused the entry.
+    pub address: Option<String>,
     pub action: String,
     pub target: Option<String>,
     pub detail: serde_json::Value,
+}
+
+/// Which entries `GET /api/v1/audit` wants: newest first, ids below `before`, at most `limit`.
+#[derive(Clone, Debug, Default)]
+pub struct AuditQuery {
+    /// The whole actor, or the id in its parentheses.
+    pub actor: Option<String>,
+    /// An action (`token.create`) or a family of them (`token`).
+    pub action: Option<String>,
+    pub target: Option<String>,
+    /// `at >= since`.
+    pub since: Option<Timestamp>,
+    /// `at < until`.
+    pub until: Option<Timestamp>,
+    pub before: Option<u64>,
+    pub limit: u32,
 }
 
 #[async_trait]
@@ -312,7 +332,16 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `max_rows` heartbeats older than `before`; returns how many went.
     async fn prune_heartbeats(&self, before: Timestamp, max_rows: u32) -> Result<u64>;
 
-    async fn audit(&self, entry: &AuditEntry) -> Result<()>;
+    /// Appends an entry to the audit chain in one transaction with reading the chain's head.
+    /// Returns what was written: the entry, after the genesis entry if the chain began now.
+    async fn audit(&self, entry: &AuditEntry) -> Result<Vec<shared::api::AuditEntry>>;
+    async fn audit_entries(&self, query: &AuditQuery) -> Result<Vec<shared::api::AuditEntry>>;
+    /// Removes up to `max_rows` of the oldest audit entries older than `before` and appends an
+    /// `audit.pruned` entry naming the last one removed (returned; nothing if none was old).
+    async fn prune_audit(&self, before: Timestamp, max_rows: u32, now: Timestamp) -> Result<Vec<shared::api::AuditEntry>>;
+    /// Deletes up to `max_jobs` jobs that finished before `before`, with their runs and output;
+    /// returns how many jobs went. Jobs still open are never deleted.
+    async fn prune_jobs(&self, before: Timestamp, max_jobs: u32) -> Result<u64>;
 
     // Jobs.
     /// Stores a job and all its runs (state `pending`) in one transaction.
@@ -360,7 +389,9 @@ pub trait Store: Send + Sync + 'static {
     async fn key_revocations(&self) -> Result<Vec<shared::signing::KeyRevocation>>;
 }
 
-/// Writes an audit entry. A failure is logged loudly but does not undo the audited action.
+/// Writes an audit entry, for code without an [`crate::audit::Auditor`] (`bootstrap`, which
+/// runs beside the server on its database). A failure is logged loudly but does not undo the
+/// audited action.
 pub async fn audit_or_log(store: &dyn Store, entry: AuditEntry) {
     if let Err(e) = store.audit(&entry).await {
         tracing::error!(error = %e, action = %entry.action, actor = %entry.actor, "could not write audit entry");

@@ -24,8 +24,10 @@ use super::*;
 /// Rows per multi-row statement: 10 columns each stays far below SQLite's variable limit.
 const ROWS_PER_STATEMENT: usize = 500;
 
+mod audit;
 mod output;
 mod signing;
+pub use audit::{JOBS_PER_PRUNE, SERVER_ACTOR};
 use output::insert_outputs;
 
 #[derive(Clone)]
@@ -574,18 +576,20 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn audit(&self, e: &AuditEntry) -> Result<()> {
-        let _gate = self.writer().await;
-        sqlx::query("INSERT INTO audit_log (at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)")
-            .bind(e.at.unix_millis())
-            .bind(&e.actor)
-            .bind(&e.action)
-            .bind(&e.target)
-            .bind(e.detail.to_string())
-            .execute(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(())
+    async fn audit(&self, e: &AuditEntry) -> Result<Vec<shared::api::AuditEntry>> {
+        self.audit_append(e).await
+    }
+
+    async fn audit_entries(&self, q: &AuditQuery) -> Result<Vec<shared::api::AuditEntry>> {
+        self.audit_page(q).await
+    }
+
+    async fn prune_audit(&self, before: Timestamp, max_rows: u32, now: Timestamp) -> Result<Vec<shared::api::AuditEntry>> {
+        self.audit_prune(before, max_rows, now).await
+    }
+
+    async fn prune_jobs(&self, before: Timestamp, max_jobs: u32) -> Result<u64> {
+        self.jobs_prune(before, max_jobs).await
     }
 
     async fn create_job(&self, job: &JobRow, runs: &[(RunId, AgentId)]) -> Result<()> {

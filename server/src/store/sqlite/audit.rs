@@ -1,0 +1,447 @@
+//! The audit log's SQL: appending to the hash chain, reading it page by page, and retention
+//! (of the audit log, and of finished jobs with their runs and output).
+//!
+//! **Invariant:** an entry is appended in one `BEGIN IMMEDIATE` transaction that reads the
+//! chain's head (`audit_head`), inserts the entry with the next id and the hash linking it to
+//! the head, and moves the head. SQLite takes its write lock at `BEGIN IMMEDIATE`, so appends
+//! from several processes sharing the file are serialized and form one chain. (PostgreSQL:
+//! `SELECT id, hash FROM audit_head WHERE one = 1 FOR UPDATE` in the same transaction as the
+//! insert and the head's update; see docs/audit.md.)
+
+use shared::Timestamp;
+use shared::audit::{Fields, GENESIS, GENESIS_PREV, PRUNED, canonical_json, entry_hash};
+use sqlx::{FromRow, QueryBuilder, Sqlite};
+
+use super::{SqliteStore, db_err, push_in_list, to_i64, to_u64};
+use crate::store::{AuditEntry, AuditQuery, Result, StoreError};
+
+/// Who the entries the server writes on its own behalf (genesis, pruning) are by.
+pub const SERVER_ACTOR: &str = "muster-server";
+
+/// Jobs deleted per transaction by retention: each takes its runs and their output along.
+pub const JOBS_PER_PRUNE: u32 = 50;
+
+#[derive(FromRow)]
+struct AuditDb {
+    id: i64,
+    at: i64,
+    actor: String,
+    address: Option<String>,
+    action: String,
+    target: Option<String>,
+    detail: String,
+    prev_hash: Option<String>,
+    hash: Option<String>,
+}
+
+impl From<AuditDb> for shared::api::AuditEntry {
+    fn from(r: AuditDb) -> Self {
+        // A detail that is not JSON any more (changed by hand) is passed on as its text, so that
+        // verification reports the entry as altered instead of the read failing.
+        let detail = serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::String(r.detail));
+        shared::api::AuditEntry {
+            id: to_u64(r.id),
+            at: Timestamp::from_unix_millis(r.at),
+            actor: r.actor,
+            address: r.address,
+            action: r.action,
+            target: r.target,
+            detail,
+            prev_hash: r.prev_hash,
+            hash: r.hash,
+        }
+    }
+}
+
+type Tx<'a> = sqlx::Transaction<'a, Sqlite>;
+
+/// Appends `entries` to the chain inside `tx` (which must hold the write lock: `BEGIN
+/// IMMEDIATE`), writing the genesis entry first if the chain has not begun. Returns what was
+/// written, in order.
+async fn append(tx: &mut Tx<'_>, entries: &[AuditEntry]) -> Result<Vec<shared::api::AuditEntry>> {
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT id, hash FROM audit_head WHERE one = 1").fetch_optional(&mut **tx).await.map_err(db_err)?;
+    let (head_id, mut last_hash) = head.ok_or_else(|| StoreError::Corrupt("the audit chain has no head row".into()))?;
+    // Past every row too: one written without the head (an older binary) must not be collided with.
+    let (max_id,): (Option<i64>,) = sqlx::query_as("SELECT MAX(id) FROM audit_log").fetch_one(&mut **tx).await.map_err(db_err)?;
+    let mut last_id = head_id.max(max_id.unwrap_or(0));
+    let mut written = Vec::with_capacity(entries.len() + 1);
+    let genesis;
+    let mut todo: Vec<&AuditEntry> = Vec::with_capacity(entries.len() + 1);
+    if last_hash.is_empty() {
+        let (unchained,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM audit_log WHERE hash IS NULL").fetch_one(&mut **tx).await.map_err(db_err)?;
+        genesis = AuditEntry {
+            at: entries.first().map_or_else(Timestamp::now, |e| e.at),
+            actor: SERVER_ACTOR.into(),
+            address: None,
+            action: GENESIS.into(),
+            target: None,
+            detail: serde_json::json!({
+                "unchained_entries": unchained,
+                "last_unchained_id": if unchained > 0 { Some(last_id) } else { None },
+            }),
+        };
+        todo.push(&genesis);
+        last_hash = GENESIS_PREV.to_owned();
+    }
+    todo.extend(entries);
+    for e in todo {
+        let id = last_id + 1;
+        let fields = Fields {
+            id: to_u64(id),
+            at: e.at,
+            actor: &e.actor,
+            address: e.address.as_deref(),
+            action: &e.action,
+            target: e.target.as_deref(),
+            detail: &e.detail,
+            prev_hash: &last_hash,
+        };
+        let hash = entry_hash(&fields);
+        let detail = canonical_json(&e.detail);
+        sqlx::query(
+            "INSERT INTO audit_log (id, at, actor, address, action, target, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(e.at.unix_millis())
+        .bind(&e.actor)
+        .bind(&e.address)
+        .bind(&e.action)
+        .bind(&e.target)
+        .bind(&detail)
+        .bind(&last_hash)
+        .bind(&hash)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+        written.push(shared::api::AuditEntry {
+            id: to_u64(id),
+            at: e.at,
+            actor: e.actor.clone(),
+            address: e.address.clone(),
+            action: e.action.clone(),
+            target: e.target.clone(),
+            detail: e.detail.clone(),
+            prev_hash: Some(last_hash),
+            hash: Some(hash.clone()),
+        });
+        last_id = id;
+        last_hash = hash;
+    }
+    sqlx::query("UPDATE audit_head SET id = ?, hash = ? WHERE one = 1")
+        .bind(last_id)
+        .bind(&last_hash)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_err)?;
+    Ok(written)
+}
+
+impl SqliteStore {
+    pub(super) async fn audit_append(&self, entry: &AuditEntry) -> Result<Vec<shared::api::AuditEntry>> {
+        let _gate = self.writer().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        let written = append(&mut tx, std::slice::from_ref(entry)).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(written)
+    }
+
+    pub(super) async fn audit_page(&self, q: &AuditQuery) -> Result<Vec<shared::api::AuditEntry>> {
+        let mut b: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id, at, actor, address, action, target, detail, prev_hash, hash FROM audit_log WHERE 1 = 1");
+        if let Some(before) = q.before {
+            b.push(" AND id < ").push_bind(to_i64(before));
+        }
+        if let Some(actor) = &q.actor {
+            // The whole actor, or the id in its parentheses: `alice (0123...)` is found by either.
+            b.push(" AND (actor = ").push_bind(actor.clone());
+            b.push(" OR substr(actor, -length(")
+                .push_bind(actor.clone())
+                .push(") - 2) = '(' || ")
+                .push_bind(actor.clone())
+                .push(" || ')')");
+        }
+        if let Some(action) = &q.action {
+            // An exact action, or a family: `token` finds `token.create` and `token.revoke`.
+            b.push(" AND (action = ").push_bind(action.clone());
+            b.push(" OR substr(action, 1, length(").push_bind(action.clone()).push(") + 1) = ").push_bind(action.clone()).push(" || '.')");
+        }
+        if let Some(target) = &q.target {
+            b.push(" AND target = ").push_bind(target.clone());
+        }
+        if let Some(since) = q.since {
+            b.push(" AND at >= ").push_bind(since.unix_millis());
+        }
+        if let Some(until) = q.until {
+            b.push(" AND at < ").push_bind(until.unix_millis());
+        }
+        b.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(q.limit));
+        let rows: Vec<AuditDb> = b.build_query_as().fetch_all(&self.pool).await.map_err(db_err)?;
+        Ok(rows.into_iter().map(Into::into).collect())
+    }
+
+    /// Removes up to `max_rows` of the oldest entries, all older than `before`, and appends an
+    /// `audit.pruned` entry naming the last one removed, in one transaction: the oldest kept
+    /// entry links to exactly the hash the pruning entry records.
+    pub(super) async fn audit_prune(&self, before: Timestamp, max_rows: u32, now: Timestamp) -> Result<Vec<shared::api::AuditEntry>> {
+        let _gate = self.writer().await;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        // Only a prefix of the chain is ever removed: up to the first entry that is to be kept.
+        let (first_kept,): (Option<i64>,) = sqlx::query_as("SELECT MIN(id) FROM audit_log WHERE at >= ?")
+            .bind(before.unix_millis())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let (cut,): (Option<i64>,) = sqlx::query_as("SELECT MAX(id) FROM (SELECT id FROM audit_log WHERE id < ? ORDER BY id LIMIT ?)")
+            .bind(first_kept.unwrap_or(i64::MAX))
+            .bind(i64::from(max_rows))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let Some(cut) = cut else {
+            return Ok(Vec::new());
+        };
+        let (cut_hash,): (Option<String>,) =
+            sqlx::query_as("SELECT hash FROM audit_log WHERE id = ?").bind(cut).fetch_one(&mut *tx).await.map_err(db_err)?;
+        let removed = sqlx::query("DELETE FROM audit_log WHERE id <= ?").bind(cut).execute(&mut *tx).await.map_err(db_err)?.rows_affected();
+        let entry = AuditEntry {
+            at: now,
+            actor: SERVER_ACTOR.into(),
+            address: None,
+            action: PRUNED.into(),
+            target: None,
+            detail: serde_json::json!({
+                "removed": removed,
+                "before": before.to_string(),
+                "last_removed_id": cut,
+                "last_removed_hash": cut_hash,
+            }),
+        };
+        let written = append(&mut tx, std::slice::from_ref(&entry)).await?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(written)
+    }
+
+    /// Deletes up to `max_jobs` jobs that finished before `before`, with their runs and output.
+    /// Jobs not finished have no `finished_at` and are never chosen.
+    pub(super) async fn jobs_prune(&self, before: Timestamp, max_jobs: u32) -> Result<u64> {
+        let _gate = self.writer().await;
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let ids: Vec<(String,)> =
+            sqlx::query_as("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?")
+                .bind(before.unix_millis())
+                .bind(i64::from(max_jobs))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = ids.into_iter().map(|(id,)| id).collect();
+        for (head, tail) in [
+            ("DELETE FROM run_output WHERE run_id IN (SELECT id FROM runs WHERE job_id IN ", ")"),
+            ("DELETE FROM runs WHERE job_id IN ", ""),
+            ("DELETE FROM jobs WHERE id IN ", ""),
+        ] {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(head);
+            push_in_list(&mut q, &ids);
+            q.push(tail);
+            q.build().execute(&mut *tx).await.map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        Ok(ids.len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::AgentId;
+    use shared::audit::{Break, Start, Verifier};
+    use shared::job::{CommandSpec, Program, RunState, Target};
+
+    use super::*;
+    use crate::store::{JobRow, Store};
+
+    async fn open() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        (dir, store)
+    }
+
+    fn entry(at: i64, action: &str) -> AuditEntry {
+        AuditEntry {
+            at: Timestamp::from_unix_millis(at),
+            actor: "alice (0123456789abcdef)".into(),
+            address: Some("127.0.0.1:4000".into()),
+            action: action.into(),
+            target: Some("fedcba9876543210".into()),
+            detail: serde_json::json!({ "at": at, "text": "a\nb" }),
+        }
+    }
+
+    /// Every entry, newest first, through the paged read the API uses.
+    async fn all(store: &SqliteStore) -> Vec<shared::api::AuditEntry> {
+        let mut out = Vec::new();
+        let mut before = None;
+        loop {
+            let page = store.audit_entries(&AuditQuery { before, limit: 3, ..AuditQuery::default() }).await.unwrap();
+            let Some(last) = page.last() else { return out };
+            before = Some(last.id);
+            out.extend(page);
+        }
+    }
+
+    async fn verify(store: &SqliteStore) -> Result<shared::audit::Summary, Break> {
+        let mut v = Verifier::new(None);
+        for e in all(store).await {
+            v.push(&e)?;
+        }
+        v.finish()
+    }
+
+    #[tokio::test]
+    async fn entries_form_one_chain_that_starts_with_a_genesis_after_older_unchained_rows() {
+        let (_dir, store) = open().await;
+        // Rows written before the chain existed.
+        for _ in 0..2 {
+            sqlx::query("INSERT INTO audit_log (at, actor, action, target, detail) VALUES (1, 'old', 'token.create', NULL, '{}')")
+                .execute(&store.pool)
+                .await
+                .unwrap();
+        }
+        let first = store.audit(&entry(10, "token.create")).await.unwrap();
+        assert_eq!(first.iter().map(|e| (e.id, e.action.as_str())).collect::<Vec<_>>(), [(3, GENESIS), (4, "token.create")]);
+        assert_eq!(first[0].detail, serde_json::json!({ "unchained_entries": 2, "last_unchained_id": 2 }));
+        for n in 0..5 {
+            store.audit(&entry(20 + n, "token.revoke")).await.unwrap();
+        }
+        let s = verify(&store).await.unwrap();
+        assert_eq!((s.entries, s.head_id, s.oldest_id, s.start, s.unchained), (7, 9, 3, Start::Genesis, 2));
+        // What the store returned is what it holds.
+        assert_eq!(all(&store).await.iter().find(|e| e.id == 4), Some(&first[1]));
+    }
+
+    #[tokio::test]
+    async fn a_changed_or_removed_row_breaks_the_chain() {
+        let (_dir, store) = open().await;
+        for n in 0..5 {
+            store.audit(&entry(n, "token.create")).await.unwrap();
+        }
+        sqlx::query("UPDATE audit_log SET detail = '{\"at\":2,\"text\":\"changed\"}' WHERE id = 4").execute(&store.pool).await.unwrap();
+        assert_eq!(verify(&store).await, Err(Break::Altered { id: 4 }));
+        let (_dir, store) = open().await;
+        for n in 0..5 {
+            store.audit(&entry(n, "token.create")).await.unwrap();
+        }
+        sqlx::query("DELETE FROM audit_log WHERE id = 3").execute(&store.pool).await.unwrap();
+        assert!(matches!(verify(&store).await, Err(Break::Link { newer: 4, older: 2, .. })));
+    }
+
+    #[tokio::test]
+    async fn filters_and_pages_read_newest_first() {
+        let (_dir, store) = open().await;
+        for n in 0..6 {
+            store.audit(&entry(100 + n, if n % 2 == 0 { "token.create" } else { "job.create" })).await.unwrap();
+        }
+        let q = |f: fn(&mut AuditQuery)| {
+            let mut q = AuditQuery { limit: 100, ..AuditQuery::default() };
+            f(&mut q);
+            q
+        };
+        let ids = |v: Vec<shared::api::AuditEntry>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.audit_entries(&q(|q| q.action = Some("job.create".into()))).await.unwrap()), [7, 5, 3]);
+        assert_eq!(ids(store.audit_entries(&q(|q| q.action = Some("token".into()))).await.unwrap()), [6, 4, 2]);
+        assert!(store.audit_entries(&q(|q| q.action = Some("toke".into()))).await.unwrap().is_empty());
+        assert_eq!(store.audit_entries(&q(|q| q.actor = Some("0123456789abcdef".into()))).await.unwrap().len(), 6);
+        assert_eq!(store.audit_entries(&q(|q| q.actor = Some("alice (0123456789abcdef)".into()))).await.unwrap().len(), 6);
+        assert!(store.audit_entries(&q(|q| q.actor = Some("alice".into()))).await.unwrap().is_empty());
+        let window = q(|q| {
+            q.since = Some(Timestamp::from_unix_millis(102));
+            q.until = Some(Timestamp::from_unix_millis(104));
+        });
+        assert_eq!(ids(store.audit_entries(&window).await.unwrap()), [5, 4]);
+        assert_eq!(
+            ids(store
+                .audit_entries(&q(|q| {
+                    q.before = Some(4);
+                    q.limit = 2
+                }))
+                .await
+                .unwrap()),
+            [3, 2]
+        );
+    }
+
+    #[tokio::test]
+    async fn pruning_removes_the_oldest_entries_and_the_chain_still_verifies() {
+        let (_dir, store) = open().await;
+        for n in 0..10 {
+            store.audit(&entry(n * 1000, "token.create")).await.unwrap();
+        }
+        // Entries 1 (genesis, at 0) to 6 (at 4000) are older than 4500; three at a time.
+        let now = Timestamp::from_unix_millis(100_000);
+        let first = store.prune_audit(Timestamp::from_unix_millis(4500), 3, now).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].action, PRUNED);
+        assert_eq!(first[0].detail["last_removed_id"], 3);
+        assert_eq!(verify(&store).await.unwrap().start, Start::Pruned { last_removed_id: 3 });
+        assert_eq!(store.prune_audit(Timestamp::from_unix_millis(4500), 3, now).await.unwrap().len(), 1);
+        assert!(store.prune_audit(Timestamp::from_unix_millis(4500), 3, now).await.unwrap().is_empty());
+        let s = verify(&store).await.unwrap();
+        assert_eq!((s.oldest_id, s.start), (7, Start::Pruned { last_removed_id: 6 }));
+        // Everything older, the pruning entries too: the chain goes on from the head.
+        store.prune_audit(Timestamp::from_unix_millis(1_000_000), 100, now).await.unwrap();
+        store.audit(&entry(200_000, "token.revoke")).await.unwrap();
+        let kept = all(&store).await;
+        assert_eq!(kept.len(), 2, "the pruning entry and the new one");
+        verify(&store).await.unwrap();
+    }
+
+    fn job(id: &str, finished_at: Option<i64>) -> JobRow {
+        JobRow {
+            id: id.into(),
+            created_at: Timestamp::from_unix_millis(0),
+            created_by: "t".into(),
+            target: Target::All,
+            command: CommandSpec { program: Program::Argv(vec!["true".into()]), cwd: None, env: Default::default() },
+            timeout_ms: 1000,
+            ttl_ms: 1000,
+            concurrency: None,
+            max_in_flight: None,
+            max_errors: None,
+            output_limit: 1 << 20,
+            expires_at: Timestamp::from_unix_millis(1_000),
+            cancelled_at: None,
+            finished_at: finished_at.map(Timestamp::from_unix_millis),
+            signature: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn retention_removes_old_finished_jobs_with_their_runs_and_output_and_keeps_open_ones() {
+        let (_dir, store) = open().await;
+        let agent = AgentId::from_bytes([1; 8]);
+        for (id, finished) in [("00000000000000a1", Some(1_000)), ("00000000000000a2", Some(50_000)), ("00000000000000a3", None)] {
+            store.create_job(&job(id, None), &[(format!("r{id}"), agent.clone())]).await.unwrap();
+            if let Some(t) = finished {
+                store.end_runs(&[format!("r{id}")], RunState::Succeeded, "", Timestamp::from_unix_millis(t)).await.unwrap();
+                assert!(store.finish_job_if_done(id, Timestamp::from_unix_millis(t)).await.unwrap());
+            }
+            sqlx::query("INSERT INTO run_output (run_id, stream, offset, data) VALUES (?, 0, 0, 'out')")
+                .bind(format!("r{id}"))
+                .execute(&store.pool)
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.prune_jobs(Timestamp::from_unix_millis(10_000), 50).await.unwrap(), 1);
+        assert!(store.job("00000000000000a1").await.unwrap().is_none());
+        assert!(store.run("r00000000000000a1").await.unwrap().is_none());
+        let (outputs,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM run_output").fetch_one(&store.pool).await.unwrap();
+        assert_eq!(outputs, 2);
+        // However old, an open job stays.
+        assert_eq!(store.prune_jobs(Timestamp::from_unix_millis(i64::MAX), 50).await.unwrap(), 1);
+        assert!(store.job("00000000000000a3").await.unwrap().is_some());
+        assert!(store.job("00000000000000a2").await.unwrap().is_none());
+    }
+}
