@@ -35,9 +35,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         let presenting = match credential::load(&config.state_dir)? {
             Some(c) => Presenting::Credential(c),
             None => match &config.enroll_token {
-                Some(t) => Presenting::EnrollToken(t.clone()),
+                Some(t) => Presenting::EnrollToken(t.read().map_err(|e| anyhow::anyhow!(e))?),
                 None => anyhow::bail!(
-                    "no credential in {} and no enrollment token: pass --enroll-token or set MUSTER_ENROLL_TOKEN",
+                    "no credential in {} and no enrollment token: pass --enroll-token-file PATH (or --enroll-token), or set MUSTER_ENROLL_TOKEN",
                     config.state_dir.display()
                 ),
             },

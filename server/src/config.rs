@@ -78,9 +78,13 @@ pub struct Settings {
     /// when a job fails. Repeat (or comma-separate) for more.
     #[arg(long = "webhook", env = "MUSTER_WEBHOOKS", value_delimiter = ',')]
     pub webhooks: Option<Vec<String>>,
-    /// Secret for the webhooks' HMAC-SHA256 signature header (X-Muster-Signature).
+    /// Secret for the webhooks' HMAC-SHA256 signature header (X-Muster-Signature). A flag's
+    /// value shows in the process list: prefer --webhook-secret-file.
     #[arg(long, global = true, env = "MUSTER_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// Read the webhook secret from this file (one line), or from standard input with `-`.
+    #[arg(long, global = true, env = "MUSTER_WEBHOOK_SECRET_FILE", conflicts_with = "webhook_secret")]
+    pub webhook_secret_file: Option<PathBuf>,
     /// After an alert about an agent, further problem alerts about it wait this long. [default: 5m]
     #[arg(long, global = true, env = "MUSTER_ALERT_HOLD_DOWN", value_parser = parse_duration)]
     pub alert_hold_down: Option<Duration>,
@@ -164,6 +168,7 @@ struct FileSettings {
     sweep_interval: Option<String>,
     webhooks: Option<Vec<String>>,
     webhook_secret: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
     alert_hold_down: Option<String>,
     log: Option<String>,
     max_connections: Option<usize>,
@@ -292,6 +297,7 @@ impl Config {
             }
         };
         let limits = resolve_limits(&settings.limits, &file, dur)?;
+        let webhook_secret = webhook_secret(settings, &file)?;
         let tls = match (settings.tls_cert.clone().or(file.tls_cert), settings.tls_key.clone().or(file.tls_key)) {
             (Some(cert), Some(key)) => TlsSource::Files { cert, key },
             (None, None) => TlsSource::Generated { hostnames: settings.tls_hostnames.clone().or(file.tls_hostnames).unwrap_or_default() },
@@ -311,7 +317,7 @@ impl Config {
             )?,
             sweep_interval: dur(settings.sweep_interval, &file.sweep_interval, "sweep_interval", Duration::from_secs(1))?,
             webhooks: settings.webhooks.clone().or(file.webhooks).unwrap_or_default().into_iter().filter(|w| !w.is_empty()).collect(),
-            webhook_secret: settings.webhook_secret.clone().or(file.webhook_secret),
+            webhook_secret,
             alert_hold_down: dur(settings.alert_hold_down, &file.alert_hold_down, "alert_hold_down", Duration::from_secs(300))?,
             log: settings.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
             limits,
@@ -353,6 +359,34 @@ impl Config {
     /// How long the server waits for any frame from an agent before closing its connection.
     pub fn idle_timeout(&self) -> Duration {
         self.ping_interval * 3
+    }
+}
+
+/// The webhook secret: flags and environment first, then the file; in each, a value or a file
+/// to read it from (stdin only from the command line or the environment).
+fn webhook_secret(settings: &Settings, file: &FileSettings) -> Result<Option<String>, ConfigError> {
+    let from_file = |path: &Path| {
+        let read = if path.as_os_str() == shared::secret::STDIN {
+            shared::secret::read(std::io::stdin().lock())
+        } else {
+            std::fs::File::open(path).map_err(Into::into).and_then(shared::secret::read)
+        };
+        read.map_err(|e| ConfigError::Invalid(format!("webhook secret file {}: {e}", path.display())))
+    };
+    if let Some(s) = &settings.webhook_secret {
+        return Ok(Some(s.clone()));
+    }
+    if let Some(path) = &settings.webhook_secret_file {
+        return from_file(path).map(Some);
+    }
+    match (&file.webhook_secret, &file.webhook_secret_file) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid("the config file gives both webhook_secret and webhook_secret_file".into())),
+        (Some(s), None) => Ok(Some(s.clone())),
+        (None, Some(path)) if path.as_os_str() == shared::secret::STDIN => {
+            Err(ConfigError::Invalid("webhook_secret_file in a config file must be a file, not `-`".into()))
+        }
+        (None, Some(path)) => from_file(path).map(Some),
+        (None, None) => Ok(None),
     }
 }
 
@@ -481,6 +515,24 @@ mod tests {
             ..Settings::default()
         };
         assert_eq!(Config::resolve(&s).unwrap().alert_hold_down, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_webhook_secret_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let path = dir.path().join("server.toml");
+        let toml = format!("webhooks = [\"https://hooks.example/muster\"]\nwebhook_secret_file = {:?}\n", secret.to_str().unwrap());
+        std::fs::write(&path, toml).unwrap();
+        let c = Config::resolve(&Settings { config: Some(path.clone()), ..Settings::default() }).unwrap();
+        assert_eq!(c.webhook_secret.as_deref(), Some("s3cret"));
+        let s = Settings { config: Some(path), webhook_secret: Some("flag".into()), ..Settings::default() };
+        assert_eq!(Config::resolve(&s).unwrap().webhook_secret.as_deref(), Some("flag"));
+        std::fs::write(&secret, "").unwrap();
+        let s = Settings { webhook_secret_file: Some(secret), ..Settings::default() };
+        assert!(Config::resolve(&s).unwrap_err().to_string().contains("empty"));
+        assert!(Cli::try_parse_from(["muster-server", "--webhook-secret", "a", "--webhook-secret-file", "b"]).is_err());
     }
 
     #[test]

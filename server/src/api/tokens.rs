@@ -16,6 +16,10 @@ use crate::auth::{self, Kind};
 use crate::store::{ApiTokenRow, AuditEntry, EnrollTokenRow, Store};
 
 const MAX_ENROLL_USES: u32 = 1_000_000;
+/// An enrollment token the operator gave no ttl lasts this long (or `max_enroll_token_ttl`, if
+/// shorter), and no uses this many: short-lived by default, since it is pasted around.
+pub const DEFAULT_ENROLL_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_ENROLL_USES: u32 = 10;
 
 fn enroll_info(r: &EnrollTokenRow) -> EnrollTokenInfo {
     EnrollTokenInfo {
@@ -58,8 +62,9 @@ pub async fn create_enroll(
 ) -> Result<(StatusCode, Json<EnrollTokenCreated>)> {
     caller.require(Role::Admin)?;
     let Json(req) = body?;
-    let ttl = Duration::from_secs(req.ttl_secs);
     let max = app.config.limits.max_enroll_token_ttl;
+    let ttl = req.ttl_secs.map_or(DEFAULT_ENROLL_TTL.min(max), Duration::from_secs);
+    let uses = req.uses.unwrap_or(DEFAULT_ENROLL_USES);
     if ttl.is_zero() || ttl > max {
         return Err(Error::BadRequest(format!("ttl_secs must be between 1 and {} ({})", max.as_secs(), shared::duration::format(max))));
     }
@@ -69,7 +74,7 @@ pub async fn create_enroll(
             shared::labels::AGENT_PREFIX
         )));
     }
-    if req.uses == 0 || req.uses > MAX_ENROLL_USES {
+    if uses == 0 || uses > MAX_ENROLL_USES {
         return Err(Error::BadRequest(format!("uses must be between 1 and {MAX_ENROLL_USES}")));
     }
     let issued = issue(Kind::Enroll)?;
@@ -80,8 +85,8 @@ pub async fn create_enroll(
         created_by: caller.actor(),
         created_at: now,
         expires_at: now.saturating_add(ttl),
-        uses_total: req.uses,
-        uses_left: req.uses,
+        uses_total: uses,
+        uses_left: uses,
         labels: req.labels,
         revoked_at: None,
     };
@@ -91,7 +96,7 @@ pub async fn create_enroll(
         actor: caller.actor(),
         action: "enroll_token.create".into(),
         target: Some(row.id.clone()),
-        detail: serde_json::json!({ "ttl_secs": req.ttl_secs, "uses": req.uses, "labels": row.labels }),
+        detail: serde_json::json!({ "ttl_secs": ttl.as_secs(), "uses": uses, "labels": row.labels }),
     })
     .await;
     Ok((StatusCode::CREATED, Json(EnrollTokenCreated { info: enroll_info(&row), token: issued.token })))

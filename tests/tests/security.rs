@@ -1,0 +1,125 @@
+//! What the security notes (docs/security.md) promise, as a user sees it: secrets read from
+//! files and standard input, short-lived enrollment tokens by default.
+
+// Helpers below are test code: a panic is a failed test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use shared::api::{CreateEnrollToken, EnrollTokenCreated};
+use tests::{Process, TestServer, bin, wait_for};
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777
+}
+
+/// Runs `cmd`, writing `stdin` to its standard input.
+fn run_with_stdin(mut cmd: Command, stdin: &str) -> Output {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `muster` against this server with no token in the environment.
+fn muster(server: &TestServer, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("muster"));
+    cmd.args(args)
+        .env_remove("MUSTER_TOKEN")
+        .env_remove("MUSTER_TOKEN_FILE")
+        .env("MUSTER_SERVER", &server.url)
+        .env("MUSTER_CA", &server.ca);
+    cmd
+}
+
+fn said(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+#[tokio::test]
+async fn the_cli_reads_its_token_from_a_file_or_standard_input() {
+    let server = TestServer::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{}\n", server.admin_token)).unwrap();
+
+    let out = muster(&server, &["whoami", "--token-file", file.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success() && said(&out).contains("test-admin"), "{}", said(&out));
+    let out = run_with_stdin(muster(&server, &["--token-file", "-", "whoami"]), &server.admin_token);
+    assert!(out.status.success() && said(&out).contains("test-admin"), "{}", said(&out));
+    let mut from_env = muster(&server, &["whoami"]);
+    from_env.env("MUSTER_TOKEN_FILE", &file);
+    assert!(from_env.output().unwrap().status.success());
+
+    // Both at once is ambiguous, and an empty file says so.
+    let out = muster(&server, &["whoami", "--token", "x", "--token-file", file.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", said(&out));
+    std::fs::write(&file, "\n").unwrap();
+    let out = muster(&server, &["whoami", "--token-file", file.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success() && said(&out).contains("empty"), "{}", said(&out));
+}
+
+#[tokio::test]
+async fn an_agent_takes_its_enrollment_token_from_standard_input_or_a_file() {
+    let server = TestServer::spawn().await;
+    let token = server.enroll_token(2, &["site=lab"]).await;
+
+    // Installed, with the token on standard input.
+    let root = tempfile::tempdir().unwrap();
+    let mut install = Command::new(bin("muster-agent"));
+    install.env_clear().args(["--config", "/dev/null", "install", "--server", &server.url, "--ca"]).arg(&server.ca);
+    install.args(["--enroll-token-file", "-", "--root"]).arg(root.path());
+    let out = run_with_stdin(install, &format!("{token}\n"));
+    assert!(out.status.success() && said(&out).contains("enrolled as"), "{}", said(&out));
+
+    // Run by hand, with the token in a file, into a state directory that does not exist yet.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("enroll-token");
+    std::fs::write(&file, &token).unwrap();
+    let state = dir.path().join("state");
+    let log = dir.path().join("agent.log");
+    let child = Command::new(bin("muster-agent"))
+        .env_clear()
+        .args(["--config", "/dev/null", "--server", &server.url, "--ca"])
+        .arg(&server.ca)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--enroll-token-file")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _agent = Process { child, log };
+    let credential = state.join("credential.json");
+    wait_for("the hand-run agent to enroll", Duration::from_secs(20), || {
+        let credential = credential.clone();
+        async move { credential.exists().then_some(()) }
+    })
+    .await;
+    assert_eq!(mode(&credential), 0o600);
+    assert_eq!(server.api.agents().await.len(), 2);
+}
+
+#[tokio::test]
+async fn enrollment_tokens_are_short_lived_unless_the_operator_says_otherwise() {
+    let server = TestServer::spawn().await;
+    let defaults = CreateEnrollToken { ttl_secs: None, uses: None, labels: Default::default() };
+    let created: EnrollTokenCreated = server.api.post("/enroll-tokens", &defaults).await;
+    let info = created.info;
+    assert_eq!((info.uses_total, info.uses_left), (10, 10));
+    assert_eq!(info.expires_at.unix_millis() - info.created_at.unix_millis(), 24 * 3600 * 1000);
+
+    // The CLI leaves the defaults to the server; explicit values work up to the caps.
+    let out = server.cli(&["enroll-token", "create"]);
+    assert!(out.status.success() && said(&out).contains(": 10 use(s)"), "{}", said(&out));
+    let most = CreateEnrollToken { ttl_secs: Some(30 * 86_400), uses: Some(1_000_000), labels: Default::default() };
+    let created: EnrollTokenCreated = server.api.post("/enroll-tokens", &most).await;
+    assert_eq!(created.info.uses_total, 1_000_000);
+    let over = CreateEnrollToken { ttl_secs: Some(30 * 86_400 + 1), uses: None, labels: Default::default() };
+    let resp = server.api.http().post(server.api.url("/enroll-tokens")).bearer_auth(&server.admin_token).json(&over).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+}
