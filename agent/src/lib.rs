@@ -26,6 +26,8 @@ use crate::session::{Outcome, Presenting, Session};
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let tls = tls::client_config(config.ca.as_deref()).context("TLS")?;
     let mut collector = metrics::Collector::new();
+    credential::create_state_dir(&config.state_dir)
+        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
     let executor = executor::Executor::open(&config.state_dir, config.max_runs)
         .with_context(|| format!("opening the run ledger in {}", config.state_dir.display()))?;
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);

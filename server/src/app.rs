@@ -96,11 +96,45 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
-/// Opens the database under the data directory, creating both if needed.
+/// Opens the database under the data directory, creating both if needed: the directory 0700
+/// (it holds the database, the CA's key and dev.env) and the database file 0600, which SQLite
+/// gives its `-wal` and `-shm` files too.
 pub async fn open_store(config: &Config) -> Result<SqliteStore, StartError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+    let dir_err = |source| StartError::DataDir { path: config.data_dir.clone(), source };
+    create_private_dir(&config.data_dir).map_err(dir_err)?;
     let path = config.database_path();
+    create_private_file(&path).map_err(|source| StartError::DataDir { path: path.clone(), source })?;
     SqliteStore::open(&path).await.map_err(|source| StartError::Store { path, source })
+}
+
+/// Creates `dir` with mode 0700 if it is missing (its parents as usual). One that exists is
+/// left alone, with a warning if other users may enter it.
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {
+            let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %dir.display(), mode = format!("{mode:o}"), "the data directory is open to other users (chmod 700 it)");
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates an empty file with mode 0600 unless one exists.
+fn create_private_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 impl Application {

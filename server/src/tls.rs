@@ -110,7 +110,7 @@ fn ensure_generated(paths: &GeneratedPaths, extra_names: &[String]) -> Result<()
         return Ok(());
     }
     let dir = paths.cert.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
+    crate::app::create_private_dir(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
 
     let ca_key = if paths.ca_key.exists() && paths.ca_cert.exists() {
         let pem = std::fs::read_to_string(&paths.ca_key).map_err(|source| TlsError::Read { path: paths.ca_key.clone(), source })?;

@@ -1,5 +1,5 @@
 //! What the security notes (docs/security.md) promise, as a user sees it: secrets read from
-//! files and standard input, short-lived enrollment tokens by default.
+//! files and standard input, short-lived enrollment tokens by default, private files.
 
 // Helpers below are test code: a panic is a failed test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -63,7 +63,7 @@ async fn the_cli_reads_its_token_from_a_file_or_standard_input() {
 }
 
 #[tokio::test]
-async fn an_agent_takes_its_enrollment_token_from_standard_input_or_a_file() {
+async fn an_agent_takes_its_enrollment_token_from_standard_input_or_a_file_and_keeps_its_state_private() {
     let server = TestServer::spawn().await;
     let token = server.enroll_token(2, &["site=lab"]).await;
 
@@ -100,6 +100,7 @@ async fn an_agent_takes_its_enrollment_token_from_standard_input_or_a_file() {
         async move { credential.exists().then_some(()) }
     })
     .await;
+    assert_eq!(mode(&state), 0o700, "the state directory it created");
     assert_eq!(mode(&credential), 0o600);
     assert_eq!(server.api.agents().await.len(), 2);
 }
@@ -122,4 +123,39 @@ async fn enrollment_tokens_are_short_lived_unless_the_operator_says_otherwise() 
     let over = CreateEnrollToken { ttl_secs: Some(30 * 86_400 + 1), uses: None, labels: Default::default() };
     let resp = server.api.http().post(server.api.url("/enroll-tokens")).bearer_auth(&server.admin_token).json(&over).send().await.unwrap();
     assert_eq!(resp.status(), 400);
+}
+
+#[tokio::test]
+async fn a_server_creates_its_data_directory_and_database_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("new/data");
+    let out = Command::new(bin("muster-server")).arg("--data-dir").arg(&data).args(["bootstrap", "--name", "t"]).output().unwrap();
+    assert!(out.status.success(), "{}", said(&out));
+    assert_eq!(mode(&data), 0o700);
+    assert_eq!(mode(&data.join("muster.db")), 0o600);
+
+    // Serving, the database's companions (write-ahead log, shared memory) are private too.
+    let port = tests::free_port();
+    let log = dir.path().join("server.log");
+    let child = Command::new(bin("muster-server"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _server = Process { child, log };
+    let tls = data.join("tls");
+    wait_for("the server to write its TLS identity and open the database", Duration::from_secs(20), || {
+        let (data, tls) = (data.clone(), tls.clone());
+        async move {
+            (data.join("muster.db-wal").exists() && data.join("muster.db-shm").exists() && tls.join("server.pem").exists()).then_some(())
+        }
+    })
+    .await;
+    for file in ["muster.db", "muster.db-wal", "muster.db-shm", "tls/ca-key.pem", "tls/server-key.pem"] {
+        assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+    }
+    assert_eq!(mode(&tls), 0o700);
 }
