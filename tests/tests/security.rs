@@ -1,5 +1,6 @@
 //! What the security notes (docs/security.md) promise, as a user sees it: secrets read from
-//! files and standard input, short-lived enrollment tokens by default, private files.
+//! files and standard input, short-lived enrollment tokens by default, private files, the
+//! headers of HTTPS answers.
 
 // Helpers below are test code: a panic is a failed test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -10,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use shared::api::{CreateEnrollToken, EnrollTokenCreated};
+use shared::api::{CreateEnrollToken, CreateToken, EnrollTokenCreated, Role};
 use tests::{Process, TestServer, bin, wait_for};
 
 fn mode(path: &Path) -> u32 {
@@ -158,4 +159,53 @@ async fn a_server_creates_its_data_directory_and_database_private() {
         assert_eq!(mode(&data.join(file)), 0o600, "{file}");
     }
     assert_eq!(mode(&tls), 0o700);
+}
+
+#[tokio::test]
+async fn answers_insist_on_https_new_secrets_stay_out_of_caches_and_strangers_see_no_version() {
+    let server = TestServer::spawn().await;
+    let http = server.api.http();
+    let hsts = |r: &reqwest::Response| r.headers().get("strict-transport-security").map(|v| v.to_str().unwrap().to_owned());
+    let no_store = |r: &reqwest::Response| r.headers().get("cache-control").is_some_and(|v| v == "no-store");
+
+    let health = |token: Option<String>| {
+        let mut req = http.get(format!("{}/healthz", server.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(hsts(&resp).as_deref(), Some("max-age=31536000"));
+            resp.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    assert_eq!(health(None).await, serde_json::json!({ "status": "ok" }));
+    assert_eq!(health(Some(format!("mst_0000000000000000_{}", "0".repeat(64)))).await, serde_json::json!({ "status": "ok" }));
+    assert_eq!(health(Some(server.admin_token.clone())).await["version"], env!("CARGO_PKG_VERSION"));
+
+    for path in ["/", "/ui/app.js", "/api/v1/fleet", "/api/v1/nope"] {
+        let resp = http.get(format!("{}{path}", server.url)).bearer_auth(&server.admin_token).send().await.unwrap();
+        assert!(hsts(&resp).is_some(), "{path}");
+        assert!(!no_store(&resp), "{path} carries no secret");
+    }
+    let create = CreateToken { name: "ci".into(), role: Role::Viewer, ttl_secs: None };
+    let resp = http.post(server.api.url("/tokens")).bearer_auth(&server.admin_token).json(&create).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    assert!(no_store(&resp) && hsts(&resp).is_some());
+    let create = CreateEnrollToken { ttl_secs: None, uses: Some(1), labels: Default::default() };
+    let resp = http.post(server.api.url("/enroll-tokens")).bearer_auth(&server.admin_token).json(&create).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    assert!(no_store(&resp));
+
+    // The upgrade of an enrollment, whose credential follows in `welcome`, is not to be kept
+    // either; an agent's ordinary reconnection carries nothing new.
+    let token = resp.json::<EnrollTokenCreated>().await.unwrap().token;
+    let (mut ws, headers) = tests::ws::upgrade(&server.url, &token, &server.ca).await;
+    assert_eq!(headers.get("cache-control").map(|v| v.to_str().unwrap()), Some("no-store"));
+    let welcome = tests::ws::open(&mut ws, "kiosk-1", 1000).await;
+    let credential = welcome.credential.expect("an enrollment's welcome carries the credential");
+    drop(ws);
+    let (_ws, headers) = tests::ws::upgrade(&server.url, &credential, &server.ca).await;
+    assert!(headers.get("cache-control").is_none(), "{headers:?}");
 }

@@ -59,7 +59,7 @@ pub async fn create_enroll(
     State(app): State<AppState>,
     caller: Caller,
     body: std::result::Result<Json<CreateEnrollToken>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<EnrollTokenCreated>)> {
+) -> Result<(StatusCode, [(axum::http::HeaderName, axum::http::HeaderValue); 1], Json<EnrollTokenCreated>)> {
     caller.require(Role::Admin)?;
     let Json(req) = body?;
     let max = app.config.limits.max_enroll_token_ttl;
@@ -99,7 +99,7 @@ pub async fn create_enroll(
         detail: serde_json::json!({ "ttl_secs": ttl.as_secs(), "uses": uses, "labels": row.labels }),
     })
     .await;
-    Ok((StatusCode::CREATED, Json(EnrollTokenCreated { info: enroll_info(&row), token: issued.token })))
+    Ok((StatusCode::CREATED, super::no_store(), Json(EnrollTokenCreated { info: enroll_info(&row), token: issued.token })))
 }
 
 pub async fn list_enroll(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<EnrollTokenInfo>>> {
@@ -162,7 +162,7 @@ pub async fn create_token(
     State(app): State<AppState>,
     caller: Caller,
     body: std::result::Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<TokenCreated>)> {
+) -> Result<(StatusCode, [(axum::http::HeaderName, axum::http::HeaderValue); 1], Json<TokenCreated>)> {
     caller.require(Role::Admin)?;
     let Json(req) = body?;
     if req.ttl_secs == Some(0) {
@@ -172,7 +172,7 @@ pub async fn create_token(
     if req.ttl_secs.is_some_and(|s| s > max.as_secs()) {
         return Err(Error::BadRequest(format!("ttl_secs must be at most {} ({})", max.as_secs(), shared::duration::format(max))));
     }
-    Ok((StatusCode::CREATED, Json(create_token_row(app.store.as_ref(), &req, &caller.actor()).await?)))
+    Ok((StatusCode::CREATED, super::no_store(), Json(create_token_row(app.store.as_ref(), &req, &caller.actor()).await?)))
 }
 
 pub async fn list_tokens(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<TokenInfo>>> {
