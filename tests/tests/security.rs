@@ -124,6 +124,18 @@ async fn enrollment_tokens_are_short_lived_unless_the_operator_says_otherwise() 
     let over = CreateEnrollToken { ttl_secs: Some(30 * 86_400 + 1), uses: None, labels: Default::default() };
     let resp = server.api.http().post(server.api.url("/enroll-tokens")).bearer_auth(&server.admin_token).json(&over).send().await.unwrap();
     assert_eq!(resp.status(), 400);
+    // All of its fields may be left out, but the body is still an object.
+    let resp = server
+        .api
+        .http()
+        .post(server.api.url("/enroll-tokens"))
+        .bearer_auth(&server.admin_token)
+        .header("content-type", "application/json")
+        .body("[null, null]")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
 }
 
 #[tokio::test]

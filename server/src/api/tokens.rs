@@ -58,10 +58,14 @@ pub async fn whoami(caller: Caller) -> Json<WhoAmI> {
 pub async fn create_enroll(
     State(app): State<AppState>,
     caller: Caller,
-    body: std::result::Result<Json<CreateEnrollToken>, axum::extract::rejection::JsonRejection>,
+    body: std::result::Result<Json<serde_json::Map<String, serde_json::Value>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, [(axum::http::HeaderName, axum::http::HeaderValue); 1], Json<EnrollTokenCreated>)> {
     caller.require(Role::Admin)?;
-    let Json(req) = body?;
+    // Read as an object first: serde would take a struct of optional fields from an array too
+    // (`[null, null]`), which the API does not promise.
+    let Json(object) = body?;
+    let req: CreateEnrollToken =
+        serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| Error::BadRequest(format!("invalid body: {e}")))?;
     let max = app.config.limits.max_enroll_token_ttl;
     let ttl = req.ttl_secs.map_or(DEFAULT_ENROLL_TTL.min(max), Duration::from_secs);
     let uses = req.uses.unwrap_or(DEFAULT_ENROLL_USES);
