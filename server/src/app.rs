@@ -82,6 +82,7 @@ pub struct Application {
     recorder_task: tokio::task::JoinHandle<()>,
     store: SqliteStore,
     ca_file: Option<PathBuf>,
+    renewer: Option<tls::Renewer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +185,8 @@ impl Application {
                 max_unauthenticated_per_address: config_limits.max_unauthenticated_per_address,
             }),
         };
-        Ok(Application { listener, acceptor: TlsAcceptor::from(identity.config), state, recorder_task, store, ca_file: identity.ca_file })
+        let acceptor = TlsAcceptor::from(identity.config);
+        Ok(Application { listener, acceptor, state, recorder_task, store, ca_file: identity.ca_file, renewer: identity.renewer })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -207,12 +209,15 @@ impl Application {
     /// Serves until the shutdown token is cancelled, then closes every session with a Close
     /// frame, waits a bounded time for them, and flushes the recorder.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Application { listener, acceptor, state, recorder_task, store, .. } = self;
+        let Application { listener, acceptor, state, recorder_task, store, renewer, .. } = self;
         let cancel = state.shutdown.clone();
         let tracker = state.tracker.clone();
         tracker.spawn(health::run_sweeper(state.registry.clone(), state.recorder.clone(), state.config.sweep_interval, cancel.clone()));
         tracker.spawn(health::run_pruner(state.store.clone(), state.config.heartbeat_retention, cancel.clone()));
         tracker.spawn(state.dispatcher.clone().run(cancel.clone()));
+        if let Some(renewer) = renewer {
+            tracker.spawn(renewer.run(cancel.clone()));
+        }
         if let Some(secret) = state.config.webhook_secret.clone() {
             let (urls, hold) = (state.config.webhooks.clone(), state.config.alert_hold_down);
             tracker.spawn(crate::alerts::run(state.fleet.clone(), urls, secret, hold, cancel.clone()));

@@ -59,7 +59,8 @@ pub struct Settings {
     #[arg(long, global = true, env = "MUSTER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Extra DNS names or IP addresses for the generated certificate (localhost, 127.0.0.1 and ::1
-    /// are always included). Comma separated.
+    /// are always included). Comma separated. The generated CA may vouch for these names only:
+    /// names added later need a new CA.
     #[arg(long, global = true, env = "MUSTER_TLS_HOSTNAMES", value_delimiter = ',')]
     pub tls_hostnames: Option<Vec<String>>,
     /// Name of this server process among several sharing a database. [default: local]
@@ -337,6 +338,11 @@ impl Config {
         if self.heartbeat_retention < Duration::from_secs(60) {
             return bad("heartbeat_retention must be at least 1m");
         }
+        if let TlsSource::Generated { hostnames } = &self.tls
+            && let Some(Err(e)) = hostnames.iter().map(|h| crate::tls::Name::parse(h)).find(Result::is_err)
+        {
+            return Err(ConfigError::Invalid(format!("tls_hostnames: {e}")));
+        }
         if let Some(w) = self.webhooks.iter().find(|w| !(w.starts_with("https://") || w.starts_with("http://"))) {
             return Err(ConfigError::Invalid(format!("webhook {w:?} must be an http:// or https:// URL")));
         }
@@ -541,5 +547,7 @@ mod tests {
         assert!(Config::resolve(&s).is_err());
         let s = Settings { node_id: Some("no spaces".into()), ..Settings::default() };
         assert!(Config::resolve(&s).is_err());
+        let s = Settings { tls_hostnames: Some(vec!["muster.example".into(), "*.example".into()]), ..Settings::default() };
+        assert!(Config::resolve(&s).unwrap_err().to_string().contains("*.example"));
     }
 }
