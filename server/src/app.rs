@@ -219,8 +219,13 @@ impl Application {
             tracker.spawn(renewer.run(cancel.clone()));
         }
         if let Some(secret) = state.config.webhook_secret.clone() {
-            let (urls, hold) = (state.config.webhooks.clone(), state.config.alert_hold_down);
-            tracker.spawn(crate::alerts::run(state.fleet.clone(), urls, secret, hold, cancel.clone()));
+            let delivery = crate::alerts::Delivery {
+                urls: state.config.webhooks.clone(),
+                allow_http: state.config.webhook_allow_http,
+                allow_redirects: state.config.webhook_allow_redirects,
+            };
+            let hold = state.config.alert_hold_down;
+            tracker.spawn(crate::alerts::run(state.fleet.clone(), delivery, secret, hold, cancel.clone()));
         }
 
         let router = api::router(state.clone());

@@ -76,9 +76,18 @@ pub struct Settings {
     #[arg(long, global = true, env = "MUSTER_SWEEP_INTERVAL", value_parser = parse_duration)]
     pub sweep_interval: Option<Duration>,
     /// URL that gets a signed JSON POST when an agent goes offline or stale or recovers, and
-    /// when a job fails. Repeat (or comma-separate) for more.
-    #[arg(long = "webhook", env = "MUSTER_WEBHOOKS", value_delimiter = ',')]
+    /// when a job fails. Repeat (or comma-separate) for more. https:// unless
+    /// --webhook-allow-http. Never logged whole: it may hold a secret of its own.
+    #[arg(long = "webhook", env = "MUSTER_WEBHOOKS", value_delimiter = ',', hide_env_values = true)]
     pub webhooks: Option<Vec<String>>,
+    /// Allow http:// webhook URLs, whose alerts (and signatures) cross the network readable
+    /// by anyone on the way.
+    #[arg(long, global = true, env = "MUSTER_WEBHOOK_ALLOW_HTTP")]
+    pub webhook_allow_http: bool,
+    /// Follow redirects from webhook receivers (at most 5, never from https to http unless
+    /// --webhook-allow-http). Without it a redirect is a failed delivery.
+    #[arg(long, global = true, env = "MUSTER_WEBHOOK_ALLOW_REDIRECTS")]
+    pub webhook_allow_redirects: bool,
     /// Secret for the webhooks' HMAC-SHA256 signature header (X-Muster-Signature). A flag's
     /// value shows in the process list: prefer --webhook-secret-file.
     #[arg(long, global = true, env = "MUSTER_WEBHOOK_SECRET", hide_env_values = true)]
@@ -168,6 +177,8 @@ struct FileSettings {
     heartbeat_retention: Option<String>,
     sweep_interval: Option<String>,
     webhooks: Option<Vec<String>>,
+    webhook_allow_http: Option<bool>,
+    webhook_allow_redirects: Option<bool>,
     webhook_secret: Option<String>,
     webhook_secret_file: Option<PathBuf>,
     alert_hold_down: Option<String>,
@@ -199,7 +210,9 @@ pub struct Config {
     pub ping_interval: Duration,
     pub heartbeat_retention: Duration,
     pub sweep_interval: Duration,
-    pub webhooks: Vec<String>,
+    pub webhooks: Vec<crate::alerts::WebhookUrl>,
+    pub webhook_allow_http: bool,
+    pub webhook_allow_redirects: bool,
     pub webhook_secret: Option<String>,
     pub alert_hold_down: Duration,
     pub log: String,
@@ -299,6 +312,19 @@ impl Config {
         };
         let limits = resolve_limits(&settings.limits, &file, dur)?;
         let webhook_secret = webhook_secret(settings, &file)?;
+        let allow_http = settings.webhook_allow_http || file.webhook_allow_http.unwrap_or(false);
+        let webhooks = settings
+            .webhooks
+            .clone()
+            .or(file.webhooks.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter(|w| !w.is_empty())
+            .enumerate()
+            .map(|(i, w)| {
+                crate::alerts::WebhookUrl::parse(w, allow_http).map_err(|e| ConfigError::Invalid(format!("webhook {}: {e}", i + 1)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let tls = match (settings.tls_cert.clone().or(file.tls_cert), settings.tls_key.clone().or(file.tls_key)) {
             (Some(cert), Some(key)) => TlsSource::Files { cert, key },
             (None, None) => TlsSource::Generated { hostnames: settings.tls_hostnames.clone().or(file.tls_hostnames).unwrap_or_default() },
@@ -317,7 +343,9 @@ impl Config {
                 Duration::from_secs(7 * 86_400),
             )?,
             sweep_interval: dur(settings.sweep_interval, &file.sweep_interval, "sweep_interval", Duration::from_secs(1))?,
-            webhooks: settings.webhooks.clone().or(file.webhooks).unwrap_or_default().into_iter().filter(|w| !w.is_empty()).collect(),
+            webhooks,
+            webhook_allow_http: allow_http,
+            webhook_allow_redirects: settings.webhook_allow_redirects || file.webhook_allow_redirects.unwrap_or(false),
             webhook_secret,
             alert_hold_down: dur(settings.alert_hold_down, &file.alert_hold_down, "alert_hold_down", Duration::from_secs(300))?,
             log: settings.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
@@ -342,9 +370,6 @@ impl Config {
             && let Some(Err(e)) = hostnames.iter().map(|h| crate::tls::Name::parse(h)).find(Result::is_err)
         {
             return Err(ConfigError::Invalid(format!("tls_hostnames: {e}")));
-        }
-        if let Some(w) = self.webhooks.iter().find(|w| !(w.starts_with("https://") || w.starts_with("http://"))) {
-            return Err(ConfigError::Invalid(format!("webhook {w:?} must be an http:// or https:// URL")));
         }
         if !self.webhooks.is_empty() && self.webhook_secret.as_deref().is_none_or(str::is_empty) {
             return bad("webhooks need a webhook_secret, so receivers can check who sent them");
@@ -510,11 +535,30 @@ mod tests {
     }
 
     #[test]
-    fn webhooks_need_a_secret_and_an_http_url() {
+    fn webhooks_need_a_secret_and_an_https_url_unless_http_is_allowed() {
         let s = Settings { webhooks: Some(vec!["https://hooks.example/muster".into()]), ..Settings::default() };
         assert!(Config::resolve(&s).unwrap_err().to_string().contains("webhook_secret"));
         let s = Settings { webhooks: Some(vec!["ftp://x".into()]), webhook_secret: Some("k".into()), ..Settings::default() };
         assert!(Config::resolve(&s).is_err());
+        let plain = || Settings {
+            webhooks: Some(vec!["https://hooks.example/a".into(), "http://hooks.example/T0/B1/xyzzy".into()]),
+            webhook_secret: Some("k".into()),
+            ..Settings::default()
+        };
+        let err = Config::resolve(&plain()).unwrap_err().to_string();
+        assert!(err.contains("webhook 2") && err.contains("webhook_allow_http"), "{err}");
+        assert!(!err.contains("xyzzy"), "the URL's path is not shown: {err}");
+        let allowed = Config::resolve(&Settings { webhook_allow_http: true, ..plain() }).unwrap();
+        assert_eq!(allowed.webhooks[1].to_string(), "http://hooks.example/…");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            "webhooks = [\"http://h/x\"]\nwebhook_secret = \"k\"\nwebhook_allow_http = true\nwebhook_allow_redirects = true\n",
+        )
+        .unwrap();
+        let c = Config::resolve(&Settings { config: Some(path), ..Settings::default() }).unwrap();
+        assert!(c.webhook_allow_redirects && c.webhooks.len() == 1);
         let s = Settings {
             webhooks: Some(vec!["https://hooks.example/muster".into()]),
             webhook_secret: Some("k".into()),
