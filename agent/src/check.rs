@@ -34,7 +34,7 @@ pub async fn run(config: &Config) -> Result<String, Problem> {
             c.token
         }
         None => match &config.enroll_token {
-            Some(t) => t.clone(),
+            Some(t) => t.read().map_err(|e| Problem(format!("credential: {e}")))?,
             None => {
                 return Err(Problem(format!(
                     "credential: none in {} and no enrollment token: enroll with `muster-agent install`",

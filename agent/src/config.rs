@@ -49,9 +49,13 @@ pub struct Settings {
     /// Where the agent keeps its credential. [default: /var/lib/muster-agent]
     #[arg(long, global = true, env = "MUSTER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Enrollment token, used once when the agent has no credential yet.
+    /// Enrollment token, used once when the agent has no credential yet. A flag's value shows
+    /// in the process list and shell history: prefer --enroll-token-file.
     #[arg(long, global = true, env = "MUSTER_ENROLL_TOKEN", hide_env_values = true)]
     pub enroll_token: Option<String>,
+    /// Read the enrollment token from this file (one line), or from standard input with `-`.
+    #[arg(long, global = true, env = "MUSTER_ENROLL_TOKEN_FILE", conflicts_with = "enroll_token")]
+    pub enroll_token_file: Option<PathBuf>,
     /// The name this agent reports, instead of the machine's host name (containers, clones).
     #[arg(long, global = true, env = "MUSTER_HOSTNAME")]
     pub hostname: Option<String>,
@@ -90,6 +94,7 @@ struct FileSettings {
     ca: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     enroll_token: Option<String>,
+    enroll_token_file: Option<PathBuf>,
     hostname: Option<String>,
     labels: Option<Labels>,
     heartbeat_interval: Option<String>,
@@ -110,7 +115,7 @@ pub struct Config {
     pub server: String,
     pub ca: Option<PathBuf>,
     pub state_dir: PathBuf,
-    pub enroll_token: Option<String>,
+    pub enroll_token: Option<EnrollToken>,
     /// Reported instead of the machine's host name when set.
     pub hostname: Option<String>,
     pub labels: Labels,
@@ -150,6 +155,7 @@ impl Config {
             (None, Some(v)) => shared::duration::parse(v).map_err(|e| invalid(format!("{key}: {e}"))),
             (None, None) => Ok(default),
         };
+        let enroll_token = enroll_token(s, &file)?;
         let server = s
             .server
             .clone()
@@ -163,7 +169,7 @@ impl Config {
             server,
             ca: s.ca.clone().or(file.ca),
             state_dir: s.state_dir.clone().or(file.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/muster-agent")),
-            enroll_token: s.enroll_token.clone().or(file.enroll_token).filter(|t| !t.is_empty()),
+            enroll_token,
             hostname: s.hostname.clone().or(file.hostname).filter(|h| !h.is_empty()),
             labels,
             heartbeat_interval: dur(s.heartbeat_interval, &file.heartbeat_interval, "heartbeat_interval", Duration::from_secs(10))?,
@@ -199,6 +205,63 @@ impl Config {
             return Err(invalid("backoff_max must be at most 1h: an agent that waits longer is an agent nobody can reach".into()));
         }
         Ok(config)
+    }
+}
+
+/// An enrollment token as configured: its value, or a file that is read when the token is
+/// needed, so that an agent already enrolled no longer needs the file. Its `Debug` shows no
+/// secret.
+#[derive(Clone)]
+pub enum EnrollToken {
+    Value(String),
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for EnrollToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnrollToken::Value(_) => f.write_str("EnrollToken(given)"),
+            EnrollToken::File(p) => write!(f, "EnrollToken(file {})", p.display()),
+        }
+    }
+}
+
+impl EnrollToken {
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            EnrollToken::Value(t) => Ok(t.clone()),
+            EnrollToken::File(path) => std::fs::File::open(path)
+                .map_err(shared::secret::SecretError::from)
+                .and_then(shared::secret::read)
+                .map_err(|e| format!("enrollment token file {}: {e}", path.display())),
+        }
+    }
+}
+
+/// The enrollment token: flags and environment first, then the config file; in each, a value
+/// or a file. Standard input (`-`, from the command line or the environment only) is read
+/// now, since it can be read only once.
+fn enroll_token(s: &Settings, file: &FileSettings) -> Result<Option<EnrollToken>, ConfigError> {
+    if let Some(t) = s.enroll_token.as_ref().filter(|t| !t.is_empty()) {
+        return Ok(Some(EnrollToken::Value(t.clone())));
+    }
+    match &s.enroll_token_file {
+        Some(path) if path.as_os_str() == shared::secret::STDIN => {
+            let token = shared::secret::read(std::io::stdin().lock())
+                .map_err(|e| ConfigError::Invalid(format!("the enrollment token on standard input: {e}")))?;
+            return Ok(Some(EnrollToken::Value(token)));
+        }
+        Some(path) => return Ok(Some(EnrollToken::File(path.clone()))),
+        None => {}
+    }
+    match (&file.enroll_token, &file.enroll_token_file) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid("the config file gives both enroll_token and enroll_token_file".into())),
+        (Some(t), None) => Ok(Some(t.clone()).filter(|t| !t.is_empty()).map(EnrollToken::Value)),
+        (None, Some(path)) if path.as_os_str() == shared::secret::STDIN => {
+            Err(ConfigError::Invalid("enroll_token_file in a config file must be a file, not `-`".into()))
+        }
+        (None, Some(path)) => Ok(Some(EnrollToken::File(path.clone()))),
+        (None, None) => Ok(None),
     }
 }
 
@@ -254,6 +317,34 @@ mod tests {
         assert_eq!(Config::resolve(&s).unwrap().hostname.as_deref(), Some("pos-1"));
         let s = Settings { config: Some(path), hostname: Some("bad\nname".into()), ..Settings::default() };
         assert!(Config::resolve(&s).unwrap_err().to_string().contains("control characters"));
+    }
+
+    #[test]
+    fn the_enrollment_token_can_come_from_a_file_read_only_when_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "mse_0123456789abcdef_x\n").unwrap();
+        let config = dir.path().join("agent.toml");
+        std::fs::write(&config, format!("server = \"https://h:1\"\nenroll_token_file = {:?}\n", token.to_str().unwrap())).unwrap();
+        let s = Settings { config: Some(config.clone()), ..Settings::default() };
+        let resolved = Config::resolve(&s).unwrap().enroll_token.unwrap();
+        assert_eq!(resolved.read().unwrap(), "mse_0123456789abcdef_x");
+        assert!(!format!("{resolved:?}").contains("mse_"), "Debug shows no secret");
+        // A missing file is an error only when the token is read: an enrolled agent needs none.
+        std::fs::remove_file(&token).unwrap();
+        let resolved = Config::resolve(&s).unwrap().enroll_token.unwrap();
+        assert!(resolved.read().unwrap_err().contains(token.to_str().unwrap()));
+        // A flag wins over the file, as everywhere.
+        let s = Settings { config: Some(config), enroll_token: Some("mse_flag".into()), ..Settings::default() };
+        assert_eq!(Config::resolve(&s).unwrap().enroll_token.unwrap().read().unwrap(), "mse_flag");
+
+        let both = dir.path().join("both.toml");
+        std::fs::write(&both, "server = \"https://h:1\"\nenroll_token = \"a\"\nenroll_token_file = \"/t\"\n").unwrap();
+        assert!(Config::resolve(&Settings { config: Some(both), ..Settings::default() }).is_err());
+        let stdin = dir.path().join("stdin.toml");
+        std::fs::write(&stdin, "server = \"https://h:1\"\nenroll_token_file = \"-\"\n").unwrap();
+        assert!(Config::resolve(&Settings { config: Some(stdin), ..Settings::default() }).is_err());
+        assert!(Cli::try_parse_from(["muster-agent", "--enroll-token", "a", "--enroll-token-file", "b"]).is_err());
     }
 
     #[test]

@@ -44,10 +44,35 @@ pub fn load(state_dir: &Path) -> Result<Option<Credential>, CredentialError> {
     }
 }
 
+/// Creates the state directory if it is missing, private to the agent's user (0700): it holds
+/// the credential and the output of every run. Its parents are created as usual. An existing
+/// directory is left as it is, with a warning if others may read it.
+pub fn create_state_dir(state_dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = state_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(state_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && state_dir.is_dir() => {
+            let mode = std::fs::metadata(state_dir)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %state_dir.display(),
+                    mode = format!("{mode:o}"),
+                    "the state directory is open to other users; it holds the agent's credential (chmod 700 it)"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn store(state_dir: &Path, credential: &Credential) -> Result<(), CredentialError> {
     let path = path(state_dir);
     let io = |source| CredentialError::Io { path: path.clone(), source };
-    std::fs::create_dir_all(state_dir).map_err(io)?;
+    create_state_dir(state_dir).map_err(io)?;
     let tmp = path.with_extension("json.tmp");
     let text =
         serde_json::to_vec_pretty(credential).map_err(|e| CredentialError::Invalid { path: path.clone(), message: e.to_string() })?;
@@ -77,6 +102,15 @@ mod tests {
         assert_eq!(back.agent_id, c.agent_id);
         assert_eq!(back.token, "msa_x");
         assert_eq!(std::fs::metadata(path(dir.path())).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_missing_state_directory_is_created_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("a/state");
+        create_state_dir(&state).unwrap();
+        assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
+        create_state_dir(&state).unwrap();
     }
 
     #[test]

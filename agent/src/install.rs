@@ -129,9 +129,14 @@ pub async fn install(config: &Config, args: &InstallArgs) -> Result<Vec<String>,
         }
         Some(c) => return Err(format!("this agent is enrolled with {}; run `muster-agent uninstall --purge` first to move it", c.server)),
         None => {
-            let token = args.enroll_token.as_deref().ok_or("not enrolled yet: give --enroll-token")?;
+            // `--enroll-token-file` is the agent's global setting, read into `config`.
+            let token = match (&args.enroll_token, &config.enroll_token) {
+                (Some(t), _) => t.clone(),
+                (None, Some(t)) => t.read()?,
+                (None, None) => return Err("not enrolled yet: give --enroll-token-file PATH (or --enroll-token)".into()),
+            };
             let tls = crate::tls::client_config(effective.ca.as_deref()).map_err(|e| e.to_string())?;
-            let id = crate::session::enroll(&effective, tls, token).await.map_err(|e| format!("enrollment failed: {e}"))?;
+            let id = crate::session::enroll(&effective, tls, &token).await.map_err(|e| format!("enrollment failed: {e}"))?;
             done.push(format!("enrolled as {id}"));
         }
     }

@@ -29,6 +29,8 @@ use crate::session::{Outcome, Presenting, Session};
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let tls = tls::client_config(config.ca.as_deref()).context("TLS")?;
     let mut collector = metrics::Collector::new();
+    credential::create_state_dir(&config.state_dir)
+        .with_context(|| format!("creating the state directory {}", config.state_dir.display()))?;
     let executor = executor::Executor::open(&config.state_dir, config.max_runs, config.policy.clone(), trust(&config)?)
         .with_context(|| format!("opening the run ledger in {}", config.state_dir.display()))?;
     let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
@@ -38,9 +40,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
         let presenting = match credential::load(&config.state_dir)? {
             Some(c) => Presenting::Credential(c),
             None => match &config.enroll_token {
-                Some(t) => Presenting::EnrollToken(t.clone()),
+                Some(t) => Presenting::EnrollToken(t.read().map_err(|e| anyhow::anyhow!(e))?),
                 None => anyhow::bail!(
-                    "no credential in {} and no enrollment token: pass --enroll-token or set MUSTER_ENROLL_TOKEN",
+                    "no credential in {} and no enrollment token: pass --enroll-token-file PATH (or --enroll-token), or set MUSTER_ENROLL_TOKEN",
                     config.state_dir.display()
                 ),
             },

@@ -23,9 +23,13 @@ pub struct Connection {
     /// Server URL, https://host:port.
     #[arg(long, env = "MUSTER_SERVER", global = true)]
     pub server: Option<String>,
-    /// Operator token.
+    /// Operator token. A flag's value shows in the process list and shell history: prefer
+    /// --token-file or MUSTER_TOKEN.
     #[arg(long, env = "MUSTER_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// Read the operator token from this file (one line), or from standard input with `-`.
+    #[arg(long, env = "MUSTER_TOKEN_FILE", global = true, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) to trust for the server; without it, the system's roots.
     #[arg(long, env = "MUSTER_CA", global = true)]
     pub ca: Option<PathBuf>,
@@ -236,12 +240,12 @@ pub enum AgentAction {
 pub enum EnrollTokenCommand {
     /// Create an enrollment token; it is shown only once.
     Create {
-        /// How long the token works, e.g. 30m, 24h, 7d.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        ttl: Duration,
-        /// How many agents may enroll with it.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
-        uses: u32,
+        /// How long the token works, e.g. 30m, 24h, 7d. [default: the server's, 24h]
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// How many agents may enroll with it. [default: the server's, 10]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        uses: Option<u32>,
         /// A label every agent enrolled with it gets (key=value); repeat for more.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,

@@ -231,8 +231,9 @@ pub async fn enroll_token(client: &Client, conn: &crate::args::Connection, cmd: 
             for (k, v) in labels {
                 l.insert(k, v)?;
             }
-            let created: EnrollTokenCreated =
-                client.post("/enroll-tokens", &CreateEnrollToken { ttl_secs: ttl.as_secs().max(1), uses: *uses, labels: l }).await?;
+            let created: EnrollTokenCreated = client
+                .post("/enroll-tokens", &CreateEnrollToken { ttl_secs: ttl.map(|d| d.as_secs().max(1)), uses: *uses, labels: l })
+                .await?;
             if *as_json {
                 return json(out, &created);
             }

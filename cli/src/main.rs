@@ -44,6 +44,21 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
 }
 
+/// The operator token: given as a value, or read from a file or standard input.
+fn token(conn: &args::Connection) -> anyhow::Result<String> {
+    match (&conn.token, &conn.token_file) {
+        (Some(t), _) => Ok(t.clone()),
+        (None, Some(path)) if path.as_os_str() == shared::secret::STDIN => {
+            shared::secret::read(std::io::stdin().lock()).context("the token on standard input")
+        }
+        (None, Some(path)) => {
+            let file = std::fs::File::open(path).with_context(|| format!("token file {}", path.display()))?;
+            shared::secret::read(file).with_context(|| format!("token file {}", path.display()))
+        }
+        (None, None) => anyhow::bail!("no token: set MUSTER_TOKEN or MUSTER_TOKEN_FILE, or pass --token-file PATH"),
+    }
+}
+
 /// Ok(false): the command worked, but a job it reports on did not fully succeed.
 async fn run(cli: Cli) -> anyhow::Result<bool> {
     // Keys are local: no server needed.
@@ -52,8 +67,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         return commands::key_local(&cli.conn, k, &mut stdout.lock()).map(|()| true);
     }
     let server = cli.conn.server.as_deref().context("no server: set MUSTER_SERVER or pass --server https://host:port")?;
-    let token = cli.conn.token.as_deref().context("no token: set MUSTER_TOKEN or pass --token")?;
-    let client = client::Client::new(server, token, cli.conn.ca.as_deref())?;
+    let token = token(&cli.conn)?;
+    let client = client::Client::new(server, &token, cli.conn.ca.as_deref())?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let ok = match &cli.command {

@@ -7,6 +7,12 @@
 //! Hold-down: after a problem alert about an agent, further problem alerts about it wait
 //! `alert_hold_down` (5 min by default); a recovery is sent only for an agent whose problem was
 //! alerted. A flapping agent thus yields at most one problem and one recovery per window.
+//!
+//! A webhook's URL often holds a secret of its own (a path token), so it is never logged:
+//! [`WebhookUrl`] shows only its scheme and host, and transport errors are logged without the
+//! URL reqwest puts in them. URLs are https:// unless `webhook_allow_http`; redirects are not
+//! followed unless `webhook_allow_redirects` (a receiver that moved is a failed delivery, not a
+//! reason to post alerts and signatures somewhere else).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,6 +32,82 @@ use crate::fleet_events::FleetEvents;
 const QUEUE: usize = 1024;
 const ATTEMPTS: u32 = 5;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Redirects followed when they are allowed at all.
+const MAX_REDIRECTS: usize = 5;
+
+/// A webhook's URL, checked when the config loads. `Display` and `Debug` show its scheme and
+/// host only (`https://hooks.example/…`): the path, query and user info may be credentials.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookUrl(reqwest::Url);
+
+impl WebhookUrl {
+    /// An `https://` URL with a host, or an `http://` one if `allow_http`.
+    pub fn parse(s: &str, allow_http: bool) -> Result<WebhookUrl, String> {
+        // The parser's error never contains the input.
+        let url = reqwest::Url::parse(s).map_err(|e| format!("not a URL ({e})"))?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err("the URL has no host".into());
+        }
+        let shown = WebhookUrl(url.clone()).to_string();
+        match url.scheme() {
+            "https" => Ok(WebhookUrl(url)),
+            "http" if allow_http => Ok(WebhookUrl(url)),
+            "http" => Err(format!(
+                "{shown} is plain http, which sends alerts and their signatures readable by anyone on the way; use https, or set webhook_allow_http = true (--webhook-allow-http)"
+            )),
+            _ => Err(format!("{shown} must be an https:// URL")),
+        }
+    }
+
+    pub fn as_url(&self) -> &reqwest::Url {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let host = self.0.host_str().unwrap_or("");
+        match self.0.port() {
+            Some(p) => write!(f, "{}://{host}:{p}/…", self.0.scheme()),
+            None => write!(f, "{}://{host}/…", self.0.scheme()),
+        }
+    }
+}
+
+impl std::fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WebhookUrl({self})")
+    }
+}
+
+/// How deliveries treat redirects: none followed, unless allowed; then a few, never from https
+/// down to http unless that is allowed too.
+fn redirect_policy(allow_redirects: bool, allow_http: bool) -> reqwest::redirect::Policy {
+    if !allow_redirects {
+        return reqwest::redirect::Policy::none();
+    }
+    reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else if attempt.url().scheme() != "https" && !allow_http {
+            attempt.error("a redirect to a URL that is not https")
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// A transport error as logged: reqwest's message and its causes, without the URL it carries.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    text
+}
 
 /// The JSON body of every webhook.
 #[derive(Clone, Debug, Serialize)]
@@ -141,8 +223,17 @@ pub fn credential_conflict(app: &crate::app::AppState, agent_id: &AgentId, c: cr
     });
 }
 
+/// Where and how alerts are delivered.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub urls: Vec<WebhookUrl>,
+    pub allow_http: bool,
+    pub allow_redirects: bool,
+}
+
 /// Follows the fleet events and delivers alerts until cancelled.
-pub async fn run(fleet: FleetEvents, urls: Vec<String>, secret: String, hold_down: Duration, cancel: CancellationToken) {
+pub async fn run(fleet: FleetEvents, delivery: Delivery, secret: String, hold_down: Duration, cancel: CancellationToken) {
+    let Delivery { urls, allow_http, allow_redirects } = delivery;
     if urls.is_empty() {
         return;
     }
@@ -151,10 +242,15 @@ pub async fn run(fleet: FleetEvents, urls: Vec<String>, secret: String, hold_dow
         let _ = roots.add(cert);
     }
     let tls = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    let http = match reqwest::Client::builder().use_preconfigured_tls(tls).timeout(ATTEMPT_TIMEOUT).build() {
+    let built = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(ATTEMPT_TIMEOUT)
+        .redirect(redirect_policy(allow_redirects, allow_http))
+        .build();
+    let http = match built {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!(error = %e, "webhooks disabled: cannot build an HTTP client");
+            tracing::error!(error = %describe(e), "webhooks disabled: cannot build an HTTP client");
             return;
         }
     };
@@ -183,7 +279,7 @@ pub async fn run(fleet: FleetEvents, urls: Vec<String>, secret: String, hold_dow
     let _ = sender.await;
 }
 
-async fn deliver(http: reqwest::Client, urls: Vec<String>, secret: String, mut rx: mpsc::Receiver<Alert>, cancel: CancellationToken) {
+async fn deliver(http: reqwest::Client, urls: Vec<WebhookUrl>, secret: String, mut rx: mpsc::Receiver<Alert>, cancel: CancellationToken) {
     let mut delivery = 0u64;
     while let Some(alert) = rx.recv().await {
         delivery += 1;
@@ -193,7 +289,7 @@ async fn deliver(http: reqwest::Client, urls: Vec<String>, secret: String, mut r
             let mut delay = Duration::from_secs(1);
             for attempt in 1..=ATTEMPTS {
                 let sent = http
-                    .post(url)
+                    .post(url.as_url().clone())
                     .header("content-type", "application/json")
                     .header("x-muster-event", alert.event)
                     .header("x-muster-delivery", delivery.to_string())
@@ -203,11 +299,17 @@ async fn deliver(http: reqwest::Client, urls: Vec<String>, secret: String, mut r
                     .await;
                 match sent {
                     Ok(r) if r.status().is_success() => break,
-                    Ok(r) => tracing::warn!(%url, attempt, status = r.status().as_u16(), "webhook refused"),
-                    Err(e) => tracing::warn!(%url, attempt, error = %e, "webhook failed"),
+                    // Asking again would be answered the same; where it points is not logged.
+                    Ok(r) if r.status().is_redirection() => {
+                        let status = r.status().as_u16();
+                        tracing::error!(webhook = %url, status, event = alert.event, "webhook answered with a redirect, which is not followed (webhook_allow_redirects); alert dropped");
+                        break;
+                    }
+                    Ok(r) => tracing::warn!(webhook = %url, attempt, status = r.status().as_u16(), "webhook refused"),
+                    Err(e) => tracing::warn!(webhook = %url, attempt, error = %describe(e), "webhook failed"),
                 }
                 if attempt == ATTEMPTS {
-                    tracing::error!(%url, event = alert.event, "webhook given up after {ATTEMPTS} attempts");
+                    tracing::error!(webhook = %url, event = alert.event, "webhook given up after {ATTEMPTS} attempts");
                     break;
                 }
                 tokio::select! {
@@ -249,6 +351,19 @@ mod tests {
         assert_eq!(sent, ["agent.offline", "agent.recovered"]);
         tokio::time::advance(Duration::from_secs(300)).await;
         assert_eq!(p.decide(&status(AgentStatus::Stale), Instant::now()).map(|a| a.event), Some("agent.stale"));
+    }
+
+    #[test]
+    fn a_webhook_url_is_shown_without_what_may_be_its_credentials() {
+        let u = WebhookUrl::parse("https://user:pass@hooks.example:8443/services/T0/B1/xyzzy?token=abc", false).unwrap();
+        assert_eq!(u.to_string(), "https://hooks.example:8443/…");
+        assert_eq!(format!("{u:?}"), "WebhookUrl(https://hooks.example:8443/…)");
+        assert!(WebhookUrl::parse("http://hooks.example/x", false).unwrap_err().contains("webhook_allow_http"));
+        assert!(WebhookUrl::parse("http://hooks.example/x", true).is_ok());
+        for bad in ["ftp://hooks.example/x", "hooks.example/x", "https://", "file:///etc/passwd"] {
+            let err = WebhookUrl::parse(bad, true).unwrap_err();
+            assert!(!err.contains("/x") && !err.contains("passwd"), "{bad}: {err}");
+        }
     }
 
     #[test]

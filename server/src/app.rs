@@ -83,6 +83,7 @@ pub struct Application {
     recorder_task: tokio::task::JoinHandle<()>,
     store: SqliteStore,
     ca_file: Option<PathBuf>,
+    renewer: Option<tls::Renewer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,11 +98,45 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
-/// Opens the database under the data directory, creating both if needed.
+/// Opens the database under the data directory, creating both if needed: the directory 0700
+/// (it holds the database, the CA's key and dev.env) and the database file 0600, which SQLite
+/// gives its `-wal` and `-shm` files too.
 pub async fn open_store(config: &Config) -> Result<SqliteStore, StartError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
+    let dir_err = |source| StartError::DataDir { path: config.data_dir.clone(), source };
+    create_private_dir(&config.data_dir).map_err(dir_err)?;
     let path = config.database_path();
+    create_private_file(&path).map_err(|source| StartError::DataDir { path: path.clone(), source })?;
     SqliteStore::open(&path).await.map_err(|source| StartError::Store { path, source })
+}
+
+/// Creates `dir` with mode 0700 if it is missing (its parents as usual). One that exists is
+/// left alone, with a warning if other users may enter it.
+pub fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {
+            let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %dir.display(), mode = format!("{mode:o}"), "the data directory is open to other users (chmod 700 it)");
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates an empty file with mode 0600 unless one exists.
+fn create_private_file(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 impl Application {
@@ -155,7 +190,8 @@ impl Application {
                 max_unauthenticated_per_address: config_limits.max_unauthenticated_per_address,
             }),
         };
-        Ok(Application { listener, acceptor: TlsAcceptor::from(identity.config), state, recorder_task, store, ca_file: identity.ca_file })
+        let acceptor = TlsAcceptor::from(identity.config);
+        Ok(Application { listener, acceptor, state, recorder_task, store, ca_file: identity.ca_file, renewer: identity.renewer })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -178,7 +214,7 @@ impl Application {
     /// Serves until the shutdown token is cancelled, then closes every session with a Close
     /// frame, waits a bounded time for them, and flushes the recorder.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Application { listener, acceptor, state, recorder_task, store, .. } = self;
+        let Application { listener, acceptor, state, recorder_task, store, renewer, .. } = self;
         let cancel = state.shutdown.clone();
         let tracker = state.tracker.clone();
         tracker.spawn(health::run_sweeper(state.registry.clone(), state.recorder.clone(), state.config.sweep_interval, cancel.clone()));
@@ -190,9 +226,17 @@ impl Application {
         tracker.spawn(health::run_pruner(state.auditor.clone(), retention, cancel.clone()));
         tracker.spawn(state.auditor.clone().run(cancel.clone()));
         tracker.spawn(state.dispatcher.clone().run(cancel.clone()));
+        if let Some(renewer) = renewer {
+            tracker.spawn(renewer.run(cancel.clone()));
+        }
         if let Some(secret) = state.config.webhook_secret.clone() {
-            let (urls, hold) = (state.config.webhooks.clone(), state.config.alert_hold_down);
-            tracker.spawn(crate::alerts::run(state.fleet.clone(), urls, secret, hold, cancel.clone()));
+            let delivery = crate::alerts::Delivery {
+                urls: state.config.webhooks.clone(),
+                allow_http: state.config.webhook_allow_http,
+                allow_redirects: state.config.webhook_allow_redirects,
+            };
+            let hold = state.config.alert_hold_down;
+            tracker.spawn(crate::alerts::run(state.fleet.clone(), delivery, secret, hold, cancel.clone()));
         }
 
         let router = api::router(state.clone());

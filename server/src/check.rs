@@ -7,27 +7,14 @@ use std::collections::HashSet;
 use sqlx::ConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 
-use crate::config::{Config, TlsSource};
+use crate::config::Config;
 use crate::tls;
 
 pub async fn run(config: &Config) -> Result<Vec<String>, String> {
     let mut ok = vec![format!("config: listening on {}, data in {}", config.listen, config.data_dir.display())];
 
-    match &config.tls {
-        TlsSource::Files { cert, .. } => {
-            tls::load(&config.tls, &config.data_dir).map_err(|e| format!("TLS: {e}"))?;
-            ok.push(format!("TLS: certificate {} and its key load and match", cert.display()));
-        }
-        TlsSource::Generated { .. } => {
-            let paths = tls::GeneratedPaths::new(&config.data_dir);
-            if paths.cert.exists() {
-                tls::load(&config.tls, &config.data_dir).map_err(|e| format!("TLS: {e}"))?;
-                ok.push(format!("TLS: generated certificate {} loads; agents trust {}", paths.cert.display(), paths.ca_cert.display()));
-            } else {
-                ok.push("TLS: no certificate yet; a CA and a certificate are generated at first start".into());
-            }
-        }
-    }
+    let tls = tls::check(&config.tls, &config.data_dir, tls::now_secs()).map_err(|e| format!("TLS: {e}"))?;
+    ok.push(format!("TLS: {tls}"));
 
     if config.data_dir.exists() {
         let probe = config.data_dir.join(".check-write");

@@ -59,7 +59,8 @@ pub struct Settings {
     #[arg(long, global = true, env = "MUSTER_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Extra DNS names or IP addresses for the generated certificate (localhost, 127.0.0.1 and ::1
-    /// are always included). Comma separated.
+    /// are always included). Comma separated. The generated CA may vouch for these names only:
+    /// names added later need a new CA.
     #[arg(long, global = true, env = "MUSTER_TLS_HOSTNAMES", value_delimiter = ',')]
     pub tls_hostnames: Option<Vec<String>>,
     /// Name of this server process among several sharing a database. [default: local]
@@ -86,12 +87,25 @@ pub struct Settings {
     #[arg(long, global = true, env = "MUSTER_SWEEP_INTERVAL", value_parser = parse_duration)]
     pub sweep_interval: Option<Duration>,
     /// URL that gets a signed JSON POST when an agent goes offline or stale or recovers, and
-    /// when a job fails. Repeat (or comma-separate) for more.
-    #[arg(long = "webhook", env = "MUSTER_WEBHOOKS", value_delimiter = ',')]
+    /// when a job fails. Repeat (or comma-separate) for more. https:// unless
+    /// --webhook-allow-http. Never logged whole: it may hold a secret of its own.
+    #[arg(long = "webhook", env = "MUSTER_WEBHOOKS", value_delimiter = ',', hide_env_values = true)]
     pub webhooks: Option<Vec<String>>,
-    /// Secret for the webhooks' HMAC-SHA256 signature header (X-Muster-Signature).
+    /// Allow http:// webhook URLs, whose alerts (and signatures) cross the network readable
+    /// by anyone on the way.
+    #[arg(long, global = true, env = "MUSTER_WEBHOOK_ALLOW_HTTP")]
+    pub webhook_allow_http: bool,
+    /// Follow redirects from webhook receivers (at most 5, never from https to http unless
+    /// --webhook-allow-http). Without it a redirect is a failed delivery.
+    #[arg(long, global = true, env = "MUSTER_WEBHOOK_ALLOW_REDIRECTS")]
+    pub webhook_allow_redirects: bool,
+    /// Secret for the webhooks' HMAC-SHA256 signature header (X-Muster-Signature). A flag's
+    /// value shows in the process list: prefer --webhook-secret-file.
     #[arg(long, global = true, env = "MUSTER_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// Read the webhook secret from this file (one line), or from standard input with `-`.
+    #[arg(long, global = true, env = "MUSTER_WEBHOOK_SECRET_FILE", conflicts_with = "webhook_secret")]
+    pub webhook_secret_file: Option<PathBuf>,
     /// After an alert about an agent, further problem alerts about it wait this long. [default: 5m]
     #[arg(long, global = true, env = "MUSTER_ALERT_HOLD_DOWN", value_parser = parse_duration)]
     pub alert_hold_down: Option<Duration>,
@@ -177,7 +191,10 @@ struct FileSettings {
     audit_file: Option<PathBuf>,
     sweep_interval: Option<String>,
     webhooks: Option<Vec<String>>,
+    webhook_allow_http: Option<bool>,
+    webhook_allow_redirects: Option<bool>,
     webhook_secret: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
     alert_hold_down: Option<String>,
     log: Option<String>,
     max_connections: Option<usize>,
@@ -210,7 +227,9 @@ pub struct Config {
     pub audit_retention: Duration,
     pub audit_file: Option<PathBuf>,
     pub sweep_interval: Duration,
-    pub webhooks: Vec<String>,
+    pub webhooks: Vec<crate::alerts::WebhookUrl>,
+    pub webhook_allow_http: bool,
+    pub webhook_allow_redirects: bool,
     pub webhook_secret: Option<String>,
     pub alert_hold_down: Duration,
     pub log: String,
@@ -309,6 +328,20 @@ impl Config {
             }
         };
         let limits = resolve_limits(&settings.limits, &file, dur)?;
+        let webhook_secret = webhook_secret(settings, &file)?;
+        let allow_http = settings.webhook_allow_http || file.webhook_allow_http.unwrap_or(false);
+        let webhooks = settings
+            .webhooks
+            .clone()
+            .or(file.webhooks.clone())
+            .unwrap_or_default()
+            .iter()
+            .filter(|w| !w.is_empty())
+            .enumerate()
+            .map(|(i, w)| {
+                crate::alerts::WebhookUrl::parse(w, allow_http).map_err(|e| ConfigError::Invalid(format!("webhook {}: {e}", i + 1)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let tls = match (settings.tls_cert.clone().or(file.tls_cert), settings.tls_key.clone().or(file.tls_key)) {
             (Some(cert), Some(key)) => TlsSource::Files { cert, key },
             (None, None) => TlsSource::Generated { hostnames: settings.tls_hostnames.clone().or(file.tls_hostnames).unwrap_or_default() },
@@ -330,8 +363,10 @@ impl Config {
             audit_retention: dur(settings.audit_retention, &file.audit_retention, "audit_retention", Duration::from_secs(365 * 86_400))?,
             audit_file: settings.audit_file.clone().or(file.audit_file),
             sweep_interval: dur(settings.sweep_interval, &file.sweep_interval, "sweep_interval", Duration::from_secs(1))?,
-            webhooks: settings.webhooks.clone().or(file.webhooks).unwrap_or_default().into_iter().filter(|w| !w.is_empty()).collect(),
-            webhook_secret: settings.webhook_secret.clone().or(file.webhook_secret),
+            webhooks,
+            webhook_allow_http: allow_http,
+            webhook_allow_redirects: settings.webhook_allow_redirects || file.webhook_allow_redirects.unwrap_or(false),
+            webhook_secret,
             alert_hold_down: dur(settings.alert_hold_down, &file.alert_hold_down, "alert_hold_down", Duration::from_secs(300))?,
             log: settings.log.clone().or(file.log).unwrap_or_else(|| "info".into()),
             limits,
@@ -361,8 +396,10 @@ impl Config {
         if self.audit_file.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
             return bad("audit_file must be a path");
         }
-        if let Some(w) = self.webhooks.iter().find(|w| !(w.starts_with("https://") || w.starts_with("http://"))) {
-            return Err(ConfigError::Invalid(format!("webhook {w:?} must be an http:// or https:// URL")));
+        if let TlsSource::Generated { hostnames } = &self.tls
+            && let Some(Err(e)) = hostnames.iter().map(|h| crate::tls::Name::parse(h)).find(Result::is_err)
+        {
+            return Err(ConfigError::Invalid(format!("tls_hostnames: {e}")));
         }
         if !self.webhooks.is_empty() && self.webhook_secret.as_deref().is_none_or(str::is_empty) {
             return bad("webhooks need a webhook_secret, so receivers can check who sent them");
@@ -383,6 +420,34 @@ impl Config {
     /// How long the server waits for any frame from an agent before closing its connection.
     pub fn idle_timeout(&self) -> Duration {
         self.ping_interval * 3
+    }
+}
+
+/// The webhook secret: flags and environment first, then the file; in each, a value or a file
+/// to read it from (stdin only from the command line or the environment).
+fn webhook_secret(settings: &Settings, file: &FileSettings) -> Result<Option<String>, ConfigError> {
+    let from_file = |path: &Path| {
+        let read = if path.as_os_str() == shared::secret::STDIN {
+            shared::secret::read(std::io::stdin().lock())
+        } else {
+            std::fs::File::open(path).map_err(Into::into).and_then(shared::secret::read)
+        };
+        read.map_err(|e| ConfigError::Invalid(format!("webhook secret file {}: {e}", path.display())))
+    };
+    if let Some(s) = &settings.webhook_secret {
+        return Ok(Some(s.clone()));
+    }
+    if let Some(path) = &settings.webhook_secret_file {
+        return from_file(path).map(Some);
+    }
+    match (&file.webhook_secret, &file.webhook_secret_file) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid("the config file gives both webhook_secret and webhook_secret_file".into())),
+        (Some(s), None) => Ok(Some(s.clone())),
+        (None, Some(path)) if path.as_os_str() == shared::secret::STDIN => {
+            Err(ConfigError::Invalid("webhook_secret_file in a config file must be a file, not `-`".into()))
+        }
+        (None, Some(path)) => from_file(path).map(Some),
+        (None, None) => Ok(None),
     }
 }
 
@@ -518,11 +583,30 @@ mod tests {
     }
 
     #[test]
-    fn webhooks_need_a_secret_and_an_http_url() {
+    fn webhooks_need_a_secret_and_an_https_url_unless_http_is_allowed() {
         let s = Settings { webhooks: Some(vec!["https://hooks.example/muster".into()]), ..Settings::default() };
         assert!(Config::resolve(&s).unwrap_err().to_string().contains("webhook_secret"));
         let s = Settings { webhooks: Some(vec!["ftp://x".into()]), webhook_secret: Some("k".into()), ..Settings::default() };
         assert!(Config::resolve(&s).is_err());
+        let plain = || Settings {
+            webhooks: Some(vec!["https://hooks.example/a".into(), "http://hooks.example/T0/B1/xyzzy".into()]),
+            webhook_secret: Some("k".into()),
+            ..Settings::default()
+        };
+        let err = Config::resolve(&plain()).unwrap_err().to_string();
+        assert!(err.contains("webhook 2") && err.contains("webhook_allow_http"), "{err}");
+        assert!(!err.contains("xyzzy"), "the URL's path is not shown: {err}");
+        let allowed = Config::resolve(&Settings { webhook_allow_http: true, ..plain() }).unwrap();
+        assert_eq!(allowed.webhooks[1].to_string(), "http://hooks.example/…");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            "webhooks = [\"http://h/x\"]\nwebhook_secret = \"k\"\nwebhook_allow_http = true\nwebhook_allow_redirects = true\n",
+        )
+        .unwrap();
+        let c = Config::resolve(&Settings { config: Some(path), ..Settings::default() }).unwrap();
+        assert!(c.webhook_allow_redirects && c.webhooks.len() == 1);
         let s = Settings {
             webhooks: Some(vec!["https://hooks.example/muster".into()]),
             webhook_secret: Some("k".into()),
@@ -532,10 +616,30 @@ mod tests {
     }
 
     #[test]
+    fn the_webhook_secret_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let path = dir.path().join("server.toml");
+        let toml = format!("webhooks = [\"https://hooks.example/muster\"]\nwebhook_secret_file = {:?}\n", secret.to_str().unwrap());
+        std::fs::write(&path, toml).unwrap();
+        let c = Config::resolve(&Settings { config: Some(path.clone()), ..Settings::default() }).unwrap();
+        assert_eq!(c.webhook_secret.as_deref(), Some("s3cret"));
+        let s = Settings { config: Some(path), webhook_secret: Some("flag".into()), ..Settings::default() };
+        assert_eq!(Config::resolve(&s).unwrap().webhook_secret.as_deref(), Some("flag"));
+        std::fs::write(&secret, "").unwrap();
+        let s = Settings { webhook_secret_file: Some(secret), ..Settings::default() };
+        assert!(Config::resolve(&s).unwrap_err().to_string().contains("empty"));
+        assert!(Cli::try_parse_from(["muster-server", "--webhook-secret", "a", "--webhook-secret-file", "b"]).is_err());
+    }
+
+    #[test]
     fn out_of_range_values_are_refused() {
         let s = Settings { ping_interval: Some(Duration::from_millis(1)), ..Settings::default() };
         assert!(Config::resolve(&s).is_err());
         let s = Settings { node_id: Some("no spaces".into()), ..Settings::default() };
         assert!(Config::resolve(&s).is_err());
+        let s = Settings { tls_hostnames: Some(vec!["muster.example".into(), "*.example".into()]), ..Settings::default() };
+        assert!(Config::resolve(&s).unwrap_err().to_string().contains("*.example"));
     }
 }

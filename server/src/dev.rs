@@ -106,7 +106,7 @@ fn agent_config(server_url: &str, ca: &Path, state_dir: &Path, enroll_token: Str
         server: server_url.to_owned(),
         ca: Some(ca.to_owned()),
         state_dir: state_dir.to_owned(),
-        enroll_token: Some(enroll_token),
+        enroll_token: Some(agent::config::EnrollToken::Value(enroll_token)),
         hostname: None,
         labels: Labels::new(),
         heartbeat_interval: Duration::from_secs(10),

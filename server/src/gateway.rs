@@ -79,7 +79,10 @@ pub async fn connect(
     // too (in `run_session`), so a credential alone cannot hold upgraded sockets open.
     let ticket = ticket.map(|axum::Extension(t)| t);
     let guard = app.tracker.token();
-    ws.protocols([protocol::SUBPROTOCOL])
+    // An enrollment's credential follows in `welcome`: nothing on the way may keep the exchange.
+    let enrolling = matches!(verified, Verified::EnrollToken(_));
+    let mut resp = ws
+        .protocols([protocol::SUBPROTOCOL])
         .max_message_size(protocol::MAX_MESSAGE_BYTES)
         .max_frame_size(protocol::MAX_MESSAGE_BYTES)
         .read_buffer_size(4 * 1024)
@@ -90,7 +93,11 @@ pub async fn connect(
             // The session holds its connection's slot until it ends.
             drop(ticket);
             drop(guard);
-        })
+        });
+    if enrolling {
+        resp.headers_mut().extend(crate::api::no_store());
+    }
+    resp
 }
 
 enum Refusal {

@@ -161,12 +161,13 @@ impl std::str::FromStr for Role {
 /// `POST /api/v1/enroll-tokens`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateEnrollToken {
-    /// Seconds until the token stops working.
-    #[serde(deserialize_with = "crate::whole::number")]
-    pub ttl_secs: u64,
-    /// How many agents may enroll with it.
-    #[serde(deserialize_with = "crate::whole::number")]
-    pub uses: u32,
+    /// Seconds until the token stops working; none for the server's default (24 hours, or
+    /// `max_enroll_token_ttl` if that is shorter).
+    #[serde(default, deserialize_with = "crate::whole::option", skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// How many agents may enroll with it; none for the server's default (10).
+    #[serde(default, deserialize_with = "crate::whole::option", skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
     /// Labels every agent enrolled with this token gets. They win over the agent's own.
     #[serde(default)]
     pub labels: Labels,
@@ -277,7 +278,8 @@ mod tests {
             transitions: vec![Transition { at: t, from: Some(AgentStatus::Online), to: AgentStatus::Stale, reason: "late".into() }],
         });
         round_trip(&FleetCounts { total: 3, online: 1, stale: 1, offline: 1 });
-        round_trip(&CreateEnrollToken { ttl_secs: 60, uses: 2, labels: Labels::new() });
+        round_trip(&CreateEnrollToken { ttl_secs: Some(60), uses: Some(2), labels: Labels::new() });
+        round_trip(&CreateEnrollToken { ttl_secs: None, uses: None, labels: Labels::new() });
         round_trip(&CreateToken { name: "ci".into(), role: Role::Operator, ttl_secs: None });
         round_trip(&ApiError { error: "not_found".into(), message: "no agent 0123".into() });
         round_trip(&AuditPage {

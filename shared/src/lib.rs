@@ -1,5 +1,6 @@
 //! Muster's shared vocabulary: the agent protocol spoken over wss, the HTTP API's request and
-//! response types, and the validated newtypes both sides parse at their edges. Serde only, no I/O.
+//! response types, and the validated newtypes both sides parse at their edges. Serde only, no I/O
+//! (`secret` reads from a reader it is handed, and opens nothing).
 
 pub mod api;
 pub mod audit;
@@ -8,6 +9,7 @@ pub mod id;
 pub mod job;
 pub mod labels;
 pub mod protocol;
+pub mod secret;
 pub mod selector;
 pub mod signing;
 pub mod time;

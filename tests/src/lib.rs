@@ -228,7 +228,7 @@ impl TestServer {
     }
 
     pub async fn enroll_token_with_ttl(&self, uses: u32, labels: &[&str], ttl_secs: u64) -> String {
-        let req = CreateEnrollToken { ttl_secs, uses, labels: Labels::from_pairs(labels).expect("labels") };
+        let req = CreateEnrollToken { ttl_secs: Some(ttl_secs), uses: Some(uses), labels: Labels::from_pairs(labels).expect("labels") };
         let created: EnrollTokenCreated = self.api.post("/enroll-tokens", &req).await;
         created.token
     }

@@ -47,6 +47,17 @@ pub async fn connect_ca(server: &str, bearer: Option<&str>, ca: &Path) -> Handsh
     connect(server, bearer, crate::rustls_config(ca)).await.expect("connect")
 }
 
+/// An upgrade that must succeed: the socket and the headers of the server's 101.
+pub async fn upgrade(server: &str, bearer: &str, ca: &Path) -> (Box<Ws>, tungstenite::http::HeaderMap) {
+    let url = format!("{}{}", server.replacen("https://", "wss://", 1), protocol::CONNECT_PATH);
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut().insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {bearer}")).expect("header"));
+    req.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol::SUBPROTOCOL));
+    let tls = Connector::Rustls(crate::rustls_config(ca));
+    let (ws, resp) = tokio_tungstenite::connect_async_tls_with_config(req, None, true, Some(tls)).await.expect("upgrade");
+    (Box::new(ws), resp.headers().clone())
+}
+
 pub fn hello(hostname: &str, interval_ms: u64) -> AgentMessage {
     AgentMessage::Hello(Hello {
         protocol: protocol::PROTOCOL_VERSION,

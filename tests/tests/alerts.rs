@@ -1,4 +1,5 @@
-//! Webhook alerts: a receiver started here gets signed alerts, retried after a failure.
+//! Webhook alerts: a receiver started here gets signed alerts, retried after a failure; its URL
+//! and the secret stay out of the log; plain http needs a setting, and redirects are refused.
 
 // Helpers below are test code: a panic is a failed test with its message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -20,8 +21,14 @@ struct Request {
 
 /// A plain HTTP receiver on loopback: answers 500 to the first request and 200 after.
 async fn receiver() -> (String, mpsc::Receiver<Request>) {
+    receiver_answering(|n| if n == 0 { "500 Internal Server Error".into() } else { "200 OK".into() }).await
+}
+
+/// A plain HTTP receiver on loopback whose answer to its `n`th request has the status line
+/// (and any headers) that `answer(n)` gives.
+async fn receiver_answering(answer: impl Fn(usize) -> String + Send + 'static) -> (String, mpsc::Receiver<Request>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let url = format!("http://{}/hook/T0-path-secret", listener.local_addr().unwrap());
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         for n in 0..64 {
@@ -55,7 +62,7 @@ async fn receiver() -> (String, mpsc::Receiver<Request>) {
                 .filter_map(|l| l.split_once(':'))
                 .map(|(k, v)| (k.trim().to_lowercase(), v.trim().to_owned()))
                 .collect();
-            let status = if n == 0 { "500 Internal Server Error" } else { "200 OK" };
+            let status = answer(n);
             let _ = sock.write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes()).await;
             let _ = tx.send(Request { headers, body: buf[head_end..].to_vec() }).await;
         }
@@ -72,7 +79,7 @@ fn signed(secret: &str, body: &[u8]) -> String {
 #[tokio::test]
 async fn a_failed_job_and_an_agent_going_offline_reach_the_webhook_signed_and_retried() {
     let (url, mut hooks) = receiver().await;
-    let server = TestServer::spawn_with(&["--webhook", &url, "--webhook-secret", "s3cret"]).await;
+    let server = TestServer::spawn_with(&["--webhook", &url, "--webhook-secret", "s3cret", "--webhook-allow-http"]).await;
     let mut agents = server.spawn_agents(1, &[]).await;
     let (mut agent, id) = agents.remove(0);
 
@@ -104,4 +111,41 @@ async fn a_failed_job_and_an_agent_going_offline_reach_the_webhook_signed_and_re
     let all: Vec<&Request> = seen.values().flatten().collect();
     let deliveries: Vec<&String> = all.iter().filter_map(|r| r.headers.get("x-muster-delivery")).collect();
     assert!(deliveries.len() > deliveries.iter().collect::<std::collections::HashSet<_>>().len(), "a retried delivery: {deliveries:?}");
+
+    // The refused first delivery was logged, naming the receiver by scheme and host only.
+    let log = server.log();
+    assert!(log.contains("webhook refused"), "{log}");
+    assert!(!log.contains("T0-path-secret") && !log.contains("s3cret"), "the URL's path or the secret is in the log:\n{log}");
+}
+
+#[tokio::test]
+async fn a_webhook_that_redirects_is_not_followed_and_plain_http_needs_a_setting() {
+    let (target, mut followed) = receiver_answering(|_| "200 OK".into()).await;
+    let (url, mut hooks) = receiver_answering(move |_| format!("302 Found\r\nlocation: {target}")).await;
+    let server = TestServer::spawn_with(&["--webhook", &url, "--webhook-secret", "s3cret", "--webhook-allow-http"]).await;
+    let mut agents = server.spawn_agents(1, &[]).await;
+    let (mut agent, id) = agents.remove(0);
+    agent.process().kill();
+    server.api.wait_status(&id, AgentStatus::Offline, Duration::from_secs(10)).await;
+
+    let first = tokio::time::timeout(Duration::from_secs(30), hooks.recv()).await.expect("an alert in time").expect("receiver open");
+    assert_eq!(first.headers.get("x-muster-event").map(String::as_str), Some("agent.offline"));
+    tests::wait_for("the refused redirect in the log", Duration::from_secs(10), || async {
+        server.log().contains("webhook answered with a redirect, which is not followed").then_some(())
+    })
+    .await;
+    assert!(followed.try_recv().is_err(), "the redirect was followed");
+    assert!(!server.log().contains("T0-path-secret"), "{}", server.log());
+
+    // Without --webhook-allow-http the same URL does not even start the server.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(tests::bin("muster-server"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["--webhook", &url, "--webhook-secret", "s3cret", "check"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{said}");
+    assert!(said.contains("webhook_allow_http") && !said.contains("T0-path-secret"), "{said}");
 }

@@ -86,7 +86,25 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), bounded_body))
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(strict_transport))
         .with_state(state)
+}
+
+/// `Strict-Transport-Security` on every answer: the server speaks only HTTPS, so a browser
+/// that has seen it once never tries plain HTTP for this host again. A year, for this host
+/// only (the server knows nothing of its subdomains), and no preload, which is the domain
+/// owner's decision. Browsers ignore it for IP addresses, such as `--dev`'s 127.0.0.1.
+pub const HSTS: &str = "max-age=31536000";
+
+async fn strict_transport(mut resp: axum::response::Response) -> axum::response::Response {
+    resp.headers_mut().insert(axum::http::header::STRICT_TRANSPORT_SECURITY, axum::http::HeaderValue::from_static(HSTS));
+    resp
+}
+
+/// `Cache-Control: no-store`, for the answers that carry a new secret (a token, an enrollment
+/// token, an agent's first credential): no cache, the browser's included, may keep a copy.
+pub fn no_store() -> [(axum::http::HeaderName, axum::http::HeaderValue); 1] {
+    [(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"))]
 }
 
 /// Reads every request body whole, within `max_body_bytes` (413 beyond) and `body_timeout`
@@ -152,8 +170,18 @@ fn limit(requested: Option<u32>, default: u32, max: u32) -> Result<u32, Error> {
     }
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "version": shared::VERSION }))
+/// `GET /healthz`: for probes and load balancers, so it needs no token. The version, which
+/// tells a scanner which advisories apply, is there only for a caller with a valid token.
+async fn healthz(axum::extract::State(app): axum::extract::State<AppState>, req: axum::extract::Request) -> Json<serde_json::Value> {
+    use axum::extract::FromRequestParts;
+    let (mut parts, _) = req.into_parts();
+    // No header, no check: an unauthenticated probe is not a refused request worth a log line.
+    let authenticated =
+        parts.headers.contains_key(axum::http::header::AUTHORIZATION) && Caller::from_request_parts(&mut parts, &app).await.is_ok();
+    match authenticated {
+        true => Json(serde_json::json!({ "status": "ok", "version": shared::VERSION })),
+        false => Json(serde_json::json!({ "status": "ok" })),
+    }
 }
 
 /// `GET /metrics`: Prometheus text. Fleet state is information, so it takes a token (any

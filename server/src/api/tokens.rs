@@ -16,6 +16,10 @@ use crate::auth::{self, Kind};
 use crate::store::{ApiTokenRow, AuditEntry, EnrollTokenRow, Store};
 
 const MAX_ENROLL_USES: u32 = 1_000_000;
+/// An enrollment token the operator gave no ttl lasts this long (or `max_enroll_token_ttl`, if
+/// shorter), and no uses this many: short-lived by default, since it is pasted around.
+pub const DEFAULT_ENROLL_TTL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_ENROLL_USES: u32 = 10;
 
 fn enroll_info(r: &EnrollTokenRow) -> EnrollTokenInfo {
     EnrollTokenInfo {
@@ -54,12 +58,17 @@ pub async fn whoami(caller: Caller) -> Json<WhoAmI> {
 pub async fn create_enroll(
     State(app): State<AppState>,
     caller: Caller,
-    body: std::result::Result<Json<CreateEnrollToken>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<EnrollTokenCreated>)> {
+    body: std::result::Result<Json<serde_json::Map<String, serde_json::Value>>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, [(axum::http::HeaderName, axum::http::HeaderValue); 1], Json<EnrollTokenCreated>)> {
     caller.require(Role::Admin)?;
-    let Json(req) = body?;
-    let ttl = Duration::from_secs(req.ttl_secs);
+    // Read as an object first: serde would take a struct of optional fields from an array too
+    // (`[null, null]`), which the API does not promise.
+    let Json(object) = body?;
+    let req: CreateEnrollToken =
+        serde_json::from_value(serde_json::Value::Object(object)).map_err(|e| Error::BadRequest(format!("invalid body: {e}")))?;
     let max = app.config.limits.max_enroll_token_ttl;
+    let ttl = req.ttl_secs.map_or(DEFAULT_ENROLL_TTL.min(max), Duration::from_secs);
+    let uses = req.uses.unwrap_or(DEFAULT_ENROLL_USES);
     if ttl.is_zero() || ttl > max {
         return Err(Error::BadRequest(format!("ttl_secs must be between 1 and {} ({})", max.as_secs(), shared::duration::format(max))));
     }
@@ -69,7 +78,7 @@ pub async fn create_enroll(
             shared::labels::AGENT_PREFIX
         )));
     }
-    if req.uses == 0 || req.uses > MAX_ENROLL_USES {
+    if uses == 0 || uses > MAX_ENROLL_USES {
         return Err(Error::BadRequest(format!("uses must be between 1 and {MAX_ENROLL_USES}")));
     }
     let issued = issue(Kind::Enroll)?;
@@ -80,8 +89,8 @@ pub async fn create_enroll(
         created_by: caller.actor(),
         created_at: now,
         expires_at: now.saturating_add(ttl),
-        uses_total: req.uses,
-        uses_left: req.uses,
+        uses_total: uses,
+        uses_left: uses,
         labels: req.labels,
         revoked_at: None,
     };
@@ -89,10 +98,10 @@ pub async fn create_enroll(
     app.audit(caller.entry(
         "enroll_token.create",
         Some(row.id.clone()),
-        serde_json::json!({ "ttl_secs": req.ttl_secs, "uses": req.uses, "labels": row.labels }),
+        serde_json::json!({ "ttl_secs": ttl.as_secs(), "uses": uses, "labels": row.labels }),
     ))
     .await;
-    Ok((StatusCode::CREATED, Json(EnrollTokenCreated { info: enroll_info(&row), token: issued.token })))
+    Ok((StatusCode::CREATED, super::no_store(), Json(EnrollTokenCreated { info: enroll_info(&row), token: issued.token })))
 }
 
 pub async fn list_enroll(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<EnrollTokenInfo>>> {
@@ -146,7 +155,7 @@ pub async fn create_token(
     State(app): State<AppState>,
     caller: Caller,
     body: std::result::Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<TokenCreated>)> {
+) -> Result<(StatusCode, [(axum::http::HeaderName, axum::http::HeaderValue); 1], Json<TokenCreated>)> {
     caller.require(Role::Admin)?;
     let Json(req) = body?;
     if req.ttl_secs == Some(0) {
@@ -159,7 +168,7 @@ pub async fn create_token(
     let (created, mut entry) = create_token_row(app.store.as_ref(), &req, &caller.actor()).await?;
     entry.address = caller.address.clone();
     app.audit(entry).await;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, super::no_store(), Json(created)))
 }
 
 pub async fn list_tokens(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<TokenInfo>>> {
