@@ -40,6 +40,52 @@ pub struct InstallArgs {
     /// Write everything but do not enable or start the service.
     #[arg(long)]
     pub no_start: bool,
+    /// Run only jobs signed by this operator key (`muster key show`); repeat for more. Without
+    /// it, the keys already in the config are kept.
+    #[arg(long = "trust-key")]
+    pub trust_keys: Vec<shared::signing::PublicKey>,
+}
+
+/// What an administrator set in agent.toml that install does not own: kept when it rewrites
+/// the file, so running it again never drops a policy, trusted keys or `run_as`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Kept {
+    pub run_as: Option<String>,
+    pub trusted_keys: Vec<String>,
+    /// The `[policy]` table, as written.
+    pub policy: Option<String>,
+}
+
+impl Kept {
+    pub fn from_text(text: &str) -> Kept {
+        #[derive(serde::Deserialize)]
+        struct Top {
+            run_as: Option<String>,
+            #[serde(default)]
+            trusted_keys: Vec<String>,
+        }
+        let top: Option<Top> = toml::from_str(text).ok();
+        let is_header = |l: &str| {
+            let t = l.trim_end();
+            t.starts_with('[') && !t.starts_with("[[") && t.ends_with(']') && !t.contains('=') && !l.starts_with(' ')
+        };
+        let mut policy: Option<String> = None;
+        for line in text.lines() {
+            if is_header(line) {
+                if line.trim() == "[policy]" {
+                    policy = Some(String::new());
+                } else if policy.as_deref().is_some_and(|p| !p.is_empty()) {
+                    break;
+                }
+            }
+            if let Some(p) = policy.as_mut() {
+                p.push_str(line);
+                p.push('\n');
+            }
+        }
+        let (run_as, trusted_keys) = top.map(|t| (t.run_as, t.trusted_keys)).unwrap_or_default();
+        Kept { run_as, trusted_keys, policy }
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -72,7 +118,7 @@ fn toml_string(s: &str) -> String {
 }
 
 /// The config file install writes: paths as the service will see them.
-pub fn config_text(server: &str, hostname: Option<&str>, labels: &Labels, heartbeat: Option<std::time::Duration>) -> String {
+pub fn config_text(server: &str, hostname: Option<&str>, labels: &Labels, heartbeat: Option<std::time::Duration>, kept: &Kept) -> String {
     let mut out = String::from("# Written by `muster-agent install`; running it again rewrites this file.\n");
     out += &format!("server = {}\nca = {}\nstate_dir = {}\n", toml_string(server), toml_string(CA_PATH), toml_string(STATE_DIR));
     if let Some(h) = hostname {
@@ -81,11 +127,22 @@ pub fn config_text(server: &str, hostname: Option<&str>, labels: &Labels, heartb
     if let Some(h) = heartbeat {
         out += &format!("heartbeat_interval = {}\n", toml_string(&shared::duration::format(h)));
     }
+    if let Some(r) = &kept.run_as {
+        out += &format!("run_as = {}\n", toml_string(r));
+    }
+    if !kept.trusted_keys.is_empty() {
+        let keys: Vec<String> = kept.trusted_keys.iter().map(|k| toml_string(k)).collect();
+        out += &format!("trusted_keys = [{}]\n", keys.join(", "));
+    }
     if !labels.is_empty() {
         out += "\n[labels]\n";
         for (k, v) in labels.iter() {
             out += &format!("{} = {}\n", toml_string(k), toml_string(v));
         }
+    }
+    if let Some(p) = &kept.policy {
+        out += "\n";
+        out += p;
     }
     out
 }
@@ -112,11 +169,29 @@ pub async fn install(config: &Config, args: &InstallArgs) -> Result<Vec<String>,
     std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", state_dir.display()))?;
     write(&under(&root, CA_PATH), &ca_pem, 0o644)?;
     let heartbeat = (config.heartbeat_interval != std::time::Duration::from_secs(10)).then_some(config.heartbeat_interval);
-    write(
-        &under(&root, CONFIG_PATH),
-        config_text(&config.server, config.hostname.as_deref(), &config.labels, heartbeat).as_bytes(),
-        0o600,
-    )?;
+    let mut kept = std::fs::read_to_string(under(&root, CONFIG_PATH)).map(|t| Kept::from_text(&t)).unwrap_or_default();
+    if let Some(r) = &config.policy.run_as {
+        kept.run_as = Some(format!("{}:{}", r.user, r.group));
+    }
+    if !args.trust_keys.is_empty() {
+        kept.trusted_keys = args.trust_keys.iter().map(ToString::to_string).collect();
+    } else if !config.trusted_keys.is_empty() {
+        kept.trusted_keys = config.trusted_keys.iter().map(ToString::to_string).collect();
+    }
+    let text = config_text(&config.server, config.hostname.as_deref(), &config.labels, heartbeat, &kept);
+    // What the service will read must be valid: check it before replacing the old file.
+    let check = std::env::temp_dir().join(format!("muster-agent-install-{}.toml", std::process::id()));
+    write(&check, text.as_bytes(), 0o600)?;
+    let parsed = Config::resolve(&crate::config::Settings { config: Some(check.clone()), ..Default::default() });
+    let _ = std::fs::remove_file(&check);
+    parsed.map_err(|e| format!("the config install would write is not valid: {e}"))?;
+    write(&under(&root, CONFIG_PATH), text.as_bytes(), 0o600)?;
+    if !kept.trusted_keys.is_empty() {
+        done.push(format!("signed jobs required: {} trusted keys", kept.trusted_keys.len()));
+    }
+    if let Some(r) = &kept.run_as {
+        done.push(format!("commands run as {r}"));
+    }
     done.push(format!("config {} and CA {}", CONFIG_PATH, CA_PATH));
 
     // Enroll with the files just written, exactly as the service will run.
@@ -212,7 +287,7 @@ mod tests {
     #[test]
     fn the_written_config_reads_back_as_the_same_settings() {
         let labels = Labels::from_pairs(["site=paris", "role=pos"]).unwrap();
-        let text = config_text("https://muster.example:8443", Some("kiosk \"7\""), &labels, None);
+        let text = config_text("https://muster.example:8443", Some("kiosk \"7\""), &labels, None, &Kept::default());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
         std::fs::write(&path, text).unwrap();
@@ -223,5 +298,27 @@ mod tests {
         assert_eq!(c.hostname.as_deref(), Some("kiosk \"7\""));
         assert_eq!(c.state_dir, Path::new(STATE_DIR));
         assert_eq!(c.ca.as_deref(), Some(Path::new(CA_PATH)));
+    }
+
+    #[test]
+    fn a_rewritten_config_keeps_the_policy_trusted_keys_and_run_as() {
+        let key = format!("ed25519:{}", "ab".repeat(32));
+        let old = format!(
+            "server = \"https://h:1\"\nrun_as = \"nobody\"\ntrusted_keys = [\"{key}\"]\n\n[labels]\nsite = \"x\"\n\n\
+             [policy]\nprograms = [\"/bin/true\"]\nargv_prefixes = [\n  [\"/bin/echo\", \"a\"],\n]\n"
+        );
+        let kept = Kept::from_text(&old);
+        assert_eq!(kept.run_as.as_deref(), Some("nobody"));
+        assert_eq!(kept.trusted_keys, [key]);
+        assert!(kept.policy.as_deref().unwrap().contains("[\"/bin/echo\", \"a\"]"), "{kept:?}");
+        let text = config_text("https://h:1", None, &Labels::from_pairs(["site=y"]).unwrap(), None, &kept);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, &text).unwrap();
+        let c = Config::resolve(&crate::config::Settings { config: Some(path), ..Default::default() }).unwrap();
+        assert_eq!(c.trusted_keys.len(), 1);
+        assert_eq!(c.policy.run_as.as_ref().map(|r| r.user.as_str()), Some("nobody"));
+        assert!(matches!(c.policy.commands, crate::policy::Commands::Listed { .. }), "{text}");
+        assert_eq!(Kept::from_text(&text), kept, "stable across rewrites");
     }
 }

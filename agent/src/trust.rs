@@ -165,3 +165,76 @@ impl Trust {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+    use shared::job::{CommandSpec, Program};
+    use shared::signing::{AgentSet, RunSignature, Signature};
+
+    use super::*;
+
+    struct Op(Ed25519KeyPair, PublicKey);
+
+    fn operator() -> Op {
+        let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
+        let public = PublicKey::from_bytes(pair.public_key().as_ref().try_into().unwrap());
+        Op(pair, public)
+    }
+
+    fn signed_run(op: &Op, job: &str, me: &AgentId, expires: Timestamp) -> Run {
+        let command = CommandSpec { program: Program::Argv(vec!["/bin/true".into()]), cwd: None, env: Default::default() };
+        let set = AgentSet::new([me]);
+        let statement = shared::signing::job_statement(job, &command, &set.root(), 1, expires, None);
+        Run {
+            run_id: "00000000000000aa".into(),
+            job_id: job.into(),
+            command,
+            timeout_ms: 1000,
+            output_limit: 1024,
+            signature: Some(Box::new(RunSignature {
+                key: op.1.clone(),
+                signature: Signature(op.0.sign(&statement).as_ref().try_into().unwrap()),
+                expires_at: expires,
+                selector: None,
+                agents: 1,
+                proof: set.proof(me).unwrap(),
+            })),
+        }
+    }
+
+    #[test]
+    fn expiry_is_checked_with_a_margin_for_clocks_and_long_validity_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let op = operator();
+        let me = AgentId::parse("00000000000000a1").unwrap();
+        let trust = Trust::open(dir.path(), std::slice::from_ref(&op.1), &Labels::new()).unwrap();
+        let now = Timestamp::now();
+        let old = signed_run(&op, &"1".repeat(32), &me, now.saturating_sub(std::time::Duration::from_secs(600)));
+        assert!(trust.admit(&old, Some(&me), now).unwrap_err().contains("expired"));
+        let skewed = signed_run(&op, &"2".repeat(32), &me, now.saturating_sub(std::time::Duration::from_secs(60)));
+        assert_eq!(trust.admit(&skewed, Some(&me), now), Ok(()), "within the clock margin");
+        let forever = signed_run(&op, &"3".repeat(32), &me, now.saturating_add(std::time::Duration::from_secs(90 * 86_400)));
+        assert!(trust.admit(&forever, Some(&me), now).unwrap_err().contains("31 days"));
+    }
+
+    #[test]
+    fn a_job_id_is_admitted_once_even_across_a_restart_and_unsigned_runs_only_without_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let op = operator();
+        let me = AgentId::parse("00000000000000a1").unwrap();
+        let later = Timestamp::now().saturating_add(std::time::Duration::from_secs(600));
+        let run = signed_run(&op, &"4".repeat(32), &me, later);
+        let trust = Trust::open(dir.path(), std::slice::from_ref(&op.1), &Labels::new()).unwrap();
+        assert_eq!(trust.admit(&run, Some(&me), Timestamp::now()), Ok(()));
+        assert!(trust.admit(&run, Some(&me), Timestamp::now()).unwrap_err().contains("already ran here"));
+        let reopened = Trust::open(dir.path(), std::slice::from_ref(&op.1), &Labels::new()).unwrap();
+        assert!(reopened.admit(&run, Some(&me), Timestamp::now()).unwrap_err().contains("already ran here"));
+        let mut unsigned = run.clone();
+        unsigned.signature = None;
+        assert!(reopened.admit(&unsigned, Some(&me), Timestamp::now()).unwrap_err().contains("not signed"));
+        let open = Trust::open(tempfile::tempdir().unwrap().path(), &[], &Labels::new()).unwrap();
+        assert_eq!(open.admit(&unsigned, Some(&me), Timestamp::now()), Ok(()), "no trusted_keys: as before");
+    }
+}

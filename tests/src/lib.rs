@@ -423,6 +423,10 @@ impl Api {
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
     }
 
+    pub async fn raw_post<B: Serialize>(&self, path: &str, body: &B) -> reqwest::Response {
+        self.http.post(self.url(path)).bearer_auth(&self.token).json(body).send().await.expect("request")
+    }
+
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> T {
         let resp = self.http.post(self.url(path)).bearer_auth(&self.token).json(body).send().await.expect("request");
         let status = resp.status();

@@ -7,6 +7,7 @@ mod caller;
 mod error;
 mod events;
 mod jobs;
+mod keys;
 mod path;
 mod tokens;
 
@@ -47,6 +48,8 @@ fn api_routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("POST", "/jobs/{id}/cancel", post(jobs::cancel)),
         ("GET", "/jobs/{id}/events", get(jobs::events)),
         ("GET", "/runs/{id}/output", get(jobs::output)),
+        ("GET", "/keys/revocations", get(keys::list)),
+        ("POST", "/keys/revocations", post(keys::revoke)),
         ("GET", "/audit", get(audit::list)),
         ("GET", "/agent/connect", get(gateway::connect)),
         ("GET", "/agent/check", get(gateway::check)),

@@ -1,6 +1,7 @@
 //! The `{id}` of a route. Every id the server issues (agents, jobs, runs, tokens, enrollment
-//! tokens) is 16 lowercase hex digits, so anything else is refused with a 400 before any lookup,
-//! the same on every route; a path that is not UTF-8 gets the API's JSON error too.
+//! tokens) is 16 lowercase hex digits, and a job id a client chose (signed jobs) is 32, so
+//! anything else is refused with a 400 before any lookup, the same on every route; a path that
+//! is not UTF-8 gets the API's JSON error too.
 
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
@@ -26,7 +27,12 @@ impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        parse(parts, state).await.map(|id| PathId(id.into()))
+        let Path(id) = Path::<String>::from_request_parts(parts, state).await?;
+        if AgentId::parse(&id).is_ok() || shared::job::is_client_job_id(&id) {
+            Ok(PathId(id))
+        } else {
+            Err(Error::BadRequest(format!("invalid id {id:?}: expected 16 (or, for a job, 32) lowercase hex digits")))
+        }
     }
 }
 

@@ -120,7 +120,25 @@ mod tests {
             output_limit: 1 << 20,
             signature: None,
         };
-        round_trip(&ServerMessage::Run(run), "run");
+        round_trip(&ServerMessage::Run(run.clone()), "run");
+        let mut signed = run.clone();
+        signed.signature = Some(Box::new(crate::signing::RunSignature {
+            key: crate::signing::PublicKey::from_bytes([1; 32]),
+            signature: crate::signing::Signature([2; 64]),
+            expires_at: crate::Timestamp::from_unix_millis(1_800_000_000_000),
+            selector: Some(crate::Selector::parse("site=paris").unwrap()),
+            agents: 3,
+            proof: vec![format!("l{}", "ab".repeat(32)), format!("r{}", "cd".repeat(32))],
+        }));
+        round_trip(&ServerMessage::Run(signed), "run");
+        round_trip(
+            &ServerMessage::KeyRevoked(Box::new(crate::signing::KeyRevocation {
+                key: crate::signing::PublicKey::from_bytes([3; 32]),
+                by: crate::signing::PublicKey::from_bytes([1; 32]),
+                signature: crate::signing::Signature([4; 64]),
+            })),
+            "key_revoked",
+        );
         round_trip(&ServerMessage::Cancel(Cancel { run_id: "a".into() }), "cancel");
         round_trip(&ServerMessage::ResultAck(ResultAck { run_id: "a".into() }), "result_ack");
         round_trip(&ServerMessage::Resend(Resend { run_id: "a".into(), stdout_from: 10, stderr_from: 0 }), "resend");
