@@ -177,7 +177,12 @@ mod tests {
             signature: None,
             run_id: id.into(),
             job_id: "j".into(),
-            command: CommandSpec { program: Program::Argv(vec!["true".into()]), cwd: None, env: Default::default() },
+            command: CommandSpec {
+                program: Program::Argv(vec!["true".into()]),
+                cwd: None,
+                env: Default::default(),
+                secret_env: Default::default(),
+            },
             timeout_ms: 1000,
             output_limit: 100,
         }

@@ -439,7 +439,12 @@ mod tests {
     }
 
     fn argv(a: &[&str]) -> CommandSpec {
-        CommandSpec { program: Program::Argv(a.iter().map(|s| (*s).to_owned()).collect()), cwd: None, env: BTreeMap::new() }
+        CommandSpec {
+            program: Program::Argv(a.iter().map(|s| (*s).to_owned()).collect()),
+            cwd: None,
+            env: BTreeMap::new(),
+            secret_env: Default::default(),
+        }
     }
 
     #[test]
@@ -449,7 +454,12 @@ mod tests {
         let l = p.launch(&argv(&["frobnicate", "-x"]), Some("/usr/bin")).unwrap();
         assert_eq!(l.program, PathBuf::from("frobnicate"));
         assert!(!l.clean);
-        let shell = CommandSpec { program: Program::Shell("echo hi".into()), cwd: Some("/nonexistent".into()), env: BTreeMap::new() };
+        let shell = CommandSpec {
+            program: Program::Shell("echo hi".into()),
+            cwd: Some("/nonexistent".into()),
+            env: BTreeMap::new(),
+            secret_env: Default::default(),
+        };
         assert!(p.launch(&shell, None).is_ok());
     }
 
@@ -477,6 +487,7 @@ mod tests {
             program: Program::Argv(vec!["./t".into()]),
             cwd: Some(dir.path().to_string_lossy().into()),
             env: BTreeMap::new(),
+            secret_env: Default::default(),
         };
         assert_eq!(p.launch(&spec, None).unwrap().program, std::fs::canonicalize("/bin/true").unwrap());
     }
@@ -493,7 +504,7 @@ mod tests {
 
     #[test]
     fn shell_scripts_are_refused_with_a_list_unless_allowed() {
-        let script = CommandSpec { program: Program::Shell("id".into()), cwd: None, env: BTreeMap::new() };
+        let script = CommandSpec { program: Program::Shell("id".into()), cwd: None, env: BTreeMap::new(), secret_env: Default::default() };
         assert_eq!(listed("programs = [\"/bin/true\"]").launch(&script, None).unwrap_err().rule, "shell");
         let p = listed("programs = [\"/bin/true\"]\nshell = true");
         assert_eq!(p.launch(&script, None).unwrap().program, PathBuf::from("/bin/sh"));

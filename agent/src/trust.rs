@@ -184,7 +184,12 @@ mod tests {
     }
 
     fn signed_run(op: &Op, job: &str, me: &AgentId, expires: Timestamp) -> Run {
-        let command = CommandSpec { program: Program::Argv(vec!["/bin/true".into()]), cwd: None, env: Default::default() };
+        let command = CommandSpec {
+            program: Program::Argv(vec!["/bin/true".into()]),
+            cwd: None,
+            env: Default::default(),
+            secret_env: Default::default(),
+        };
         let set = AgentSet::new([me]);
         let statement = shared::signing::job_statement(job, &command, &set.root(), 1, expires, None);
         Run {

@@ -162,6 +162,14 @@ pub struct RunArgs {
     /// Run the words after `--` as one /bin/sh script instead of a program and its arguments.
     #[arg(long)]
     pub shell: bool,
+    /// Set an environment variable for the command, NAME=VALUE; repeat for more.
+    #[arg(long = "env", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Set a secret variable, NAME=VALUE: the API shows it to no one, logs never hold it, and
+    /// the audit log keeps a digest. NAME=@FILE reads the value from a file (one line), which
+    /// keeps it out of shell history and the process list.
+    #[arg(long = "secret-env", value_parser = parse_secret_env)]
+    pub secret_env: Vec<(String, String)>,
     /// Stop a run that takes longer than this. [default: 60s]
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<Duration>,
@@ -369,5 +377,23 @@ mod tests {
         assert!(matches!(cli.command, Command::Agent(AgentArgs { id: Some(_), action: None, .. })));
         let cli = Cli::try_parse_from(["muster", "agent", "revoke", "0123456789abcdef"]).unwrap();
         assert!(matches!(cli.command, Command::Agent(AgentArgs { action: Some(AgentAction::Revoke { .. }), .. })));
+    }
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
+fn parse_secret_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = parse_env(s)?;
+    match v.strip_prefix('@') {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{k}: {path}: {e}"))?;
+            Ok((k, text.trim_end_matches(['\r', '\n']).to_owned()))
+        }
+        None => Ok((k, v)),
     }
 }

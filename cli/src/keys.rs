@@ -138,7 +138,12 @@ mod tests {
         generate(&path, false).unwrap();
         let signer = Signer::load(&path).unwrap();
         let agents: Vec<AgentId> = (0..5).map(|i| AgentId::parse(&format!("{i:016x}")).unwrap()).collect();
-        let command = CommandSpec { program: shared::job::Program::Shell("uptime".into()), cwd: None, env: Default::default() };
+        let command = CommandSpec {
+            program: shared::job::Program::Shell("uptime".into()),
+            cwd: None,
+            env: Default::default(),
+            secret_env: Default::default(),
+        };
         let id = new_job_id().unwrap();
         assert!(shared::job::is_client_job_id(&id));
         let exp = expiry(Duration::from_secs(600), Duration::from_secs(60));

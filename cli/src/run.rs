@@ -35,7 +35,12 @@ fn request(args: &RunArgs) -> CreateJob {
     let program = if args.shell { Program::Shell(args.command.join(" ")) } else { Program::Argv(args.command.clone()) };
     CreateJob {
         target,
-        command: CommandSpec { program, cwd: None, env: BTreeMap::new() },
+        command: CommandSpec {
+            program,
+            cwd: None,
+            env: args.env.iter().chain(&args.secret_env).cloned().collect::<BTreeMap<_, _>>(),
+            secret_env: args.secret_env.iter().map(|(k, _)| k.clone()).collect(),
+        },
         timeout_secs: args.timeout.map(|d| d.as_secs().max(1)),
         ttl_secs: args.ttl.map(|d| d.as_secs()),
         concurrency: args.concurrency,

@@ -210,6 +210,18 @@ pub fn command_detail(c: &shared::job::CommandSpec) -> serde_json::Value {
     if !c.env.is_empty() {
         v.insert("env_names".into(), serde_json::json!(c.env.keys().collect::<Vec<_>>()));
     }
+    if !c.secret_env.is_empty() {
+        // A digest, so an auditor can tell two uses of the same secret apart from two secrets.
+        use sha2::Digest;
+        let digests: serde_json::Map<String, serde_json::Value> = c
+            .secret_env
+            .iter()
+            .filter_map(|n| {
+                c.env.get(n).map(|v| (n.clone(), serde_json::json!(format!("sha256:{}", hex::encode(sha2::Sha256::digest(v.as_bytes()))))))
+            })
+            .collect();
+        v.insert("secret_env_sha256".into(), serde_json::Value::Object(digests));
+    }
     serde_json::Value::Object(v)
 }
 

@@ -57,9 +57,27 @@ pub struct CommandSpec {
     pub cwd: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Names in `env` whose values are secret: the API shows them as [`SECRET_SHOWN`] to
+    /// everyone, logs never hold them, and the audit log keeps a digest.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub secret_env: std::collections::BTreeSet<String>,
 }
 
+/// What a secret variable's value reads as in the API.
+pub const SECRET_SHOWN: &str = "(secret)";
+
 impl CommandSpec {
+    /// The command as the API shows it: secret values replaced.
+    pub fn redacted(&self) -> CommandSpec {
+        let mut out = self.clone();
+        for name in &self.secret_env {
+            if let Some(v) = out.env.get_mut(name) {
+                SECRET_SHOWN.clone_into(v);
+            }
+        }
+        out
+    }
+
     /// A short form for tables and logs.
     pub fn summary(&self) -> String {
         match &self.program {
@@ -433,7 +451,12 @@ mod tests {
         ] {
             let job = CreateJob {
                 target,
-                command: CommandSpec { program: Program::Argv(vec!["uname".into(), "-r".into()]), cwd: None, env: BTreeMap::new() },
+                command: CommandSpec {
+                    program: Program::Argv(vec!["uname".into(), "-r".into()]),
+                    cwd: None,
+                    env: BTreeMap::new(),
+                    secret_env: Default::default(),
+                },
                 timeout_secs: Some(5),
                 ttl_secs: Some(0),
                 concurrency: Some(Concurrency::Percent(10)),
@@ -479,7 +502,12 @@ mod tests {
             run_id: "00000000000000aa".into(),
             created_at: Timestamp::from_unix_millis(1_763_776_000_000),
             created_by: "token ci".into(),
-            command: CommandSpec { program: Program::Shell("uptime".into()), cwd: None, env: BTreeMap::new() },
+            command: CommandSpec {
+                program: Program::Shell("uptime".into()),
+                cwd: None,
+                env: BTreeMap::new(),
+                secret_env: Default::default(),
+            },
             state: RunState::Failed,
             exit_code: Some(2),
             signal: None,

@@ -375,7 +375,8 @@ mod tests {
         let public = PublicKey::from_bytes(kp.public_key().as_ref().try_into().unwrap());
         let agents = ids(10);
         let set = AgentSet::new(&agents);
-        let command = CommandSpec { program: Program::Argv(vec!["uptime".into()]), cwd: None, env: BTreeMap::new() };
+        let command =
+            CommandSpec { program: Program::Argv(vec!["uptime".into()]), cwd: None, env: BTreeMap::new(), secret_env: Default::default() };
         let expires = Timestamp::from_unix_millis(1_900_000_000_000);
         let statement = job_statement("0123456789abcdef0123456789abcdef", &command, &set.root(), set.len(), expires, None);
         let signature = Signature(kp.sign(&statement).as_ref().try_into().unwrap());

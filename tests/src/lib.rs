@@ -502,7 +502,7 @@ impl Api {
 pub fn job(target: shared::job::Target, program: shared::job::Program) -> shared::job::CreateJob {
     shared::job::CreateJob {
         target,
-        command: shared::job::CommandSpec { program, cwd: None, env: Default::default() },
+        command: shared::job::CommandSpec { program, cwd: None, env: Default::default(), secret_env: Default::default() },
         timeout_secs: Some(30),
         ttl_secs: None,
         concurrency: None,

@@ -253,3 +253,46 @@ async fn the_job_event_stream_starts_with_a_snapshot_and_ends_when_the_job_does(
     assert_eq!(events.last(), Some(&"finished"));
     assert!(body.contains(r#""data":"one\n""#) || body.contains("one\\n"), "{body}");
 }
+
+#[tokio::test]
+async fn a_secret_variable_reaches_the_command_and_nobody_else() {
+    let server = TestServer::spawn().await;
+    let token = server.enroll_token(1, &[]).await;
+    let agent = server.spawn_agent(Some(&token), &[]);
+    let id = agent.id().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("secret");
+    std::fs::write(&file, "from-a-file-6d1c\n").unwrap();
+    let out = server.cli(&[
+        "run",
+        "--agent",
+        id.as_str(),
+        "--env",
+        "PLAIN=visible",
+        "--secret-env",
+        "TOKEN=s3cr3t-9f2e",
+        "--secret-env",
+        &format!("OTHER=@{}", file.display()),
+        "--shell",
+        "--",
+        "echo $PLAIN ${#TOKEN} ${#OTHER}",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("visible 11 16"), "the command got both values: {stdout}");
+    let jobs: Vec<shared::job::JobSummary> = server.api.get("/jobs").await;
+    let summary = &jobs[0];
+    assert_eq!(summary.command.env.get("TOKEN").map(String::as_str), Some(shared::job::SECRET_SHOWN));
+    assert_eq!(summary.command.env.get("PLAIN").map(String::as_str), Some("visible"));
+    let detail = server.api.raw_get(&format!("/jobs/{}", summary.id)).await.text().await.unwrap();
+    let runs = server.api.raw_get(&format!("/agents/{id}/runs")).await.text().await.unwrap();
+    let audit = server.api.raw_get("/audit?limit=1000").await.text().await.unwrap();
+    for (what, text) in [("job detail", &detail), ("agent runs", &runs), ("audit", &audit), ("server log", &server.log())] {
+        assert!(!text.contains("s3cr3t-9f2e") && !text.contains("from-a-file-6d1c"), "{what} holds a secret: {text}");
+    }
+    assert!(audit.contains("secret_env_sha256"), "{audit}");
+    // A name marked secret must be one the command sets.
+    let mut bad = job(Target::Agents(vec![id.clone()]), shell("true"));
+    bad.command.secret_env.insert("MISSING".into());
+    assert_eq!(server.api.raw_post("/jobs", &bad).await.status(), 400);
+}

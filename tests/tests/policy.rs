@@ -25,7 +25,7 @@ async fn run_one(server: &TestServer, agent: &shared::AgentId, command: CommandS
 }
 
 fn spec(program: Program) -> CommandSpec {
-    CommandSpec { program, cwd: None, env: BTreeMap::new() }
+    CommandSpec { program, cwd: None, env: BTreeMap::new(), secret_env: Default::default() }
 }
 
 fn canonical(p: &Path) -> String {

@@ -144,7 +144,11 @@ pub async fn runs(
     let Query(q) = query?;
     let limit = super::limit(q.limit, 20, 500)?;
     require_agent(&app, &id).await?;
-    Ok(Json(app.store.agent_runs(&id, limit).await?))
+    let mut runs = app.store.agent_runs(&id, limit).await?;
+    for r in &mut runs {
+        r.command = r.command.redacted();
+    }
+    Ok(Json(runs))
 }
 
 pub async fn fleet(State(app): State<AppState>, caller: Caller) -> Result<Json<FleetCounts>> {

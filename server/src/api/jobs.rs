@@ -38,7 +38,7 @@ pub fn summary(job: &JobRow, counts: StateCounts) -> JobSummary {
         created_at: job.created_at,
         created_by: job.created_by.clone(),
         target: job.target.clone(),
-        command: job.command.clone(),
+        command: job.command.redacted(),
         timeout_secs: job.timeout_ms / 1000,
         ttl_secs: job.ttl_ms / 1000,
         concurrency: job.concurrency,
@@ -64,6 +64,9 @@ fn validate(req: &CreateJob) -> Result<()> {
     } + req.command.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
     if size > MAX_ARGV_BYTES {
         return bad("the command and its environment must be under 64 KiB");
+    }
+    if let Some(name) = req.command.secret_env.iter().find(|n| !req.command.env.contains_key(*n)) {
+        return Err(Error::BadRequest(format!("command.secret_env names {name:?}, which command.env does not set")));
     }
     if req.command.env.keys().any(|k| k.is_empty() || k.contains('=') || k.contains('\0')) {
         return bad("environment variable names must be non-empty, without '=' or NUL");

@@ -1593,7 +1593,12 @@ mod tests {
             created_at: Timestamp::from_unix_millis(created_at),
             created_by: "t".into(),
             target: Target::All,
-            command: CommandSpec { program: Program::Argv(vec!["true".into()]), cwd: None, env: Default::default() },
+            command: CommandSpec {
+                program: Program::Argv(vec!["true".into()]),
+                cwd: None,
+                env: Default::default(),
+                secret_env: Default::default(),
+            },
             timeout_ms: 1000,
             ttl_ms: 1000,
             concurrency: None,

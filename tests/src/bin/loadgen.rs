@@ -411,7 +411,12 @@ async fn broadcast(
         }
         let req = CreateJob {
             target: Target::Selector(shared::Selector::parse("loadgen=yes")?),
-            command: CommandSpec { program: Program::Argv(vec!["true".into()]), cwd: None, env: Default::default() },
+            command: CommandSpec {
+                program: Program::Argv(vec!["true".into()]),
+                cwd: None,
+                env: Default::default(),
+                secret_env: Default::default(),
+            },
             timeout_secs: Some(60),
             ttl_secs: Some(60),
             concurrency: None,

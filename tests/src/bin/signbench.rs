@@ -18,7 +18,8 @@ fn main() {
     let pkcs8 = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
     let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap();
     let public = PublicKey::from_bytes(pair.public_key().as_ref().try_into().unwrap());
-    let command = CommandSpec { program: Program::Shell("uptime".into()), cwd: None, env: Default::default() };
+    let command =
+        CommandSpec { program: Program::Shell("uptime".into()), cwd: None, env: Default::default(), secret_env: Default::default() };
     let job = "0123456789abcdef0123456789abcdef";
     let expires = Timestamp::now();
     println!("agents  sign_ms  proofs_all_ms  proof_us_each  verify_us  proof_bytes");

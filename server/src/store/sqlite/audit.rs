@@ -404,7 +404,12 @@ mod tests {
             created_at: Timestamp::from_unix_millis(0),
             created_by: "t".into(),
             target: Target::All,
-            command: CommandSpec { program: Program::Argv(vec!["true".into()]), cwd: None, env: Default::default() },
+            command: CommandSpec {
+                program: Program::Argv(vec!["true".into()]),
+                cwd: None,
+                env: Default::default(),
+                secret_env: Default::default(),
+            },
             timeout_ms: 1000,
             ttl_ms: 1000,
             concurrency: None,
