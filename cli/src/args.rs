@@ -328,6 +328,24 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     shared::Labels::parse_pair(s).map_err(|e| e.to_string())
 }
 
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not NAME=VALUE")),
+    }
+}
+
+fn parse_secret_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = parse_env(s)?;
+    match v.strip_prefix('@') {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{k}: {path}: {e}"))?;
+            Ok((k, text.trim_end_matches(['\r', '\n']).to_owned()))
+        }
+        None => Ok((k, v)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -377,23 +395,5 @@ mod tests {
         assert!(matches!(cli.command, Command::Agent(AgentArgs { id: Some(_), action: None, .. })));
         let cli = Cli::try_parse_from(["muster", "agent", "revoke", "0123456789abcdef"]).unwrap();
         assert!(matches!(cli.command, Command::Agent(AgentArgs { action: Some(AgentAction::Revoke { .. }), .. })));
-    }
-}
-
-fn parse_env(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !k.contains('\0') => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not NAME=VALUE")),
-    }
-}
-
-fn parse_secret_env(s: &str) -> Result<(String, String), String> {
-    let (k, v) = parse_env(s)?;
-    match v.strip_prefix('@') {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("{k}: {path}: {e}"))?;
-            Ok((k, text.trim_end_matches(['\r', '\n']).to_owned()))
-        }
-        None => Ok((k, v)),
     }
 }

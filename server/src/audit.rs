@@ -266,6 +266,7 @@ mod tests {
             program: shared::job::Program::Argv(vec!["deploy".into()]),
             cwd: None,
             env: [("API_KEY".to_owned(), "s3cret".to_owned())].into_iter().collect(),
+            secret_env: ["API_KEY".to_owned()].into_iter().collect(),
         };
         let text = command_detail(&c).to_string();
         assert!(text.contains("API_KEY") && text.contains("deploy"), "{text}");

@@ -115,6 +115,7 @@ mod tests {
                 program: Program::Shell("uname -r".into()),
                 cwd: Some("/tmp".into()),
                 env: BTreeMap::from([("LANG".into(), "C".into())]),
+                secret_env: Default::default(),
             },
             timeout_ms: 60_000,
             output_limit: 1 << 20,
