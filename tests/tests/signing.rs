@@ -101,6 +101,17 @@ async fn a_signed_job_runs_on_the_agents_it_names_whose_own_labels_match() {
     again.id = Some(id.clone());
     let resp = fleet.server.api.raw_post("/jobs", &again).await;
     assert_eq!(resp.status(), 409);
+    // A signature that does not verify is refused by the API too (agents would refuse it).
+    again.id = Some("ab".repeat(16));
+    again.signature = Some(shared::signing::JobSignature {
+        key: shared::signing::PublicKey::parse(&fleet.public).unwrap(),
+        signature: shared::signing::Signature([7; 64]),
+        expires_at: shared::Timestamp::now().saturating_add(Duration::from_secs(600)),
+        selector: None,
+    });
+    let resp = fleet.server.api.raw_post("/jobs", &again).await;
+    assert_eq!(resp.status(), 403);
+    assert!(resp.text().await.unwrap().contains("signature_refused"));
 }
 
 #[tokio::test]

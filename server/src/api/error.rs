@@ -16,6 +16,10 @@ pub enum Error {
     Unauthorized(AuthError),
     #[error("this token's role ({have}) may not do that; it needs {need}")]
     Forbidden { have: shared::api::Role, need: shared::api::Role },
+    /// A signature that does not authorize the request (a signed job or key revocation that does
+    /// not verify, has expired, or does not say what it covers): 403, as for a missing role.
+    #[error("{0}")]
+    SignatureRefused(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -52,6 +56,7 @@ impl IntoResponse for Error {
         let (status, kind, message) = match &self {
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", self.to_string()),
             Error::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", self.to_string()),
+            Error::SignatureRefused(_) => (StatusCode::FORBIDDEN, "signature_refused", self.to_string()),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", self.to_string()),
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", self.to_string()),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict", self.to_string()),

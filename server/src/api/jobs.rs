@@ -90,20 +90,20 @@ fn validate(req: &CreateJob) -> Result<()> {
     }
     if let Some(sig) = &req.signature {
         let Some(id) = &req.id else {
-            return bad("a signed job must carry the id it was signed with");
+            return Err(Error::SignatureRefused("a signed job must carry the id it was signed with".into()));
         };
         let Target::Agents(ids) = &req.target else {
-            return bad("a signed job must target the agent ids it was signed for (target.agents)");
+            return Err(Error::SignatureRefused("a signed job must target the agent ids it was signed for (target.agents)".into()));
         };
         // The server checks too, so that a mistake is a clear 400 rather than runs every
         // agent refuses; the agents do not rely on this check.
         let set = shared::signing::AgentSet::new(ids);
         let statement = shared::signing::job_statement(id, &req.command, &set.root(), set.len(), sig.expires_at, sig.selector.as_ref());
         if sig.key.verify(&statement, &sig.signature).is_err() {
-            return bad("signature: it does not verify for this id, command, set of agents and expiry");
+            return Err(Error::SignatureRefused("signature: it does not verify for this id, command, set of agents and expiry".into()));
         }
         if sig.expires_at <= Timestamp::now() {
-            return bad("signature: it has expired");
+            return Err(Error::SignatureRefused("signature: it has expired".into()));
         }
     }
     Ok(())

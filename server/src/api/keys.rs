@@ -29,7 +29,7 @@ pub async fn revoke(
 ) -> Result<(StatusCode, Json<KeyRevocation>)> {
     caller.require(Role::Admin)?;
     let Json(r) = body?;
-    r.verify().map_err(|_| Error::BadRequest(format!("the revocation of {} is not signed by {}", r.key, r.by)))?;
+    r.verify().map_err(|_| Error::SignatureRefused(format!("the revocation of {} is not signed by {}", r.key, r.by)))?;
     if app.store.key_revocations().await?.len() >= MAX_REVOCATIONS {
         return Err(Error::Conflict(format!("{MAX_REVOCATIONS} keys are revoked already; that is the most the server keeps")));
     }
