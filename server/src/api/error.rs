@@ -16,6 +16,9 @@ pub enum Error {
     Unauthorized(AuthError),
     #[error("this token's role ({have}) may not do that; it needs {need}")]
     Forbidden { have: shared::api::Role, need: shared::api::Role },
+    /// The caller's token scope does not reach what it asked for.
+    #[error("{0}")]
+    OutOfScope(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -51,7 +54,7 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, kind, message) = match &self {
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", self.to_string()),
-            Error::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", self.to_string()),
+            Error::Forbidden { .. } | Error::OutOfScope(_) => (StatusCode::FORBIDDEN, "forbidden", self.to_string()),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", self.to_string()),
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", self.to_string()),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict", self.to_string()),
