@@ -427,6 +427,10 @@ impl Api {
         self.http.post(self.url(path)).bearer_auth(&self.token).json(body).send().await.expect("request")
     }
 
+    pub async fn raw_patch<B: Serialize>(&self, path: &str, body: &B) -> reqwest::Response {
+        self.http.patch(self.url(path)).bearer_auth(&self.token).json(body).send().await.expect("request")
+    }
+
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> T {
         let resp = self.http.post(self.url(path)).bearer_auth(&self.token).json(body).send().await.expect("request");
         let status = resp.status();
