@@ -279,10 +279,15 @@ impl TestServer {
 
     /// Runs the `muster` CLI against this server as the admin.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(&self.admin_token, args)
+    }
+
+    /// Runs the `muster` CLI against this server with another token.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
         Command::new(bin("muster"))
             .args(args)
             .env("MUSTER_SERVER", &self.url)
-            .env("MUSTER_TOKEN", &self.admin_token)
+            .env("MUSTER_TOKEN", token)
             .env("MUSTER_CA", &self.ca)
             .output()
             .expect("run muster")

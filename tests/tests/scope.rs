@@ -3,33 +3,21 @@
 //! agents, cannot mint a wider token, and the dispatcher holds a job to its creator's scope
 //! even when labels change after the job was made.
 
-use std::process::Command;
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use shared::AgentId;
 use shared::api::{AgentDetail, AgentSummary, CreateToken, FleetCounts, Role, TokenCreated, WhoAmI};
 use shared::job::{JobSummary, RunState, Target};
-use tests::{TestServer, bin, job, shell, wait_for};
+use shared::{AgentId, Selector};
+use tests::{TestServer, job, shell, wait_for};
 
-fn token_req(name: &str, role: Role, scope: Option<&str>) -> CreateToken {
-    CreateToken { name: name.into(), role, ttl_secs: None, scope: scope.map(|s| s.parse().unwrap()) }
+fn token_req(name: &str, role: Role, scope: Option<Selector>) -> CreateToken {
+    CreateToken { name: name.into(), role, ttl_secs: None, scope }
 }
 
 fn labels_patch(set: &[(&str, &str)], remove: &[&str]) -> serde_json::Value {
     let set: serde_json::Map<String, serde_json::Value> = set.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect();
     serde_json::json!({ "labels": { "set": set, "remove": remove } })
-}
-
-/// `muster` with another token than the admin's.
-fn cli_as(server: &TestServer, token: &str, args: &[&str]) -> std::process::Output {
-    Command::new(bin("muster"))
-        .args(args)
-        .env("MUSTER_SERVER", &server.url)
-        .env("MUSTER_TOKEN", token)
-        .env("MUSTER_CA", &server.ca)
-        .output()
-        .expect("run muster")
 }
 
 #[tokio::test]
@@ -39,7 +27,8 @@ async fn a_token_scoped_to_paris_sees_targets_and_relabels_only_paris() {
     let lyon = server.spawn_agents(1, &["site=lyon"]).await;
     let (p1, p2, l1) = (paris[0].1.clone(), paris[1].1.clone(), lyon[0].1.clone());
 
-    let scoped: TokenCreated = server.api.post("/tokens", &token_req("paris-admin", Role::Admin, Some("site=paris"))).await;
+    let scoped: TokenCreated =
+        server.api.post("/tokens", &token_req("paris-admin", Role::Admin, Some("site=paris".parse().unwrap()))).await;
     assert_eq!(scoped.info.scope.as_ref().map(ToString::to_string).as_deref(), Some("site=paris"));
     let api = server.api.with_token(&scoped.token);
 
@@ -55,13 +44,13 @@ async fn a_token_scoped_to_paris_sees_targets_and_relabels_only_paris() {
     assert_eq!(server.api.get::<FleetCounts>("/fleet").await.total, 3);
     let me: WhoAmI = api.get("/whoami").await;
     assert_eq!(me.scope.map(|s| s.to_string()).as_deref(), Some("site=paris"));
-    let out = cli_as(&server, &scoped.token, &["whoami"]);
+    let out = server.cli_as(&scoped.token, &["whoami"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("scope site=paris"), "{out:?}");
     let out = server.cli(&["token", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("site=paris"), "{out:?}");
 
     // `muster run --all` with it runs on the paris agents only.
-    let out = cli_as(&server, &scoped.token, &["run", "--all", "--shell", "--", "echo ok"]);
+    let out = server.cli_as(&scoped.token, &["run", "--all", "--shell", "--", "echo ok"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let jobs: Vec<JobSummary> = server.api.get("/jobs").await;
     let detail = server.api.wait_job_finished(&jobs[0].id, Duration::from_secs(30)).await;
@@ -77,10 +66,11 @@ async fn a_token_scoped_to_paris_sees_targets_and_relabels_only_paris() {
 
     // It cannot create a token wider than its own, nor one elsewhere; a narrower one is fine.
     for scope in [None, Some("site=lyon"), Some("role=pos")] {
-        let resp = api.raw_post("/tokens", &token_req("wider", Role::Viewer, scope)).await;
+        let resp = api.raw_post("/tokens", &token_req("wider", Role::Viewer, scope.map(|s| s.parse().unwrap()))).await;
         assert_eq!(resp.status(), StatusCode::FORBIDDEN, "scope {scope:?}");
     }
-    let narrower: TokenCreated = api.post("/tokens", &token_req("kiosks", Role::Viewer, Some("site=paris,role=pos"))).await;
+    let narrower: TokenCreated =
+        api.post("/tokens", &token_req("kiosks", Role::Viewer, Some("site=paris,role=pos".parse().unwrap()))).await;
     assert_eq!(narrower.info.scope.map(|s| s.to_string()).as_deref(), Some("site=paris,role=pos"));
     let listed: Vec<shared::api::TokenInfo> = api.get("/tokens").await;
     assert!(listed.iter().all(|t| t.scope.is_some()), "a scoped admin lists only tokens within its scope: {listed:?}");
