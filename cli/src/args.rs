@@ -43,8 +43,7 @@ pub struct Connection {
 pub enum Command {
     /// List agents with their status and latest health.
     Agents(AgentsArgs),
-    /// Show one agent, or revoke it.
-    #[command(args_conflicts_with_subcommands = true)]
+    /// Show one agent, relabel it (`muster agent ID label site=lyon canary-`), or revoke it.
     Agent(AgentArgs),
     /// Counts of agents by status.
     Fleet {
@@ -242,6 +241,30 @@ pub struct AgentArgs {
 pub enum AgentAction {
     /// Revoke the agent's credential and disconnect it. It must enroll again to come back.
     Revoke { id: AgentId },
+    /// Set (key=value) or remove (key-) the agent's labels, the ones targeting uses:
+    /// `muster agent ID label site=lyon canary-`.
+    Label {
+        #[arg(required = true, value_parser = parse_label_change)]
+        changes: Vec<LabelChange>,
+    },
+}
+
+/// One change of `muster agent ID label`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LabelChange {
+    Set(String, String),
+    Remove(String),
+}
+
+fn parse_label_change(s: &str) -> Result<LabelChange, String> {
+    if let Some(key) = s.strip_suffix('-')
+        && !s.contains('=')
+    {
+        shared::labels::validate_key(key).map_err(|e| e.to_string())?;
+        return Ok(LabelChange::Remove(key.to_owned()));
+    }
+    let (k, v) = shared::Labels::parse_pair(s).map_err(|e| format!("{e} (or key- to remove a label)"))?;
+    Ok(LabelChange::Set(k, v))
 }
 
 #[derive(Debug, Subcommand)]
@@ -286,6 +309,10 @@ pub enum TokenCommand {
         /// Expire after this long; without it the token lasts until revoked.
         #[arg(long, value_parser = parse_duration)]
         ttl: Option<Duration>,
+        /// Only the agents this label selector matches (site=paris): the token sees and
+        /// targets no others. A scoped token's new tokens keep its scope's every term.
+        #[arg(long)]
+        scope: Option<shared::Selector>,
         #[arg(long)]
         json: bool,
     },
@@ -357,6 +384,15 @@ mod tests {
     }
 
     #[test]
+    fn label_changes_parse_like_kubectl() {
+        let cli = Cli::try_parse_from(["muster", "agent", "0123456789abcdef", "label", "site=lyon", "canary-"]).unwrap();
+        let Command::Agent(AgentArgs { id: Some(_), action: Some(AgentAction::Label { changes }), .. }) = cli.command else {
+            panic!("not a label command")
+        };
+        assert_eq!(changes, vec![LabelChange::Set("site".into(), "lyon".into()), LabelChange::Remove("canary".into())]);
+    }
+
+    #[test]
     fn bad_arguments_are_refused_before_any_request() {
         for args in [
             vec!["muster", "agents", "--status", "up"],
@@ -374,6 +410,10 @@ mod tests {
             vec!["muster", "audit", "--since", "last tuesday"],
             vec!["muster", "audit", "--limit", "0"],
             vec!["muster", "audit", "verify", "--head", "abc"],
+            vec!["muster", "agent", "0123456789abcdef", "label"],
+            vec!["muster", "agent", "0123456789abcdef", "label", "no-equals-or-dash"],
+            vec!["muster", "agent", "0123456789abcdef", "label", "bad key=v"],
+            vec!["muster", "token", "create", "--name", "x", "--scope", "site in (paris"],
         ] {
             assert!(Cli::try_parse_from(&args).is_err(), "{args:?} should be refused");
         }

@@ -74,6 +74,10 @@ impl Client {
         self.send(self.request(Method::POST, path).json(body)).await
     }
 
+    pub async fn patch<B: Serialize + ?Sized, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        self.send(self.request(Method::PATCH, path).json(body)).await
+    }
+
     pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
         let resp = self.execute(self.request(Method::DELETE, path)).await?;
         check(resp).await.map(|_| ())

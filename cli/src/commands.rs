@@ -78,6 +78,22 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
         return Ok(());
     }
     let Some(id) = &args.id else { bail!("name an agent: muster agent <ID>") };
+    if let Some(AgentAction::Label { changes }) = &args.action {
+        let mut edit = shared::api::LabelEdit::default();
+        for c in changes {
+            match c {
+                crate::args::LabelChange::Set(k, v) => edit.set.insert(k, v)?,
+                crate::args::LabelChange::Remove(k) => edit.remove.push(k.clone()),
+            }
+        }
+        let a: AgentDetail = client.patch(&format!("/agents/{id}"), &shared::api::PatchAgent { labels: edit }).await?;
+        if args.json {
+            return json(out, &a);
+        }
+        let labels = &a.summary.labels;
+        writeln!(out, "Agent {id} labels: {}", if labels.is_empty() { "-".to_string() } else { labels.to_string() })?;
+        return Ok(());
+    }
     let a: AgentDetail = client.get(&format!("/agents/{id}")).await?;
     if args.json {
         return json(out, &a);
@@ -210,7 +226,10 @@ pub async fn key_revoke(
 
 pub async fn whoami(client: &Client, out: Out<'_>) -> anyhow::Result<()> {
     let w: WhoAmI = client.get("/whoami").await?;
-    writeln!(out, "{} ({}), role {}", w.name, w.token_id, w.role)?;
+    match &w.scope {
+        Some(scope) => writeln!(out, "{} ({}), role {}, scope {scope}", w.name, w.token_id, w.role)?,
+        None => writeln!(out, "{} ({}), role {}", w.name, w.token_id, w.role)?,
+    }
     Ok(())
 }
 
@@ -302,9 +321,9 @@ pub async fn enroll_token(client: &Client, conn: &crate::args::Connection, cmd: 
 
 pub async fn token(client: &Client, cmd: &TokenCommand, out: Out<'_>) -> anyhow::Result<()> {
     match cmd {
-        TokenCommand::Create { name, role, ttl, json: as_json } => {
-            let created: TokenCreated =
-                client.post("/tokens", &CreateToken { name: name.clone(), role: *role, ttl_secs: ttl.map(|d| d.as_secs().max(1)) }).await?;
+        TokenCommand::Create { name, role, ttl, scope, json: as_json } => {
+            let req = CreateToken { name: name.clone(), role: *role, ttl_secs: ttl.map(|d| d.as_secs().max(1)), scope: scope.clone() };
+            let created: TokenCreated = client.post("/tokens", &req).await?;
             if *as_json {
                 return json(out, &created);
             }
@@ -328,10 +347,19 @@ pub async fn token(client: &Client, cmd: &TokenCommand, out: Out<'_>) -> anyhow:
                     } else {
                         "active"
                     };
-                    vec![t.id.clone(), t.name.clone(), t.role.to_string(), state.into(), ago(t.last_used_at, now), t.created_by.clone()]
+                    let scope = t.scope.as_ref().map_or("-".to_string(), ToString::to_string);
+                    vec![
+                        t.id.clone(),
+                        t.name.clone(),
+                        t.role.to_string(),
+                        scope,
+                        state.into(),
+                        ago(t.last_used_at, now),
+                        t.created_by.clone(),
+                    ]
                 })
                 .collect();
-            write!(out, "{}", table(&["ID", "NAME", "ROLE", "STATE", "LAST USED", "CREATED BY"], &rows))?;
+            write!(out, "{}", table(&["ID", "NAME", "ROLE", "SCOPE", "STATE", "LAST USED", "CREATED BY"], &rows))?;
             Ok(())
         }
         TokenCommand::Revoke { id } => {

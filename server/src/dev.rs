@@ -35,7 +35,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
 
     let (admin, entry) = api::create_token_row(
         store.as_ref(),
-        &CreateToken { name: "dev-admin".into(), role: Role::Admin, ttl_secs: None },
+        &CreateToken { name: "dev-admin".into(), role: Role::Admin, ttl_secs: None, scope: None },
         "muster-server --dev",
     )
     .await

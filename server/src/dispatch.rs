@@ -183,6 +183,21 @@ impl Dispatcher {
             }
         }
         self.end(&job.id, &expire, RunState::Expired, "the agent was not online before the job's ttl ran out").await?;
+        if let Some(scope) = &job.scope
+            && !send.is_empty()
+        {
+            // Labels may have changed since the job was made: check the creator's scope again
+            // against what is stored now, so a run never reaches an agent moved out of it.
+            let ids: Vec<AgentId> = send.iter().map(|r| r.agent_id.clone()).collect();
+            let labels = self.store.agent_labels(&ids).await?;
+            let (inside, outside): (Vec<OpenRun>, Vec<OpenRun>) =
+                send.into_iter().partition(|r| labels.get(&r.agent_id).is_some_and(|l| scope.matches(l)));
+            send = inside;
+            if !outside.is_empty() {
+                let why = format!("the agent no longer matches the scope of the token that created the job ({scope})");
+                self.end(&job.id, &outside, RunState::Skipped, &why).await?;
+            }
+        }
         if send.is_empty() {
             return Ok(());
         }

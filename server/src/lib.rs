@@ -20,6 +20,7 @@ pub mod logging;
 pub mod output;
 pub mod recorder;
 pub mod registry;
+pub mod scope;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
@@ -57,7 +58,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
 /// `muster-server bootstrap`: an admin token straight into the database, printed once.
 async fn bootstrap(config: &Config, name: &str) -> anyhow::Result<()> {
     let store = app::open_store(config).await?;
-    let req = CreateToken { name: name.to_owned(), role: Role::Admin, ttl_secs: None };
+    let req = CreateToken { name: name.to_owned(), role: Role::Admin, ttl_secs: None, scope: None };
     let (created, entry) = api::create_token_row(&store, &req, "muster-server bootstrap").await.map_err(|e| anyhow::anyhow!("{e}"))?;
     // Beside a running server, through the database's own lock: one chain either way.
     store::audit_or_log(&store, entry).await;

@@ -202,6 +202,10 @@ pub struct CreateToken {
     /// Seconds until it expires; none for a token that lasts until revoked.
     #[serde(default, deserialize_with = "crate::whole::option")]
     pub ttl_secs: Option<u64>,
+    /// A label selector bounding the agents the token sees and targets; none for the whole
+    /// fleet. A scoped token may only create tokens whose scope has every term of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<crate::Selector>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -214,6 +218,8 @@ pub struct TokenInfo {
     pub expires_at: Option<Timestamp>,
     pub last_used_at: Option<Timestamp>,
     pub revoked: bool,
+    /// Null for a token of the whole fleet.
+    pub scope: Option<crate::Selector>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -229,6 +235,27 @@ pub struct WhoAmI {
     pub token_id: String,
     pub name: String,
     pub role: Role,
+    /// Null for a token of the whole fleet.
+    pub scope: Option<crate::Selector>,
+}
+
+/// `PATCH /api/v1/agents/{id}`: changes to an agent's trusted labels (the ones targeting
+/// uses). Keys under `agent.` are the agent's own report and cannot be edited.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchAgent {
+    pub labels: LabelEdit,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelEdit {
+    /// Labels to add or change.
+    #[serde(default)]
+    pub set: Labels,
+    /// Keys to remove (a key that is not there is not an error).
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 /// Every error the API returns has this body.
@@ -280,7 +307,12 @@ mod tests {
         round_trip(&FleetCounts { total: 3, online: 1, stale: 1, offline: 1 });
         round_trip(&CreateEnrollToken { ttl_secs: Some(60), uses: Some(2), labels: Labels::new() });
         round_trip(&CreateEnrollToken { ttl_secs: None, uses: None, labels: Labels::new() });
-        round_trip(&CreateToken { name: "ci".into(), role: Role::Operator, ttl_secs: None });
+        round_trip(&CreateToken { name: "ci".into(), role: Role::Operator, ttl_secs: None, scope: None });
+        round_trip(&CreateToken { name: "paris".into(), role: Role::Admin, ttl_secs: None, scope: Some("site=paris".parse().unwrap()) });
+        round_trip(&PatchAgent { labels: LabelEdit { set: Labels::from_pairs(["site=lyon"]).unwrap(), remove: vec!["canary".into()] } });
+        let edit: PatchAgent = serde_json::from_str(r#"{"labels": {"remove": ["canary"]}}"#).unwrap();
+        assert!(edit.labels.set.is_empty());
+        assert!(serde_json::from_str::<PatchAgent>(r#"{"labels": {}, "name": "x"}"#).is_err());
         round_trip(&ApiError { error: "not_found".into(), message: "no agent 0123".into() });
         round_trip(&AuditPage {
             entries: vec![AuditEntry {

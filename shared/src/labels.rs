@@ -99,6 +99,11 @@ impl Labels {
         self.0.get(key).map(String::as_str)
     }
 
+    /// Removes a key; true if it was there.
+    pub fn remove(&mut self, key: &str) -> bool {
+        self.0.remove(key).is_some()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }

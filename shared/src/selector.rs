@@ -50,6 +50,36 @@ impl Selector {
         &self.terms
     }
 
+    /// Every label key a term names.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.terms.iter().map(|t| match t {
+            Term::Eq(k, _) | Term::NotEq(k, _) | Term::In(k, _) | Term::NotIn(k, _) | Term::Exists(k) | Term::Absent(k) => k.as_str(),
+        })
+    }
+
+    /// Whether `self` is the same as `outer` or narrower, by a rule that is sound without
+    /// reasoning about values: every term of `outer` is also a term of `self` (value sets
+    /// compared as sets). `self` then asks all that `outer` asks and maybe more, so any labels
+    /// `self` matches, `outer` matches too. (`site in (paris)` is not taken as within
+    /// `site=paris`: a false "no" is safe, a false "yes" would not be.)
+    pub fn is_within(&self, outer: &Selector) -> bool {
+        fn norm(t: &Term) -> Term {
+            let sorted = |vs: &[String]| {
+                let mut vs = vs.to_vec();
+                vs.sort();
+                vs.dedup();
+                vs
+            };
+            match t {
+                Term::In(k, vs) => Term::In(k.clone(), sorted(vs)),
+                Term::NotIn(k, vs) => Term::NotIn(k.clone(), sorted(vs)),
+                t => t.clone(),
+            }
+        }
+        let mine: Vec<Term> = self.terms.iter().map(norm).collect();
+        outer.terms.iter().map(norm).all(|t| mine.contains(&t))
+    }
+
     pub fn matches(&self, labels: &Labels) -> bool {
         self.terms.iter().all(|t| match t {
             Term::Eq(k, v) => labels.get(k) == Some(v.as_str()),
@@ -205,6 +235,20 @@ mod tests {
         for bad in ["", "a=1,,b=2", "role in (pos", "role in pos)", "role within (a)", "a=b c", "!", "x in ()"] {
             assert!(Selector::parse(bad).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn a_selector_is_within_another_only_if_it_has_every_term_of_it() {
+        let paris = Selector::parse("site=paris").unwrap();
+        assert!(paris.is_within(&paris));
+        assert!(Selector::parse("role=pos, site=paris").unwrap().is_within(&paris));
+        assert!(!Selector::parse("site=lyon").unwrap().is_within(&paris));
+        assert!(!Selector::parse("role=pos").unwrap().is_within(&paris));
+        assert!(!paris.is_within(&Selector::parse("site=paris,role=pos").unwrap()));
+        let set = Selector::parse("role in (pos,kiosk)").unwrap();
+        assert!(Selector::parse("role in (kiosk, pos),site=paris").unwrap().is_within(&set));
+        assert!(!Selector::parse("role in (kiosk)").unwrap().is_within(&set));
+        assert_eq!(Selector::parse("site=paris,!canary").unwrap().keys().collect::<Vec<_>>(), ["site", "canary"]);
     }
 
     #[test]

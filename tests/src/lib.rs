@@ -279,10 +279,15 @@ impl TestServer {
 
     /// Runs the `muster` CLI against this server as the admin.
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_as(&self.admin_token, args)
+    }
+
+    /// Runs the `muster` CLI against this server with another token.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
         Command::new(bin("muster"))
             .args(args)
             .env("MUSTER_SERVER", &self.url)
-            .env("MUSTER_TOKEN", &self.admin_token)
+            .env("MUSTER_TOKEN", token)
             .env("MUSTER_CA", &self.ca)
             .output()
             .expect("run muster")
@@ -425,6 +430,10 @@ impl Api {
 
     pub async fn raw_post<B: Serialize>(&self, path: &str, body: &B) -> reqwest::Response {
         self.http.post(self.url(path)).bearer_auth(&self.token).json(body).send().await.expect("request")
+    }
+
+    pub async fn raw_patch<B: Serialize>(&self, path: &str, body: &B) -> reqwest::Response {
+        self.http.patch(self.url(path)).bearer_auth(&self.token).json(body).send().await.expect("request")
     }
 
     pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> T {

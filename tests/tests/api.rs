@@ -25,14 +25,15 @@ async fn api_refuses_requests_without_a_valid_token() {
     }
 
     // A viewer reads but may not manage; a revoked or expired token does nothing at all.
-    let viewer: TokenCreated = server.api.post("/tokens", &CreateToken { name: "dash".into(), role: Role::Viewer, ttl_secs: None }).await;
+    let viewer: TokenCreated =
+        server.api.post("/tokens", &CreateToken { name: "dash".into(), role: Role::Viewer, ttl_secs: None, scope: None }).await;
     let as_viewer = server.api.with_token(&viewer.token);
     let _: FleetCounts = as_viewer.get("/fleet").await;
     let resp = as_viewer
         .http()
         .post(as_viewer.url("/tokens"))
         .bearer_auth(&viewer.token)
-        .json(&CreateToken { name: "x".into(), role: Role::Admin, ttl_secs: None })
+        .json(&CreateToken { name: "x".into(), role: Role::Admin, ttl_secs: None, scope: None })
         .send()
         .await
         .unwrap();
@@ -225,7 +226,7 @@ async fn metrics_are_prometheus_text_need_a_token_and_their_counters_move() {
 async fn token_names_count_characters_and_ttls_are_capped() {
     let server = TestServer::spawn().await;
     let create = |name: String, ttl_secs: Option<u64>| {
-        let req = CreateToken { name, role: Role::Viewer, ttl_secs };
+        let req = CreateToken { name, role: Role::Viewer, ttl_secs, scope: None };
         server.api.http().post(server.api.url("/tokens")).bearer_auth(&server.admin_token).json(&req).send()
     };
     assert_eq!(create("é".repeat(64), None).await.unwrap().status(), 201);

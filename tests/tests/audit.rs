@@ -38,7 +38,7 @@ fn by_action<'a>(entries: &'a [AuditEntry], action: &str) -> Vec<&'a AuditEntry>
 }
 
 async fn token(server: &TestServer, name: &str, role: Role) -> TokenCreated {
-    server.api.post("/tokens", &CreateToken { name: name.into(), role, ttl_secs: None }).await
+    server.api.post("/tokens", &CreateToken { name: name.into(), role, ttl_secs: None, scope: None }).await
 }
 
 #[tokio::test]

@@ -60,10 +60,10 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
     let (mut victim, victim_id) = named_agent(&server, "kiosk-victim", "role=victim").await;
     let (_worker, worker_id) = named_agent(&server, "pos-worker", "role=worker").await;
     let operator: TokenCreated =
-        server.api.post("/tokens", &CreateToken { name: "browser".into(), role: Role::Operator, ttl_secs: Some(600) }).await;
+        server.api.post("/tokens", &CreateToken { name: "browser".into(), role: Role::Operator, ttl_secs: Some(600), scope: None }).await;
 
     let viewer: TokenCreated =
-        server.api.post("/tokens", &CreateToken { name: "onlooker".into(), role: Role::Viewer, ttl_secs: Some(600) }).await;
+        server.api.post("/tokens", &CreateToken { name: "onlooker".into(), role: Role::Viewer, ttl_secs: Some(600), scope: None }).await;
 
     let shots = std::env::var("MUSTER_SCREENSHOTS").ok();
     let mut node = Command::new("node")
@@ -141,11 +141,12 @@ async fn the_audit_page_pages_through_the_log_for_admins_only() {
     let server = TestServer::spawn().await;
     let operator: TokenCreated = server
         .api
-        .post("/tokens", &CreateToken { name: "<img src=x onerror=alert(1)>".into(), role: Role::Operator, ttl_secs: None })
+        .post("/tokens", &CreateToken { name: "<img src=x onerror=alert(1)>".into(), role: Role::Operator, ttl_secs: None, scope: None })
         .await;
     let mut last = None;
     for n in 0..110 {
-        let t: TokenCreated = server.api.post("/tokens", &CreateToken { name: format!("t{n}"), role: Role::Viewer, ttl_secs: None }).await;
+        let t: TokenCreated =
+            server.api.post("/tokens", &CreateToken { name: format!("t{n}"), role: Role::Viewer, ttl_secs: None, scope: None }).await;
         last = Some(t.info.id);
     }
     let resp = server

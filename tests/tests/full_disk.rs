@@ -87,7 +87,7 @@ async fn create_token(server: &TestServer, name: &str) -> reqwest::Response {
         .http()
         .post(server.api.url("/tokens"))
         .bearer_auth(&server.admin_token)
-        .json(&CreateToken { name: name.into(), role: Role::Viewer, ttl_secs: None })
+        .json(&CreateToken { name: name.into(), role: Role::Viewer, ttl_secs: None, scope: None })
         .send()
         .await
         .unwrap()

@@ -201,7 +201,7 @@ async fn answers_insist_on_https_new_secrets_stay_out_of_caches_and_strangers_se
         assert!(hsts(&resp).is_some(), "{path}");
         assert!(!no_store(&resp), "{path} carries no secret");
     }
-    let create = CreateToken { name: "ci".into(), role: Role::Viewer, ttl_secs: None };
+    let create = CreateToken { name: "ci".into(), role: Role::Viewer, ttl_secs: None, scope: None };
     let resp = http.post(server.api.url("/tokens")).bearer_auth(&server.admin_token).json(&create).send().await.unwrap();
     assert_eq!(resp.status(), 201);
     assert!(no_store(&resp) && hsts(&resp).is_some());

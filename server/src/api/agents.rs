@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
-use shared::api::{AgentDetail, AgentStatus, AgentSummary, ConnectionInfo, FleetCounts, HeartbeatSample, Role};
+use shared::api::{AgentDetail, AgentStatus, AgentSummary, ConnectionInfo, FleetCounts, HeartbeatSample, PatchAgent, Role};
 use shared::job::AgentRun;
 use shared::protocol::close;
 use shared::{AgentId, Selector, Timestamp};
@@ -34,12 +34,19 @@ pub fn summary(row: &AgentRow) -> AgentSummary {
     }
 }
 
-/// 404 for an agent the server never enrolled, rather than an empty history.
-async fn require_agent(app: &AppState, id: &AgentId) -> Result<()> {
+/// The agent, or 404 for one the server never enrolled or that lies outside the caller's
+/// scope (a scoped token cannot tell those apart).
+async fn visible_agent(app: &AppState, caller: &Caller, id: &AgentId) -> Result<AgentRow> {
     match app.store.agent(id).await? {
-        Some(_) => Ok(()),
-        None => Err(Error::NotFound(format!("no agent {id}"))),
+        Some(row) if caller.sees(&row.labels) => Ok(row),
+        _ => Err(Error::NotFound(format!("no agent {id}"))),
     }
+}
+
+/// 404 for an agent the server never enrolled (or outside the caller's scope), rather than an
+/// empty history.
+async fn require_agent(app: &AppState, caller: &Caller, id: &AgentId) -> Result<()> {
+    visible_agent(app, caller, id).await.map(|_| ())
 }
 
 pub async fn list(
@@ -55,6 +62,7 @@ pub async fn list(
     Ok(Json(
         rows.iter()
             .filter(|r| r.revoked_at.is_none())
+            .filter(|r| caller.sees(&r.labels))
             .filter(|r| selector.as_ref().is_none_or(|s| s.matches(&r.labels)))
             .map(summary)
             .collect(),
@@ -63,7 +71,7 @@ pub async fn list(
 
 pub async fn get(State(app): State<AppState>, caller: Caller, AgentPath(id): AgentPath) -> Result<Json<AgentDetail>> {
     caller.require(Role::Viewer)?;
-    let row = app.store.agent(&id).await?.ok_or_else(|| Error::NotFound(format!("no agent {id}")))?;
+    let row = visible_agent(&app, &caller, &id).await?;
     let transitions = app.store.transitions(&id, 20).await?;
     let connection = match (&row.remote_addr, row.connected_at, &row.node) {
         (Some(addr), Some(at), Some(node)) => Some(ConnectionInfo {
@@ -123,7 +131,7 @@ pub async fn heartbeats(
         },
     };
     let limit = super::limit(q.limit, 1000, 10_000)?;
-    require_agent(&app, &id).await?;
+    require_agent(&app, &caller, &id).await?;
     Ok(Json(app.store.heartbeats(&id, since, step, limit).await?))
 }
 
@@ -143,7 +151,7 @@ pub async fn runs(
     caller.require(Role::Viewer)?;
     let Query(q) = query?;
     let limit = super::limit(q.limit, 20, 500)?;
-    require_agent(&app, &id).await?;
+    require_agent(&app, &caller, &id).await?;
     let mut runs = app.store.agent_runs(&id, limit).await?;
     for r in &mut runs {
         r.command = r.command.redacted();
@@ -153,13 +161,26 @@ pub async fn runs(
 
 pub async fn fleet(State(app): State<AppState>, caller: Caller) -> Result<Json<FleetCounts>> {
     caller.require(Role::Viewer)?;
-    Ok(Json(app.store.fleet_counts().await?))
+    if caller.scope.is_none() {
+        return Ok(Json(app.store.fleet_counts().await?));
+    }
+    let mut counts = FleetCounts::default();
+    for r in app.store.list_agents(None).await?.iter().filter(|r| r.revoked_at.is_none() && caller.sees(&r.labels)) {
+        match r.status {
+            AgentStatus::Online => counts.online += 1,
+            AgentStatus::Stale => counts.stale += 1,
+            AgentStatus::Offline => counts.offline += 1,
+        }
+        counts.total += 1;
+    }
+    Ok(Json(counts))
 }
 
 /// `DELETE /api/v1/agents/{id}`: revokes the agent's credential and closes its connection.
 pub async fn revoke(State(app): State<AppState>, caller: Caller, AgentPath(id): AgentPath) -> Result<StatusCode> {
     caller.require(Role::Admin)?;
     let now = Timestamp::now();
+    require_agent(&app, &caller, &id).await?;
     if !app.store.revoke_agent(&id, now).await? {
         return Err(Error::NotFound(format!("no agent {id}, or it is already revoked")));
     }
@@ -178,4 +199,31 @@ pub async fn revoke(State(app): State<AppState>, caller: Caller, AgentPath(id): 
     app.fleet.publish(shared::api::FleetEvent::AgentRevoked { agent_id: id.clone(), at: now });
     app.audit(caller.entry("agent.revoke", Some(id.to_string()), serde_json::json!({ "runs_cancelled": open.len() }))).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PATCH /api/v1/agents/{id}`: sets and removes the agent's trusted labels, the ones
+/// enrollment tokens set and targeting uses. The next job sees them; the session needs no
+/// reconnect, as targeting and dispatch read labels from the store.
+pub async fn patch(
+    State(app): State<AppState>,
+    caller: Caller,
+    AgentPath(id): AgentPath,
+    body: std::result::Result<Json<PatchAgent>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<AgentDetail>> {
+    caller.require(Role::Operator)?;
+    let Json(req) = body?;
+    let row = visible_agent(&app, &caller, &id).await?;
+    if row.revoked_at.is_some() {
+        return Err(Error::NotFound(format!("no agent {id}, or it is revoked")));
+    }
+    let before = app.store.agent_credential(&id).await?.ok_or_else(|| Error::NotFound(format!("no agent {id}")))?.token_labels;
+    let (after, effective) = crate::scope::edit_labels(&before, &row.labels, &req.labels, caller.scope.as_ref()).map_err(|e| match e {
+        crate::scope::EditRefusal::Invalid(m) => Error::BadRequest(m),
+        crate::scope::EditRefusal::Scope(m) => Error::OutOfScope(m),
+    })?;
+    if !app.store.set_agent_labels(&id, &before, &after, &effective).await? {
+        return Err(Error::Conflict(format!("agent {id}'s labels changed meanwhile (or it was revoked); read them and try again")));
+    }
+    app.audit(caller.entry("agent.labels", Some(id.to_string()), serde_json::json!({ "before": before, "after": after }))).await;
+    get(State(app), caller, AgentPath(id)).await
 }

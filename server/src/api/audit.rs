@@ -47,6 +47,8 @@ pub async fn list(
     query: std::result::Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<AuditPage>> {
     caller.require(Role::Admin)?;
+    // Entries name agents, tokens and jobs across the whole fleet.
+    caller.require_unscoped("reading the audit log")?;
     let Query(q) = query?;
     let now = Timestamp::now();
     let limit = super::limit(q.limit, 100, AUDIT_PAGE_MAX)?;

@@ -28,6 +28,8 @@ pub struct Caller {
     pub connection: Option<tokio_util::sync::CancellationToken>,
     /// The peer's address (`ip:port`), for the audit log.
     pub address: Option<String>,
+    /// The agents this token may see and target; none for the whole fleet.
+    pub scope: Option<shared::Selector>,
 }
 
 impl Caller {
@@ -81,6 +83,19 @@ impl Caller {
         (end, guard)
     }
 
+    /// Whether this caller sees an agent with these labels.
+    pub fn sees(&self, labels: &shared::Labels) -> bool {
+        crate::scope::sees(self.scope.as_ref(), labels)
+    }
+
+    /// Refuses a scoped token what only a token of the whole fleet may do.
+    pub fn require_unscoped(&self, what: &str) -> Result<(), Error> {
+        match &self.scope {
+            None => Ok(()),
+            Some(s) => Err(Error::OutOfScope(format!("this token is scoped to {s}; {what} needs a token of the whole fleet"))),
+        }
+    }
+
     /// How this caller is named in the audit log and on what it creates.
     pub fn actor(&self) -> String {
         format!("{} ({})", self.name, self.token_id)
@@ -130,6 +145,6 @@ impl FromRequestParts<AppState> for Caller {
         crate::admission::promote(&parts.extensions);
         let connection = parts.extensions.get::<crate::app::ConnCancel>().map(|c| c.0.clone());
         let address = remote.map(|r| r.to_string());
-        Ok(Caller { token_id: row.id, name: row.name, role: row.role, expires_at: row.expires_at, connection, address })
+        Ok(Caller { token_id: row.id, name: row.name, role: row.role, expires_at: row.expires_at, connection, address, scope: row.scope })
     }
 }

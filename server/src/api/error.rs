@@ -20,6 +20,9 @@ pub enum Error {
     /// not verify, has expired, or does not say what it covers): 403, as for a missing role.
     #[error("{0}")]
     SignatureRefused(String),
+    /// The caller's token scope does not reach what it asked for.
+    #[error("{0}")]
+    OutOfScope(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -55,7 +58,7 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, kind, message) = match &self {
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", self.to_string()),
-            Error::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden", self.to_string()),
+            Error::Forbidden { .. } | Error::OutOfScope(_) => (StatusCode::FORBIDDEN, "forbidden", self.to_string()),
             Error::SignatureRefused(_) => (StatusCode::FORBIDDEN, "signature_refused", self.to_string()),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", self.to_string()),
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", self.to_string()),

@@ -112,8 +112,20 @@ fn validate(req: &CreateJob) -> Result<()> {
 /// The agents a target names, in a stable order. Unknown or revoked ids are an error (409, as
 /// the request is well formed and the fleet is what refuses it): a typo should not silently
 /// shrink a job.
-async fn resolve(app: &AppState, target: &Target) -> Result<Vec<AgentTarget>> {
-    let agents = app.store.agent_targets().await?;
+///
+/// A scoped caller's target is intersected with its scope: `all` and a selector match only
+/// agents inside it, and naming an agent outside it is refused (403) rather than dropped.
+async fn resolve(app: &AppState, caller: &Caller, target: &Target) -> Result<Vec<AgentTarget>> {
+    let (agents, outside): (Vec<AgentTarget>, Vec<AgentTarget>) =
+        app.store.agent_targets().await?.into_iter().partition(|a| caller.sees(&a.labels));
+    if let (Target::Agents(ids), Some(scope)) = (target, &caller.scope) {
+        let outside: HashSet<&AgentId> = outside.iter().map(|a| &a.id).collect();
+        if let Some(id) = ids.iter().find(|id| outside.contains(id)) {
+            return Err(Error::OutOfScope(format!(
+                "agent {id} is outside this token's scope ({scope}); it can only target agents inside it"
+            )));
+        }
+    }
     match target {
         Target::All => Ok(agents),
         Target::Selector(sel) => Ok(agents.into_iter().filter(|a| sel.matches(&a.labels)).collect()),
@@ -144,7 +156,7 @@ pub async fn create(
     caller.require(Role::Operator)?;
     let Json(req) = body?;
     validate(&req)?;
-    let matched = resolve(&app, &req.target).await?;
+    let matched = resolve(&app, &caller, &req.target).await?;
     if req.dry_run {
         let agents: Vec<DryRunAgent> = matched
             .iter()
@@ -182,6 +194,7 @@ pub async fn create(
         cancelled_at: None,
         finished_at: None,
         signature: req.signature.clone(),
+        scope: caller.scope.clone(),
     };
     let runs = matched.iter().map(|a| Ok((new_id()?, a.id.clone()))).collect::<Result<Vec<_>>>()?;
     app.store.create_job(&job, &runs).await?;
@@ -196,6 +209,7 @@ pub async fn create(
             "ttl_secs": job.ttl_ms / 1000,
             "concurrency": job.concurrency,
             "max_errors": job.max_errors,
+            "scope": job.scope,
         }),
     ))
     .await;
@@ -215,9 +229,17 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(summary(&job, counts))).into_response())
 }
 
+/// The job, or 404 if there is none or the caller's scope does not cover it.
+async fn visible_job(app: &AppState, caller: &Caller, id: &str) -> Result<JobRow> {
+    match app.store.job(id).await? {
+        Some(job) if crate::scope::covers(caller.scope.as_ref(), job.scope.as_ref()) => Ok(job),
+        _ => Err(Error::NotFound(format!("no job {id}"))),
+    }
+}
+
 /// The job with every run and its output, as stored now.
-async fn load(app: &AppState, id: &str) -> Result<JobDetail> {
-    let job = app.store.job(id).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
+async fn load(app: &AppState, caller: &Caller, id: &str) -> Result<JobDetail> {
+    let job = visible_job(app, caller, id).await?;
     let runs = app.store.runs(id).await?;
     let mut outputs = app.store.run_output_heads(id, shared::job::DETAIL_HEAD_BYTES, shared::job::DETAIL_TOTAL_BYTES).await?;
     let mut counts: StateCounts = BTreeMap::new();
@@ -264,7 +286,9 @@ pub async fn list(
     caller.require(Role::Viewer)?;
     let Query(q) = query?;
     let limit = super::limit(q.limit, 50, 1000)?;
-    let jobs = app.store.list_jobs(limit).await?;
+    // A scoped caller sees fewer than `limit` when others' jobs are among the newest.
+    let jobs: Vec<JobRow> =
+        app.store.list_jobs(limit).await?.into_iter().filter(|j| crate::scope::covers(caller.scope.as_ref(), j.scope.as_ref())).collect();
     let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
     let mut counts = app.store.run_counts(&ids).await?;
     Ok(Json(jobs.iter().map(|j| summary(j, counts.remove(&j.id).unwrap_or_default())).collect()))
@@ -299,6 +323,7 @@ pub async fn output(
         return Err(Error::BadRequest("offset is too large".into()));
     }
     let (run, data) = app.store.run_output(&id, stream, offset, limit).await?.ok_or_else(|| Error::NotFound(format!("no run {id}")))?;
+    visible_job(&app, &caller, &run.job_id).await.map_err(|_| Error::NotFound(format!("no run {id}")))?;
     let (len, truncated) = match stream {
         shared::job::Stream::Stdout => (run.stdout_len, run.stdout_truncated),
         shared::job::Stream::Stderr => (run.stderr_len, run.stderr_truncated),
@@ -319,7 +344,7 @@ pub async fn output(
 
 pub async fn get(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobDetail>> {
     caller.require(Role::Viewer)?;
-    Ok(Json(load(&app, &id).await?))
+    Ok(Json(load(&app, &caller, &id).await?))
 }
 
 /// `POST /api/v1/jobs/{id}/cancel`: runs not started end `cancelled`; running ones are told to
@@ -327,6 +352,7 @@ pub async fn get(State(app): State<AppState>, caller: Caller, PathId(id): PathId
 pub async fn cancel(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobDetail>> {
     caller.require(Role::Operator)?;
     let now = Timestamp::now();
+    visible_job(&app, &caller, &id).await?;
     let (ended, on_agents) = app.store.cancel_job(&id, now).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
     for r in &ended {
         app.events.publish(
@@ -346,7 +372,7 @@ pub async fn cancel(State(app): State<AppState>, caller: Caller, PathId(id): Pat
     ))
     .await;
     app.dispatcher.kick.notify_one();
-    Ok(Json(load(&app, &id).await?))
+    Ok(Json(load(&app, &caller, &id).await?))
 }
 
 fn sse(event: &JobEvent) -> Event {
@@ -371,7 +397,7 @@ pub async fn events(
     caller.require(Role::Viewer)?;
     let (end, guard) = caller.watch(&app);
     let rx = app.events.subscribe();
-    let detail = load(&app, &id).await?;
+    let detail = load(&app, &caller, &id).await?;
     let done = detail.job.finished_at.is_some();
     let counts = detail.job.counts.clone();
     let mut first = vec![sse(&JobEvent::Snapshot(Box::new(detail)))];

@@ -13,7 +13,7 @@ mod tokens;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{MethodRouter, delete, get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post};
 use axum::{Json, Router};
 use shared::api::ApiError;
 
@@ -34,6 +34,7 @@ fn api_routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("GET", "/agents", get(agents::list)),
         ("GET", "/agents/{id}", get(agents::get)),
         ("DELETE", "/agents/{id}", delete(agents::revoke)),
+        ("PATCH", "/agents/{id}", patch(agents::patch)),
         ("GET", "/agents/{id}/heartbeats", get(agents::heartbeats)),
         ("GET", "/agents/{id}/runs", get(agents::runs)),
         ("GET", "/enroll-tokens", get(tokens::list_enroll)),
@@ -194,6 +195,8 @@ async fn metrics(
     caller: Caller,
 ) -> Result<impl axum::response::IntoResponse, Error> {
     caller.require(shared::api::Role::Viewer)?;
+    // The gauges count the whole fleet.
+    caller.require_unscoped("reading /metrics")?;
     let text = crate::telemetry::render(&app).await?;
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }

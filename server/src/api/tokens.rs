@@ -44,6 +44,7 @@ fn token_info(r: &ApiTokenRow) -> TokenInfo {
         expires_at: r.expires_at,
         last_used_at: r.last_used_at,
         revoked: r.revoked_at.is_some(),
+        scope: r.scope.clone(),
     }
 }
 
@@ -52,7 +53,7 @@ fn issue(kind: Kind) -> Result<auth::Issued> {
 }
 
 pub async fn whoami(caller: Caller) -> Json<WhoAmI> {
-    Json(WhoAmI { token_id: caller.token_id, name: caller.name, role: caller.role })
+    Json(WhoAmI { token_id: caller.token_id, name: caller.name, role: caller.role, scope: caller.scope })
 }
 
 pub async fn create_enroll(
@@ -76,6 +77,13 @@ pub async fn create_enroll(
         return Err(Error::BadRequest(format!(
             "label {k:?}: keys starting with {:?} are reserved for what agents report about themselves",
             shared::labels::AGENT_PREFIX
+        )));
+    }
+    // An agent enrolled with labels outside the scope would receive the jobs of others.
+    if !caller.sees(&req.labels) {
+        return Err(Error::OutOfScope(format!(
+            "this token is scoped to {}; the labels of its enrollment tokens must match that scope",
+            caller.scope.as_ref().map(ToString::to_string).unwrap_or_default()
         )));
     }
     if uses == 0 || uses > MAX_ENROLL_USES {
@@ -106,13 +114,14 @@ pub async fn create_enroll(
 
 pub async fn list_enroll(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<EnrollTokenInfo>>> {
     caller.require(Role::Admin)?;
-    Ok(Json(app.store.list_enroll_tokens().await?.iter().map(enroll_info).collect()))
+    Ok(Json(app.store.list_enroll_tokens().await?.iter().filter(|r| caller.sees(&r.labels)).map(enroll_info).collect()))
 }
 
 pub async fn revoke_enroll(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<StatusCode> {
     caller.require(Role::Admin)?;
     let now = Timestamp::now();
-    if !app.store.revoke_enroll_token(&id, now).await? {
+    let visible = app.store.enroll_token(&id).await?.is_some_and(|r| caller.sees(&r.labels));
+    if !visible || !app.store.revoke_enroll_token(&id, now).await? {
         return Err(Error::NotFound(format!("no enrollment token {id}, or it is already revoked")));
     }
     app.audit(caller.entry("enroll_token.revoke", Some(id), serde_json::json!({}))).await;
@@ -138,6 +147,7 @@ pub async fn create_token_row(store: &dyn Store, req: &CreateToken, created_by: 
         expires_at: req.ttl_secs.map(|s| now.saturating_add(Duration::from_secs(s))),
         revoked_at: None,
         last_used_at: None,
+        scope: req.scope.clone(),
     };
     store.insert_api_token(&row).await?;
     let entry = AuditEntry {
@@ -146,7 +156,7 @@ pub async fn create_token_row(store: &dyn Store, req: &CreateToken, created_by: 
         address: None,
         action: "token.create".into(),
         target: Some(row.id.clone()),
-        detail: serde_json::json!({ "name": row.name, "role": row.role, "ttl_secs": req.ttl_secs }),
+        detail: serde_json::json!({ "name": row.name, "role": row.role, "ttl_secs": req.ttl_secs, "scope": row.scope }),
     };
     Ok((TokenCreated { info: token_info(&row), token: issued.token }, entry))
 }
@@ -165,6 +175,16 @@ pub async fn create_token(
     if req.ttl_secs.is_some_and(|s| s > max.as_secs()) {
         return Err(Error::BadRequest(format!("ttl_secs must be at most {} ({})", max.as_secs(), shared::duration::format(max))));
     }
+    if let Err(why) = crate::scope::new_token_scope(caller.scope.as_ref(), req.scope.as_ref()) {
+        // Audited: a scoped token reaching for more is worth knowing about.
+        app.audit(caller.entry(
+            "token.create_refused",
+            None,
+            serde_json::json!({ "name": req.name, "role": req.role, "scope": req.scope, "caller_scope": caller.scope }),
+        ))
+        .await;
+        return Err(Error::OutOfScope(why));
+    }
     let (created, mut entry) = create_token_row(app.store.as_ref(), &req, &caller.actor()).await?;
     entry.address = caller.address.clone();
     app.audit(entry).await;
@@ -173,13 +193,15 @@ pub async fn create_token(
 
 pub async fn list_tokens(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<TokenInfo>>> {
     caller.require(Role::Admin)?;
-    Ok(Json(app.store.list_api_tokens().await?.iter().map(token_info).collect()))
+    let tokens = app.store.list_api_tokens().await?;
+    Ok(Json(tokens.iter().filter(|r| crate::scope::covers(caller.scope.as_ref(), r.scope.as_ref())).map(token_info).collect()))
 }
 
 pub async fn revoke_token(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<StatusCode> {
     caller.require(Role::Admin)?;
     let now = Timestamp::now();
-    if !app.store.revoke_api_token(&id, now).await? {
+    let visible = app.store.api_token(&id).await?.is_some_and(|r| crate::scope::covers(caller.scope.as_ref(), r.scope.as_ref()));
+    if !visible || !app.store.revoke_api_token(&id, now).await? {
         return Err(Error::NotFound(format!("no token {id}, or it is already revoked")));
     }
     // Streams held with this token end now (no receivers is fine).

@@ -47,6 +47,8 @@ pub struct ApiTokenRow {
     pub expires_at: Option<Timestamp>,
     pub revoked_at: Option<Timestamp>,
     pub last_used_at: Option<Timestamp>,
+    /// The agents the token may see and target; none for the whole fleet.
+    pub scope: Option<shared::Selector>,
 }
 
 #[derive(Clone, Debug)]
@@ -217,6 +219,9 @@ pub struct JobRow {
     pub finished_at: Option<Timestamp>,
     /// The operator's signature; the agents it covers are in [`Store::signed_agents`].
     pub signature: Option<shared::signing::JobSignature>,
+    /// The scope of the token that created the job: the dispatcher sends a run only to an
+    /// agent that still matches it.
+    pub scope: Option<shared::Selector>,
 }
 
 #[derive(Clone, Debug)]
@@ -387,6 +392,14 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a key revocation; false if that key was already revoked.
     async fn insert_key_revocation(&self, r: &shared::signing::KeyRevocation, at: Timestamp, by: &str) -> Result<bool>;
     async fn key_revocations(&self) -> Result<Vec<shared::signing::KeyRevocation>>;
+
+    // Labels edited by operators.
+    /// Replaces an agent's trusted labels and its effective ones, if its trusted labels are
+    /// still `expected` (so two edits at once cannot lose one); false if they changed or the
+    /// agent is revoked or unknown.
+    async fn set_agent_labels(&self, id: &AgentId, expected: &Labels, token_labels: &Labels, labels: &Labels) -> Result<bool>;
+    /// The effective labels of these agents, as stored now (revoked ones left out).
+    async fn agent_labels(&self, ids: &[AgentId]) -> Result<std::collections::HashMap<AgentId, Labels>>;
 }
 
 /// Writes an audit entry, for code without an [`crate::audit::Auditor`] (`bootstrap`, which

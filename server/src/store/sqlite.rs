@@ -26,6 +26,7 @@ const ROWS_PER_STATEMENT: usize = 500;
 
 mod audit;
 mod output;
+mod scope;
 mod signing;
 pub use audit::{JOBS_PER_PRUNE, SERVER_ACTOR};
 use output::insert_outputs;
@@ -134,6 +135,7 @@ struct ApiTokenDb {
     expires_at: Option<i64>,
     revoked_at: Option<i64>,
     last_used_at: Option<i64>,
+    scope: Option<String>,
 }
 
 impl TryFrom<ApiTokenDb> for ApiTokenRow {
@@ -149,6 +151,12 @@ impl TryFrom<ApiTokenDb> for ApiTokenRow {
             expires_at: r.expires_at.map(ts),
             revoked_at: r.revoked_at.map(ts),
             last_used_at: r.last_used_at.map(ts),
+            scope: r
+                .scope
+                .as_deref()
+                .map(shared::Selector::parse)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("token scope: {e}")))?,
         })
     }
 }
@@ -260,7 +268,7 @@ impl Store for SqliteStore {
     async fn insert_api_token(&self, r: &ApiTokenRow) -> Result<()> {
         let _gate = self.writer().await;
         sqlx::query(
-            "INSERT INTO api_tokens (id, name, role, secret_hash, created_by, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO api_tokens (id, name, role, secret_hash, created_by, created_at, expires_at, scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&r.id)
         .bind(&r.name)
@@ -269,6 +277,7 @@ impl Store for SqliteStore {
         .bind(&r.created_by)
         .bind(r.created_at.unix_millis())
         .bind(r.expires_at.map(Timestamp::unix_millis))
+        .bind(r.scope.as_ref().map(ToString::to_string))
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
@@ -597,7 +606,7 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         sqlx::query(
             "INSERT INTO jobs (id, created_at, created_by, target, command, timeout_ms, ttl_ms, concurrency, max_in_flight, \
-             max_errors, output_limit, expires_at, signature) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             max_errors, output_limit, expires_at, signature, scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&job.id)
         .bind(job.created_at.unix_millis())
@@ -612,6 +621,7 @@ impl Store for SqliteStore {
         .bind(to_i64(job.output_limit))
         .bind(job.expires_at.unix_millis())
         .bind(job.signature.as_ref().map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .bind(job.scope.as_ref().map(ToString::to_string))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -868,6 +878,15 @@ impl Store for SqliteStore {
         signing::key_revocations(&self.pool).await
     }
 
+    async fn set_agent_labels(&self, id: &AgentId, expected: &Labels, token_labels: &Labels, labels: &Labels) -> Result<bool> {
+        let _gate = self.writer().await;
+        scope::set_agent_labels(&self.pool, id, expected, token_labels, labels).await
+    }
+
+    async fn agent_labels(&self, ids: &[AgentId]) -> Result<HashMap<AgentId, Labels>> {
+        scope::agent_labels(&self.pool, ids).await
+    }
+
     async fn cancel_job(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>> {
         let gate = self.writer().await;
         let done = sqlx::query("UPDATE jobs SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?")
@@ -947,6 +966,7 @@ struct JobDb {
     cancelled_at: Option<i64>,
     finished_at: Option<i64>,
     signature: Option<String>,
+    scope: Option<String>,
 }
 
 impl TryFrom<JobDb> for JobRow {
@@ -954,6 +974,7 @@ impl TryFrom<JobDb> for JobRow {
     fn try_from(r: JobDb) -> Result<Self> {
         let corrupt = |what: &str, e: String| StoreError::Corrupt(format!("job {}: {what}: {e}", r.id));
         let signature = r.signature.as_deref().map(serde_json::from_str).transpose().map_err(|e| corrupt("signature", e.to_string()))?;
+        let scope = r.scope.as_deref().map(shared::Selector::parse).transpose().map_err(|e| corrupt("scope", e.to_string()))?;
         Ok(JobRow {
             target: serde_json::from_str(&r.target).map_err(|e| corrupt("target", e.to_string()))?,
             command: serde_json::from_str(&r.command).map_err(|e| corrupt("command", e.to_string()))?,
@@ -970,6 +991,7 @@ impl TryFrom<JobDb> for JobRow {
             cancelled_at: r.cancelled_at.map(ts),
             finished_at: r.finished_at.map(ts),
             signature,
+            scope,
         })
     }
 }
@@ -1609,6 +1631,7 @@ mod tests {
             cancelled_at: None,
             finished_at: None,
             signature: None,
+            scope: None,
         }
     }
 

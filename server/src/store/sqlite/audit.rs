@@ -420,6 +420,7 @@ mod tests {
             cancelled_at: None,
             finished_at: finished_at.map(Timestamp::from_unix_millis),
             signature: None,
+            scope: None,
         }
     }
 
