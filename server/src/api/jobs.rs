@@ -95,7 +95,7 @@ fn validate(req: &CreateJob) -> Result<()> {
         let Target::Agents(ids) = &req.target else {
             return Err(Error::SignatureRefused("a signed job must target the agent ids it was signed for (target.agents)".into()));
         };
-        // The server checks too, so that a mistake is a clear 400 rather than runs every
+        // The server checks too, so that a mistake is a clear 403 rather than runs every
         // agent refuses; the agents do not rely on this check.
         let set = shared::signing::AgentSet::new(ids);
         let statement = shared::signing::job_statement(id, &req.command, &set.root(), set.len(), sig.expires_at, sig.selector.as_ref());
