@@ -67,9 +67,27 @@ pub struct AppState {
     /// Ids of operator tokens revoked on this node, for the streams that hold them.
     pub revoked: tokio::sync::broadcast::Sender<String>,
     pub auditor: crate::audit::Auditor,
+    /// Key revocations as stored, read once and kept until this node stores a new one: every
+    /// agent gets them after `welcome`, so a reconnect storm must not read them 19,000 times.
+    pub key_revocations: Arc<std::sync::Mutex<Option<Arc<Vec<shared::signing::KeyRevocation>>>>>,
 }
 
 impl AppState {
+    pub async fn key_revocations(&self) -> Result<Arc<Vec<shared::signing::KeyRevocation>>, crate::store::StoreError> {
+        let cached = self.key_revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(list) = cached {
+            return Ok(list);
+        }
+        let list = Arc::new(self.store.key_revocations().await?);
+        *self.key_revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(list.clone());
+        Ok(list)
+    }
+
+    /// After storing a revocation: the next read goes to the database.
+    pub fn forget_key_revocations(&self) {
+        *self.key_revocations.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
     /// Writes an audit entry. A failure is logged loudly but does not undo the action.
     pub async fn audit(&self, entry: AuditEntry) {
         self.auditor.record(entry).await;
@@ -183,6 +201,7 @@ impl Application {
             shutdown,
             tracker: TaskTracker::new(),
             revoked: tokio::sync::broadcast::channel(64).0,
+            key_revocations: Default::default(),
             auditor,
             admission: crate::admission::Admission::new(crate::admission::Caps {
                 max_connections: config_limits.max_connections,

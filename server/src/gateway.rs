@@ -491,9 +491,9 @@ async fn leave(app: &AppState, agent_id: &AgentId, conn: u64, ending: &Ending) {
 /// A job cancelled while the agent was away: its runs still on the agent get their cancel now.
 /// Every key revoked fleet-wide, so an agent that was away learns of it before any run.
 async fn send_revocations(app: &AppState, socket: &mut WebSocket) -> Result<(), String> {
-    let revocations = app.store.key_revocations().await.map_err(|e| format!("cannot read key revocations: {e}"))?;
-    for r in revocations {
-        send_json(socket, &ServerMessage::KeyRevoked(Box::new(r)))
+    let revocations = app.key_revocations().await.map_err(|e| format!("cannot read key revocations: {e}"))?;
+    for r in revocations.iter() {
+        send_json(socket, &ServerMessage::KeyRevoked(Box::new(r.clone())))
             .await
             .map_err(|()| "connection lost while sending key revocations".to_owned())?;
     }

@@ -184,7 +184,7 @@ async fn nothing_a_compromised_server_sends_starts_a_process_on_an_agent_that_re
 
 #[tokio::test]
 async fn a_key_revoked_fleet_wide_is_refused_even_after_the_server_forgets_the_revocation() {
-    let fleet = Fleet::new().await;
+    let mut fleet = Fleet::new().await;
     let second = fleet.dir.path().join("second.key");
     let out = fleet.server.cli(&["key", "generate", "--out", second.to_str().unwrap()]);
     let second_public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
@@ -207,8 +207,11 @@ async fn a_key_revoked_fleet_wide_is_refused_even_after_the_server_forgets_the_r
     let after = fleet.run_signed(&second, &["--agent", a.as_str()], &["/bin/echo", "after"]);
     refused_with(run_on(&fleet.finished(&after).await, &a), "revoked");
 
-    // A server that "forgets" the revocation changes nothing: the agent kept it.
+    // A server that "forgets" the revocation (deleted, and restarted so nothing is cached)
+    // changes nothing: the agent kept it.
     fleet.server.sql("DELETE FROM key_revocations").await;
+    fleet.server.process().stop().await;
+    fleet.server.start().await;
     let agent = agent.restart();
     fleet.server.api.wait_status(&a, shared::api::AgentStatus::Online, SOON).await;
     let later = fleet.run_signed(&second, &["--agent", a.as_str()], &["/bin/echo", "later"]);

@@ -19,7 +19,7 @@ const MAX_REVOCATIONS: usize = 1000;
 
 pub async fn list(State(app): State<AppState>, caller: Caller) -> Result<Json<Vec<KeyRevocation>>> {
     caller.require(Role::Viewer)?;
-    Ok(Json(app.store.key_revocations().await?))
+    Ok(Json(app.key_revocations().await?.as_ref().clone()))
 }
 
 pub async fn revoke(
@@ -30,10 +30,11 @@ pub async fn revoke(
     caller.require(Role::Admin)?;
     let Json(r) = body?;
     r.verify().map_err(|_| Error::SignatureRefused(format!("the revocation of {} is not signed by {}", r.key, r.by)))?;
-    if app.store.key_revocations().await?.len() >= MAX_REVOCATIONS {
+    if app.key_revocations().await?.len() >= MAX_REVOCATIONS {
         return Err(Error::Conflict(format!("{MAX_REVOCATIONS} keys are revoked already; that is the most the server keeps")));
     }
     let new = app.store.insert_key_revocation(&r, shared::Timestamp::now(), &caller.actor()).await?;
+    app.forget_key_revocations();
     if new {
         let senders = app.registry.senders();
         let reached = senders.iter().filter(|tx| tx.try_send(ServerMessage::KeyRevoked(Box::new(r.clone()))).is_ok()).count();

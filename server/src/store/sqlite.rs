@@ -1607,8 +1607,8 @@ mod tests {
         assert!(row.connected && row.disconnected_at.is_none() && row.connected_at == Some(Timestamp::from_unix_millis(7_000)));
     }
 
-    /// A job created at `created_at` (ms) that runs `true`.
-    fn job_row(id: &str, created_at: i64) -> JobRow {
+    /// A job created at `created_at` (ms) that runs `true`; also used by the submodules' tests.
+    pub(super) fn job_row(id: &str, created_at: i64) -> JobRow {
         use shared::job::{CommandSpec, Program, Target};
         JobRow {
             id: id.into(),

@@ -258,10 +258,10 @@ impl SqliteStore {
 mod tests {
     use shared::AgentId;
     use shared::audit::{Break, Start, Verifier};
-    use shared::job::{CommandSpec, Program, RunState, Target};
+    use shared::job::RunState;
 
     use super::*;
-    use crate::store::{JobRow, Store};
+    use crate::store::Store;
 
     async fn open() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
@@ -398,38 +398,12 @@ mod tests {
         verify(&store).await.unwrap();
     }
 
-    fn job(id: &str, finished_at: Option<i64>) -> JobRow {
-        JobRow {
-            id: id.into(),
-            created_at: Timestamp::from_unix_millis(0),
-            created_by: "t".into(),
-            target: Target::All,
-            command: CommandSpec {
-                program: Program::Argv(vec!["true".into()]),
-                cwd: None,
-                env: Default::default(),
-                secret_env: Default::default(),
-            },
-            timeout_ms: 1000,
-            ttl_ms: 1000,
-            concurrency: None,
-            max_in_flight: None,
-            max_errors: None,
-            output_limit: 1 << 20,
-            expires_at: Timestamp::from_unix_millis(1_000),
-            cancelled_at: None,
-            finished_at: finished_at.map(Timestamp::from_unix_millis),
-            signature: None,
-            scope: None,
-        }
-    }
-
     #[tokio::test]
     async fn retention_removes_old_finished_jobs_with_their_runs_and_output_and_keeps_open_ones() {
         let (_dir, store) = open().await;
         let agent = AgentId::from_bytes([1; 8]);
         for (id, finished) in [("00000000000000a1", Some(1_000)), ("00000000000000a2", Some(50_000)), ("00000000000000a3", None)] {
-            store.create_job(&job(id, None), &[(format!("r{id}"), agent.clone())]).await.unwrap();
+            store.create_job(&super::super::tests::job_row(id, 0), &[(format!("r{id}"), agent.clone())]).await.unwrap();
             if let Some(t) = finished {
                 store.end_runs(&[format!("r{id}")], RunState::Succeeded, "", Timestamp::from_unix_millis(t)).await.unwrap();
                 assert!(store.finish_job_if_done(id, Timestamp::from_unix_millis(t)).await.unwrap());
