@@ -159,6 +159,7 @@ impl Session<'_> {
             labels: self.config.labels.clone(),
             heartbeat_interval_ms: u64::try_from(self.config.heartbeat_interval.as_millis()).unwrap_or(u64::MAX),
             open_runs: self.executor.open_run_ids(),
+            trusted_keys: self.config.trusted_keys.clone(),
         });
         send(ws, &hello).await?;
         let deadline = Instant::now() + WELCOME_TIMEOUT;
@@ -258,6 +259,9 @@ impl Session<'_> {
                                 Ok(ServerMessage::Resend(r)) => {
                                     reported.finished.remove(&r.run_id);
                                     self.executor.resend_from(&r.run_id, r.stdout_from, r.stderr_from);
+                                }
+                                Ok(ServerMessage::RotateCredential(_) | ServerMessage::Credential(_)) => {
+                                    tracing::warn!("credential rotation is not handled yet; ignoring")
                                 }
                                 Err(e) => tracing::warn!(error = %e, "ignoring a message this agent does not understand"),
                             },

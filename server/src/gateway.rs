@@ -452,6 +452,7 @@ async fn run_session(
         labels,
         ping_interval_ms: u64::try_from(app.config.ping_interval.as_millis()).unwrap_or(u64::MAX),
         server_version: shared::VERSION.into(),
+        pending: false,
     });
     let ending = if send_json(&mut socket, &welcome).await.is_err() {
         Ending::quiet("could not send welcome")
@@ -673,6 +674,9 @@ impl Session<'_> {
                 Ok(())
             }
             AgentMessage::Hello(_) => Err(Ending::close(close::PROTOCOL_ERROR, "hello sent twice")),
+            AgentMessage::CredentialRequest(_) | AgentMessage::CredentialStored(_) => {
+                Err(Ending::close(close::PROTOCOL_ERROR, "credential rotation is not handled yet"))
+            }
             AgentMessage::RunAccepted(m) => {
                 app.recorder.send(Record::RunAccepted { agent_id: agent_id.clone(), run_id: m.run_id, at: Timestamp::now() }).await;
                 Ok(())

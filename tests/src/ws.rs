@@ -66,6 +66,7 @@ pub fn hello(hostname: &str, interval_ms: u64) -> AgentMessage {
         labels: Labels::new(),
         heartbeat_interval_ms: interval_ms,
         open_runs: Vec::new(),
+        trusted_keys: Vec::new(),
     })
 }
 

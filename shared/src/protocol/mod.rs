@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use health::{DiskUsage, Heartbeat, Metrics};
 pub use run::{Cancel, Outcome, Resend, ResultAck, Run, RunAccepted, RunFinished, RunOutput, RunStarted};
-pub use session::{Hello, Welcome};
+pub use session::{CredentialRequest, CredentialStored, Hello, NewCredential, RotateCredential, Welcome};
 pub use validate::{Invalid, MAX_OUTPUT_CHUNK, check_hostname, check_text};
 
 /// Path of the agents' WebSocket endpoint on the server.
@@ -73,6 +73,8 @@ pub enum AgentMessage {
     RunStarted(RunStarted),
     RunOutput(RunOutput),
     RunFinished(RunFinished),
+    CredentialRequest(CredentialRequest),
+    CredentialStored(CredentialStored),
 }
 
 /// A message from the server to an agent.
@@ -87,10 +89,23 @@ pub enum ServerMessage {
     /// An operator key revoked fleet-wide, signed by a trusted key: the agent checks the
     /// signature itself and, if it verifies, never accepts that key again.
     KeyRevoked(Box<crate::signing::KeyRevocation>),
+    /// An administrator asked for the agent's credential to be rotated.
+    RotateCredential(RotateCredential),
+    /// The agent's next credential, after its `credential_request`.
+    Credential(NewCredential),
 }
 
 impl AgentMessage {
-    pub const TYPES: &'static [&'static str] = &["hello", "heartbeat", "run_accepted", "run_started", "run_output", "run_finished"];
+    pub const TYPES: &'static [&'static str] = &[
+        "hello",
+        "heartbeat",
+        "run_accepted",
+        "run_started",
+        "run_output",
+        "run_finished",
+        "credential_request",
+        "credential_stored",
+    ];
 
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -100,12 +115,14 @@ impl AgentMessage {
             AgentMessage::RunStarted(_) => "run_started",
             AgentMessage::RunOutput(_) => "run_output",
             AgentMessage::RunFinished(_) => "run_finished",
+            AgentMessage::CredentialRequest(_) => "credential_request",
+            AgentMessage::CredentialStored(_) => "credential_stored",
         }
     }
 }
 
 impl ServerMessage {
-    pub const TYPES: &'static [&'static str] = &["welcome", "run", "cancel", "result_ack", "resend", "key_revoked"];
+    pub const TYPES: &'static [&'static str] = &["welcome", "run", "cancel", "result_ack", "resend", "key_revoked", "rotate_credential", "credential"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -115,6 +132,8 @@ impl ServerMessage {
             ServerMessage::ResultAck(_) => "result_ack",
             ServerMessage::Resend(_) => "resend",
             ServerMessage::KeyRevoked(_) => "key_revoked",
+            ServerMessage::RotateCredential(_) => "rotate_credential",
+            ServerMessage::Credential(_) => "credential",
         }
     }
 }

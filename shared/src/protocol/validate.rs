@@ -20,6 +20,8 @@ pub const MAX_DISKS: usize = 64;
 pub const MAX_ERROR_TEXT: usize = 4096;
 /// Longest run id.
 pub const MAX_RUN_ID: usize = 64;
+/// Most operator keys one agent may report trusting in `hello`.
+pub const MAX_TRUSTED_KEYS: usize = 32;
 /// Largest load average taken as real.
 pub const MAX_LOAD: f64 = 1e6;
 
@@ -67,6 +69,9 @@ fn check_hello(h: &Hello) -> Result<(), Invalid> {
     check_text("agent_version", &h.agent_version, 64)?;
     for r in &h.open_runs {
         check_run_id(r)?;
+    }
+    if h.trusted_keys.len() > MAX_TRUSTED_KEYS {
+        return Err(invalid("trusted_keys", format!("at most {MAX_TRUSTED_KEYS} keys")));
     }
     Ok(())
 }
@@ -199,6 +204,13 @@ impl AgentMessage {
             AgentMessage::RunStarted(m) => check_run_id(&m.run_id),
             AgentMessage::RunOutput(o) => check_output(o),
             AgentMessage::RunFinished(f) => check_finished(f),
+            AgentMessage::CredentialRequest(_) => Ok(()),
+            AgentMessage::CredentialStored(c) => {
+                if c.sha256.len() != 64 || !c.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                    return Err(invalid("sha256", "64 lowercase hex digits"));
+                }
+                Ok(())
+            }
         }
     }
 }
