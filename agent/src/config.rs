@@ -106,6 +106,7 @@ struct FileSettings {
     policy: Option<PolicyFile>,
     #[serde(default)]
     trusted_keys: Vec<String>,
+    credential_rotation: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -128,7 +129,13 @@ pub struct Config {
     pub policy: Arc<Policy>,
     /// Operator keys whose signatures this agent requires; empty: unsigned jobs run.
     pub trusted_keys: Vec<shared::signing::PublicKey>,
+    /// How old the agent's credential may get before it asks the server for a new one; `None`
+    /// (`credential_rotation = "off"`) never asks. [default: 30 days]
+    pub credential_rotation: Option<Duration>,
 }
+
+/// The default `credential_rotation`.
+pub const DEFAULT_CREDENTIAL_ROTATION: Duration = Duration::from_secs(30 * 86_400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -182,6 +189,14 @@ impl Config {
                 .iter()
                 .map(|k| shared::signing::PublicKey::parse(k).map_err(|e| invalid(format!("trusted_keys: {k:?}: {e}"))))
                 .collect::<Result<_, _>>()?,
+            credential_rotation: match file.credential_rotation.as_deref() {
+                None => Some(DEFAULT_CREDENTIAL_ROTATION),
+                Some("off") => None,
+                Some(v) => match shared::duration::parse(v) {
+                    Ok(d) if !d.is_zero() => Some(d),
+                    _ => return Err(invalid(format!("credential_rotation: {v:?} is not a duration (30d, 12h) or \"off\""))),
+                },
+            },
             policy: Arc::new(
                 Policy::from_file(file.policy, s.run_as.as_deref().or(file.run_as.as_deref()).filter(|r| !r.is_empty()))
                     .map_err(invalid)?,

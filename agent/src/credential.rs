@@ -15,6 +15,18 @@ pub struct Credential {
     pub token: String,
     /// The server this credential belongs to.
     pub server: String,
+    /// When the server issued it (at enrollment or by a rotation). Older files have none; the
+    /// file's modification time stands in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_at: Option<shared::Timestamp>,
+}
+
+impl Credential {
+    /// Hex SHA-256 of the whole credential string: how the agent confirms which one it stored.
+    pub fn sha256(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(self.token.as_bytes()))
+    }
 }
 
 impl std::fmt::Debug for Credential {
@@ -38,7 +50,15 @@ pub enum CredentialError {
 pub fn load(state_dir: &Path) -> Result<Option<Credential>, CredentialError> {
     let path = path(state_dir);
     match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| CredentialError::Invalid { path, message: e.to_string() }),
+        Ok(text) => {
+            let mut c: Credential =
+                serde_json::from_str(&text).map_err(|e| CredentialError::Invalid { path: path.clone(), message: e.to_string() })?;
+            if c.issued_at.is_none() {
+                let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+                c.issued_at = modified.map(shared::Timestamp::from);
+            }
+            Ok(Some(c))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(CredentialError::Io { path, source }),
     }
@@ -96,11 +116,17 @@ mod tests {
     fn a_stored_credential_loads_back_and_is_private() {
         let dir = tempfile::tempdir().unwrap();
         assert!(load(dir.path()).unwrap().is_none());
-        let c = Credential { agent_id: AgentId::from_bytes([1; 8]), token: "msa_x".into(), server: "https://h:1".into() };
+        let c = Credential {
+            agent_id: AgentId::from_bytes([1; 8]),
+            token: "msa_x".into(),
+            server: "https://h:1".into(),
+            issued_at: Some(shared::Timestamp::from_unix_millis(5)),
+        };
         store(dir.path(), &c).unwrap();
         let back = load(dir.path()).unwrap().unwrap();
         assert_eq!(back.agent_id, c.agent_id);
         assert_eq!(back.token, "msa_x");
+        assert_eq!(back.issued_at, c.issued_at);
         assert_eq!(std::fs::metadata(path(dir.path())).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
@@ -111,6 +137,15 @@ mod tests {
         create_state_dir(&state).unwrap();
         assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
         create_state_dir(&state).unwrap();
+    }
+
+    #[test]
+    fn a_credential_without_its_issue_time_dates_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(path(dir.path()), r#"{"agent_id":"0101010101010101","token":"msa_x","server":"https://h:1"}"#).unwrap();
+        let back = load(dir.path()).unwrap().unwrap();
+        let age = back.issued_at.expect("dated").age(shared::Timestamp::now());
+        assert!(age < std::time::Duration::from_secs(3600), "{age:?}");
     }
 
     #[test]

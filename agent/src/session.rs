@@ -46,6 +46,8 @@ type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 const METRICS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long to wait for a `credential` after asking before asking again.
+const CREDENTIAL_RETRY: Duration = Duration::from_secs(600);
 
 /// How a session ended.
 #[derive(Debug)]
@@ -110,8 +112,19 @@ impl Session<'_> {
             }
         };
         tracing::info!(agent = %welcome.agent_id, labels = %welcome.labels, "connected");
+        if welcome.pending {
+            tracing::warn!(
+                agent = %welcome.agent_id,
+                "this agent waits for an administrator's approval (muster agent accept {}); it gets no runs until then",
+                welcome.agent_id
+            );
+        }
         self.executor.set_agent_id(welcome.agent_id.clone());
-        self.heartbeat_loop(ws, &welcome).await
+        let current = match presenting {
+            Presenting::Credential(c) => Some(c.clone()),
+            Presenting::EnrollToken(_) => credential::load(&self.config.state_dir).ok().flatten(),
+        };
+        self.heartbeat_loop(ws, &welcome, current).await
     }
 
     async fn connect(&self, presenting: &Presenting) -> Result<Ws, String> {
@@ -179,14 +192,30 @@ impl Session<'_> {
         };
         if let Presenting::EnrollToken(_) = presenting {
             let token = welcome.credential.clone().ok_or("enrolled, but the server sent no credential")?;
-            let cred = Credential { agent_id: welcome.agent_id.clone(), token, server: self.config.server.clone() };
+            let cred = Credential {
+                agent_id: welcome.agent_id.clone(),
+                token,
+                server: self.config.server.clone(),
+                issued_at: Some(shared::Timestamp::now()),
+            };
             credential::store(&self.config.state_dir, &cred).map_err(|e| format!("cannot store the credential: {e}"))?;
             tracing::info!(agent = %welcome.agent_id, path = %credential::path(&self.config.state_dir).display(), "enrolled; credential stored");
         }
         Ok(welcome)
     }
 
-    async fn heartbeat_loop(self, mut ws: Ws, welcome: &Welcome) -> Outcome {
+    /// Stores a credential a rotation issued, after checking it is one for this agent.
+    fn store_rotated(&self, agent_id: &shared::AgentId, token: String) -> Result<Credential, String> {
+        if !token.strip_prefix("msa_").and_then(|t| t.strip_prefix(agent_id.as_str())).is_some_and(|t| t.starts_with('_')) {
+            return Err("the server sent a credential for another agent".into());
+        }
+        let cred =
+            Credential { agent_id: agent_id.clone(), token, server: self.config.server.clone(), issued_at: Some(shared::Timestamp::now()) };
+        credential::store(&self.config.state_dir, &cred).map_err(|e| format!("cannot store the new credential: {e}"))?;
+        Ok(cred)
+    }
+
+    async fn heartbeat_loop(self, mut ws: Ws, welcome: &Welcome, mut current: Option<Credential>) -> Outcome {
         let started = Instant::now();
         let ping_interval = Duration::from_millis(welcome.ping_interval_ms.max(100));
         // Three missed pings and the server is gone, even if TCP has not noticed.
@@ -199,8 +228,17 @@ impl Session<'_> {
         // Whatever is open (from before a reconnect or a restart) is reported first.
         self.executor.poke();
         let ended = |reason: String| Outcome::Ended { healthy_for: started.elapsed(), reason, close_code: None };
+        let period = self.config.credential_rotation;
+        let mut ask_at = rotation_due(current.as_ref(), period);
         loop {
             tokio::select! {
+                _ = tokio::time::sleep_until(ask_at.unwrap_or_else(Instant::now)), if ask_at.is_some() => {
+                    tracing::info!("the agent's credential is due for rotation; asking the server for a new one");
+                    if let Err(e) = send(&mut ws, &AgentMessage::CredentialRequest(Default::default())).await {
+                        return ended(e);
+                    }
+                    ask_at = Some(Instant::now() + CREDENTIAL_RETRY);
+                }
                 _ = self.executor.changed() => {
                     match pump(&mut ws, self.executor, &mut reported).await {
                         Ok(true) => self.executor.poke(),
@@ -260,9 +298,29 @@ impl Session<'_> {
                                     reported.finished.remove(&r.run_id);
                                     self.executor.resend_from(&r.run_id, r.stdout_from, r.stderr_from);
                                 }
-                                Ok(ServerMessage::RotateCredential(_) | ServerMessage::Credential(_)) => {
-                                    tracing::warn!("credential rotation is not handled yet; ignoring")
+                                Ok(ServerMessage::RotateCredential(_)) => {
+                                    tracing::info!("the server asks this agent to rotate its credential");
+                                    if current.is_some() {
+                                        if let Err(e) = send(&mut ws, &AgentMessage::CredentialRequest(Default::default())).await {
+                                            return ended(e);
+                                        }
+                                        ask_at = Some(Instant::now() + CREDENTIAL_RETRY);
+                                    }
                                 }
+                                Ok(ServerMessage::Credential(c)) => match self.store_rotated(&welcome.agent_id, c.credential) {
+                                    Ok(cred) => {
+                                        tracing::info!(path = %credential::path(&self.config.state_dir).display(), "new credential stored");
+                                        let stored = AgentMessage::CredentialStored(protocol::CredentialStored { sha256: cred.sha256() });
+                                        ask_at = rotation_due(Some(&cred), period);
+                                        current = Some(cred);
+                                        if let Err(e) = send(&mut ws, &stored).await {
+                                            return ended(e);
+                                        }
+                                    }
+                                    // The old credential keeps working: the server replaces it
+                                    // only once this agent confirms the new one.
+                                    Err(e) => tracing::error!(error = %e, "credential rotation failed; keeping the current credential"),
+                                },
                                 Err(e) => tracing::warn!(error = %e, "ignoring a message this agent does not understand"),
                             },
                             Message::Close(f) => {
@@ -306,6 +364,15 @@ async fn collect(collector: &mut Collector, last: &mut Option<shared::protocol::
             last.clone().unwrap_or_default()
         }
     }
+}
+
+/// When to ask for a new credential: once it is `period` old, plus up to a tenth of the period
+/// (at most a minute) so that agents enrolled together do not all ask at once.
+fn rotation_due(current: Option<&Credential>, period: Option<Duration>) -> Option<Instant> {
+    let (issued_at, period) = (current?.issued_at?, period?);
+    let age = issued_at.age(shared::Timestamp::now());
+    let spread = (period / 10).min(Duration::from_secs(60)).mul_f64(crate::backoff::random_fraction());
+    Some(Instant::now() + period.saturating_sub(age) + spread)
 }
 
 fn jittered(interval: Duration) -> Duration {

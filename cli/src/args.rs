@@ -241,6 +241,11 @@ pub struct AgentArgs {
 pub enum AgentAction {
     /// Revoke the agent's credential and disconnect it. It must enroll again to come back.
     Revoke { id: AgentId },
+    /// Accept an agent that enrolled with an `--approve` token: until then it gets no runs.
+    Accept { id: AgentId },
+    /// Rotate the agent's credential now (or when it next connects). The old one stops working
+    /// once the agent has stored the new one; a copy presented later is reported as a clone.
+    Rotate { id: AgentId },
     /// Set (key=value) or remove (key-) the agent's labels, the ones targeting uses:
     /// `muster agent ID label site=lyon canary-`.
     Label {
@@ -280,6 +285,10 @@ pub enum EnrollTokenCommand {
         /// A label every agent enrolled with it gets (key=value); repeat for more.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Agents enrolled with it wait as pending, sent no runs, until an admin accepts each
+        /// one (`muster agent accept ID`).
+        #[arg(long)]
+        approve: bool,
         /// Also print a ready-to-paste `muster-agent install` line, with the server's CA pinned
         /// by fingerprint (from --ca / MUSTER_CA).
         #[arg(long)]

@@ -56,7 +56,7 @@ pub async fn agents(client: &Client, args: &AgentsArgs, out: Out<'_>) -> anyhow:
                 None => ("-".into(), "-".into(), "-".into()),
             };
             vec![
-                a.status.to_string(),
+                if a.pending { format!("{} (pending)", a.status) } else { a.status.to_string() },
                 a.hostname.clone(),
                 a.id.to_string(),
                 ago(a.last_heartbeat_at, now),
@@ -75,6 +75,23 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
     if let Some(AgentAction::Revoke { id }) = &args.action {
         client.delete(&format!("/agents/{id}")).await?;
         writeln!(out, "Agent {id} revoked and disconnected.")?;
+        return Ok(());
+    }
+    if let Some(AgentAction::Accept { id }) = &args.action {
+        let a: AgentDetail = client.post(&format!("/agents/{id}/accept"), &serde_json::json!({})).await?;
+        if args.json {
+            return json(out, &a);
+        }
+        writeln!(out, "Agent {id} ({}) accepted: it gets runs from now on.", safe(&a.summary.hostname))?;
+        return Ok(());
+    }
+    if let Some(AgentAction::Rotate { id }) = &args.action {
+        let a: AgentDetail = client.post(&format!("/agents/{id}/rotate-credential"), &serde_json::json!({})).await?;
+        if args.json {
+            return json(out, &a);
+        }
+        let when = if a.connection.as_ref().is_some_and(|c| c.connected) { "now" } else { "when it next connects" };
+        writeln!(out, "Agent {id} will rotate its credential {when}; the current one stops working once the new one is stored.")?;
         return Ok(());
     }
     let Some(id) = &args.id else { bail!("name an agent: muster agent <ID>") };
@@ -104,7 +121,18 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
     writeln!(out, "Hostname   {}", safe(&s.hostname))?;
     writeln!(out, "Status     {} (since {}, {})", s.status, s.status_since, age(s.status_since.age(now)))?;
     writeln!(out, "Labels     {}", if s.labels.is_empty() { "-".to_string() } else { s.labels.to_string() })?;
+    if s.pending {
+        writeln!(out, "Approval   pending: it gets no runs until an admin runs `muster agent accept {}`", s.id)?;
+    }
     writeln!(out, "Enrolled   {}", a.enrolled_at)?;
+    let rotation = match a.rotation_requested_at {
+        Some(at) => format!(" (rotation requested {at})"),
+        None => String::new(),
+    };
+    writeln!(out, "Credential issued {}{rotation}", a.credential_issued_at)?;
+    if let Some(c) = &a.clone_seen {
+        writeln!(out, "Clone?     a credential this agent gave up was presented from {} at {} (refused)", safe(&c.from_addr), c.at)?;
+    }
     writeln!(out, "Version    {}", safe(a.agent_version.as_deref().unwrap_or("-")))?;
     writeln!(
         out,
@@ -245,13 +273,16 @@ fn ca_fingerprint(ca: &std::path::Path) -> anyhow::Result<String> {
 
 pub async fn enroll_token(client: &Client, conn: &crate::args::Connection, cmd: &EnrollTokenCommand, out: Out<'_>) -> anyhow::Result<()> {
     match cmd {
-        EnrollTokenCommand::Create { ttl, uses, labels, install_command, json: as_json } => {
+        EnrollTokenCommand::Create { ttl, uses, labels, approve, install_command, json: as_json } => {
             let mut l = Labels::new();
             for (k, v) in labels {
                 l.insert(k, v)?;
             }
             let created: EnrollTokenCreated = client
-                .post("/enroll-tokens", &CreateEnrollToken { ttl_secs: ttl.map(|d| d.as_secs().max(1)), uses: *uses, labels: l })
+                .post(
+                    "/enroll-tokens",
+                    &CreateEnrollToken { ttl_secs: ttl.map(|d| d.as_secs().max(1)), uses: *uses, labels: l, approve: *approve },
+                )
                 .await?;
             if *as_json {
                 return json(out, &created);
@@ -266,6 +297,9 @@ pub async fn enroll_token(client: &Client, conn: &crate::args::Connection, cmd: 
                 i.expires_at,
                 if i.labels.is_empty() { String::new() } else { format!(", labels {}", i.labels) }
             )?;
+            if i.approve {
+                writeln!(out, "Agents enrolled with it wait for `muster agent accept ID` before they get runs.")?;
+            }
             let server = conn.server.clone().unwrap_or_else(|| "https://<server>:8443".into());
             if *install_command {
                 let trust = match &conn.ca {
@@ -295,6 +329,8 @@ pub async fn enroll_token(client: &Client, conn: &crate::args::Connection, cmd: 
                         "expired"
                     } else if t.uses_left == 0 {
                         "used up"
+                    } else if t.approve {
+                        "active (approve)"
                     } else {
                         "active"
                     };

@@ -22,6 +22,10 @@ fn line(e: &FleetEvent) -> String {
         FleetEvent::CredentialConflict { agent_id, previous_addr, current_addr, at } => {
             format!("{at}  agent {agent_id}  credential in use twice: {current_addr} replaced a live session from {previous_addr}")
         }
+        FleetEvent::CloneSuspected { agent_id, from_addr, at } => {
+            format!("{at}  agent {agent_id}  a retired credential of this agent was presented from {from_addr}: a clone? (refused)")
+        }
+        FleetEvent::AgentAccepted { agent_id, by, at } => format!("{at}  agent {agent_id}  accepted by {by}"),
         FleetEvent::Heartbeat { agent_id, at, cpu_percent, mem_used_bytes, mem_total_bytes, .. } => {
             format!(
                 "{at}  agent {agent_id}  cpu {}  mem {}",

@@ -112,8 +112,8 @@ fn describe(e: reqwest::Error) -> String {
 /// The JSON body of every webhook.
 #[derive(Clone, Debug, Serialize)]
 pub struct Alert {
-    /// `agent.offline`, `agent.stale`, `agent.recovered`, `agent.credential_conflict` or
-    /// `job.failed`.
+    /// `agent.offline`, `agent.stale`, `agent.recovered`, `agent.credential_conflict`,
+    /// `agent.clone_suspected` or `job.failed`.
     pub event: &'static str,
     pub at: Timestamp,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -190,6 +190,21 @@ impl Policy {
                     reason: Some(format!(
                         "the agent's credential is in use from {current_addr} while a session from {previous_addr} was still alive"
                     )),
+                    job_id: None,
+                    counts: None,
+                })
+            }
+            FleetEvent::CloneSuspected { agent_id, from_addr, at } => {
+                let key = (agent_id.clone(), "clone");
+                if self.conflicts.get(&key).is_some_and(|last| now.duration_since(*last) < self.hold_down) {
+                    return None;
+                }
+                self.conflicts.insert(key, now);
+                Some(Alert {
+                    event: "agent.clone_suspected",
+                    at: *at,
+                    agent_id: Some(agent_id.clone()),
+                    reason: Some(format!("a credential this agent gave up in a rotation was presented from {from_addr}; it was refused")),
                     job_id: None,
                     counts: None,
                 })

@@ -70,6 +70,8 @@ pub struct AppState {
     /// Key revocations as stored, read once and kept until this node stores a new one: every
     /// agent gets them after `welcome`, so a reconnect storm must not read them 19,000 times.
     pub key_revocations: Arc<std::sync::Mutex<Option<Arc<Vec<shared::signing::KeyRevocation>>>>>,
+    /// When each agent's last clone attempt was reported, to report each at most once a minute.
+    pub clone_reports: Arc<crate::identity::CloneReports>,
 }
 
 impl AppState {
@@ -202,6 +204,7 @@ impl Application {
             tracker: TaskTracker::new(),
             revoked: tokio::sync::broadcast::channel(64).0,
             key_revocations: Default::default(),
+            clone_reports: Default::default(),
             auditor,
             admission: crate::admission::Admission::new(crate::admission::Caps {
                 max_connections: config_limits.max_connections,

@@ -63,6 +63,10 @@ pub enum AuthError {
     UsedUp,
     #[error("this credential may not do that")]
     WrongKind,
+    #[error(
+        "this agent credential was replaced by a rotation: the machine presenting it holds a copy of that agent (a cloned image or a copied state directory); enroll it with its own token"
+    )]
+    Superseded,
 }
 
 impl AuthError {
@@ -76,6 +80,7 @@ impl AuthError {
             AuthError::Revoked => "revoked",
             AuthError::UsedUp => "used_up",
             AuthError::WrongKind => "wrong_kind",
+            AuthError::Superseded => "superseded",
         }
     }
 }

@@ -83,6 +83,7 @@ async fn dev_enroll_token(store: &dyn Store) -> anyhow::Result<String> {
     let labels = Labels::from_pairs(["env=dev"])?;
     store
         .insert_enroll_token(&EnrollTokenRow {
+            approve: false,
             id: issued.id,
             secret_hash: issued.hash,
             created_by: "muster-server --dev".into(),
@@ -116,5 +117,6 @@ fn agent_config(server_url: &str, ca: &Path, state_dir: &Path, enroll_token: Str
         log: String::new(),
         policy: Default::default(),
         trusted_keys: Vec::new(),
+        credential_rotation: Some(agent::config::DEFAULT_CREDENTIAL_ROTATION),
     })
 }

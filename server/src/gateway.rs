@@ -70,6 +70,7 @@ pub async fn connect(
             app.auditor.refused(remote.ip(), "agent", &e, public_name(auth_header));
             return refuse(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string());
         }
+        Err(Refusal::Superseded(id)) => return refuse_clone(&app, &id, remote),
         Err(Refusal::Internal(e)) => {
             tracing::error!(%remote, error = %e, "agent handshake failed");
             return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the server cannot check credentials right now".into());
@@ -102,7 +103,18 @@ pub async fn connect(
 
 enum Refusal {
     Auth(AuthError),
+    /// A credential the agent gave up in a rotation: a copy of the agent.
+    Superseded(AgentId),
     Internal(crate::store::StoreError),
+}
+
+/// Refuses, and reports, a credential retired by a rotation.
+fn refuse_clone(app: &AppState, id: &AgentId, remote: SocketAddr) -> Response {
+    let e = AuthError::Superseded;
+    crate::logging::refused_handshake("agent handshake", remote, &e);
+    app.auditor.refused(remote.ip(), "agent", &e, Some(format!("msa_{id}")));
+    crate::identity::report_clone(app, id, remote);
+    refuse(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
 }
 
 impl From<crate::store::StoreError> for Refusal {
@@ -113,7 +125,12 @@ impl From<crate::store::StoreError> for Refusal {
 
 /// A credential that checked out, before anything is done with it.
 enum Verified {
-    Agent(crate::store::AgentCredentialRow),
+    /// An agent's credential; `by_pending` when it is the one a rotation issued and the agent
+    /// has not confirmed yet (connecting with it confirms it).
+    Agent {
+        row: crate::store::AgentCredentialRow,
+        by_pending: bool,
+    },
     EnrollToken(crate::store::EnrollTokenRow),
 }
 
@@ -129,13 +146,19 @@ async fn verify(app: &AppState, header: Option<&str>) -> Result<Verified, Refusa
         Kind::Agent => {
             let id = AgentId::parse(&presented.id).map_err(|_| Refusal::Auth(AuthError::Malformed))?;
             let row = app.store.agent_credential(&id).await?.ok_or(Refusal::Auth(AuthError::Wrong))?;
-            if !presented.matches(&row.secret_hash) {
+            let by_pending = if presented.matches(&row.secret_hash) {
+                false
+            } else if row.pending_secret_hash.as_deref().is_some_and(|h| presented.matches(h)) {
+                true
+            } else if crate::identity::is_retired(app, &id, &presented).await? {
+                return Err(Refusal::Superseded(id));
+            } else {
                 return Err(Refusal::Auth(AuthError::Wrong));
-            }
+            };
             if row.revoked {
                 return Err(Refusal::Auth(AuthError::Revoked));
             }
-            Ok(Verified::Agent(row))
+            Ok(Verified::Agent { row, by_pending })
         }
         Kind::Enroll => {
             let token = app.store.enroll_token(&presented.id).await?.ok_or(Refusal::Auth(AuthError::Wrong))?;
@@ -163,6 +186,10 @@ struct Authenticated {
     token_labels: Labels,
     /// Set when the agent enrolled in this handshake: its new credential, for `welcome`.
     credential: Option<String>,
+    /// Waiting for an administrator's approval.
+    approval_pending: bool,
+    /// An administrator asked for this agent's credential to be rotated.
+    rotation_requested: bool,
 }
 
 /// Takes one use of the enrollment token and creates the agent, atomically; the agent's
@@ -177,7 +204,13 @@ async fn enroll(app: &AppState, token: &crate::store::EnrollTokenRow, hello: &He
     getrandom::fill(&mut id_bytes).map_err(|e| unavailable(&e))?;
     let agent_id = AgentId::from_bytes(id_bytes);
     let issued = auth::issue(Kind::Agent, Some(agent_id.as_str())).map_err(|e| unavailable(&e))?;
-    let new = NewAgent { id: agent_id.clone(), secret_hash: issued.hash, token_labels: token.labels.clone(), at: now };
+    let new = NewAgent {
+        id: agent_id.clone(),
+        secret_hash: issued.hash,
+        token_labels: token.labels.clone(),
+        at: now,
+        approval_pending: token.approve,
+    };
     match app.store.enroll_agent(&token.id, &new).await {
         Ok(true) => {}
         Ok(false) => {
@@ -192,12 +225,18 @@ async fn enroll(app: &AppState, token: &crate::store::EnrollTokenRow, hello: &He
         address: Some(remote.to_string()),
         action: "agent.enroll".into(),
         target: Some(agent_id.to_string()),
-        detail: serde_json::json!({ "labels": token.labels, "hostname": hello.hostname }),
+        detail: serde_json::json!({ "labels": token.labels, "hostname": hello.hostname, "pending": token.approve }),
     })
     .await;
-    tracing::info!(agent = %agent_id, token = %token.id, "agent enrolled");
+    tracing::info!(agent = %agent_id, token = %token.id, pending = token.approve, "agent enrolled");
     app.fleet.publish(shared::api::FleetEvent::AgentEnrolled { agent_id: agent_id.clone(), labels: token.labels.clone(), at: now });
-    Ok(Authenticated { agent_id, token_labels: token.labels.clone(), credential: Some(issued.token) })
+    Ok(Authenticated {
+        agent_id,
+        token_labels: token.labels.clone(),
+        credential: Some(issued.token),
+        approval_pending: token.approve,
+        rotation_requested: false,
+    })
 }
 
 /// `GET /api/v1/agent/check`: whether an agent credential or an enrollment token would be
@@ -205,13 +244,14 @@ async fn enroll(app: &AppState, token: &crate::store::EnrollTokenRow, hello: &He
 pub async fn check(State(app): State<AppState>, ConnectInfo(remote): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
     let auth_header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match verify(&app, auth_header).await {
-        Ok(Verified::Agent(row)) => Json(serde_json::json!({ "agent_id": row.id })).into_response(),
+        Ok(Verified::Agent { row, .. }) => Json(serde_json::json!({ "agent_id": row.id, "pending": row.approval_pending })).into_response(),
         Ok(Verified::EnrollToken(t)) => Json(serde_json::json!({ "enroll_token": t.id, "uses_left": t.uses_left })).into_response(),
         Err(Refusal::Auth(e)) => {
             crate::logging::refused_handshake("agent check", remote, &e);
             app.auditor.refused(remote.ip(), "agent", &e, public_name(auth_header));
             refuse(StatusCode::UNAUTHORIZED, "unauthorized", e.to_string())
         }
+        Err(Refusal::Superseded(id)) => refuse_clone(&app, &id, remote),
         Err(Refusal::Internal(e)) => {
             tracing::error!(%remote, error = %e, "agent check failed");
             refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the server cannot check credentials right now".into())
@@ -366,7 +406,7 @@ async fn run_session(
         }
         Err(ending) => {
             let who = match &verified {
-                Verified::Agent(row) => row.id.to_string(),
+                Verified::Agent { row, .. } => row.id.to_string(),
                 Verified::EnrollToken(t) => format!("enroll-token:{}", t.id),
             };
             tracing::warn!(who = %who, %remote, reason = %ending.reason, "agent session refused");
@@ -375,7 +415,25 @@ async fn run_session(
         }
     };
     let who = match verified {
-        Verified::Agent(row) => Authenticated { agent_id: row.id, token_labels: row.token_labels, credential: None },
+        Verified::Agent { row, by_pending } => {
+            if by_pending {
+                // The agent stored the credential a rotation issued, and its confirmation was lost.
+                let hash = row.pending_secret_hash.as_deref().unwrap_or_default();
+                if let Err(e) = crate::identity::complete(&app, &row.id, hash, "connected with the new credential", remote).await {
+                    tracing::error!(agent = %row.id, error = %e, "cannot complete the credential rotation");
+                    let ending = Ending::close(close::INTERNAL_ERROR, "server cannot write its database");
+                    finish(&mut socket, &ending).await;
+                    return;
+                }
+            }
+            Authenticated {
+                agent_id: row.id,
+                token_labels: row.token_labels,
+                credential: None,
+                approval_pending: row.approval_pending,
+                rotation_requested: row.rotation_requested && !by_pending,
+            }
+        }
         Verified::EnrollToken(token) => match enroll(&app, &token, &hello, remote).await {
             Ok(who) => who,
             Err(ending) => {
@@ -452,13 +510,16 @@ async fn run_session(
         labels,
         ping_interval_ms: u64::try_from(app.config.ping_interval.as_millis()).unwrap_or(u64::MAX),
         server_version: shared::VERSION.into(),
-        pending: false,
+        pending: who.approval_pending,
     });
     let ending = if send_json(&mut socket, &welcome).await.is_err() {
         Ending::quiet("could not send welcome")
     } else {
         app.dispatcher.kick.notify_one();
-        if let Err(e) = send_revocations(&app, &mut socket).await {
+        let rotate = ServerMessage::RotateCredential(protocol::RotateCredential {});
+        if who.rotation_requested && send_json(&mut socket, &rotate).await.is_err() {
+            Ending::quiet("could not send rotate_credential")
+        } else if let Err(e) = send_revocations(&app, &mut socket).await {
             Ending::quiet(e)
         } else if let Err(e) = cancel_held_runs_of_cancelled_jobs(&app, &mut socket, &held).await {
             Ending::quiet(e)
@@ -471,6 +532,8 @@ async fn run_session(
                 min_sample_gap: (interval / 2).max(MIN_HEARTBEAT / 2),
                 last_sample: None,
                 queued: crate::recorder::session_share(),
+                remote,
+                issued: None,
             };
             session.run(&mut socket, &closer, &mut out_rx).await
         }
@@ -541,6 +604,9 @@ struct Session<'a> {
     last_sample: Option<Instant>,
     /// This session's share of the recorder's queue.
     queued: std::sync::Arc<tokio::sync::Semaphore>,
+    remote: SocketAddr,
+    /// The credential this session issued and the agent has not confirmed yet.
+    issued: Option<crate::identity::Issued>,
 }
 
 impl Session<'_> {
@@ -618,11 +684,15 @@ impl Session<'_> {
                         paused_until = Some(Instant::now() + wait);
                     }
                     match frame {
-                        Message::Text(text) => {
-                            if let Err(ending) = self.handle_text(text.as_str()).await {
-                                return ending;
+                        Message::Text(text) => match self.handle_text(text.as_str()).await {
+                            Err(ending) => return ending,
+                            Ok(Some(reply)) => {
+                                if send_json(socket, &reply).await.is_err() {
+                                    return Ending::quiet("connection lost while sending");
+                                }
                             }
-                        }
+                            Ok(None) => {}
+                        },
                         Message::Binary(_) => return Ending::close(close::UNSUPPORTED_DATA, "binary frames are not part of the protocol"),
                         Message::Close(frame) => {
                             echo_close(socket).await;
@@ -639,7 +709,8 @@ impl Session<'_> {
         }
     }
 
-    async fn handle_text(&mut self, text: &str) -> Result<(), Ending> {
+    /// Handles one message; a reply, if any, goes straight back to this agent.
+    async fn handle_text(&mut self, text: &str) -> Result<Option<ServerMessage>, Ending> {
         let (app, agent_id) = (self.app, self.agent_id);
         let msg = match AgentMessage::decode(text) {
             Ok(m) => m,
@@ -662,7 +733,7 @@ impl Session<'_> {
                 }
                 if self.last_sample.is_some_and(|t| t.elapsed() < self.min_sample_gap) {
                     crate::telemetry::agent_over_budget("heartbeat_interval");
-                    return Ok(());
+                    return Ok(None);
                 }
                 self.last_sample = Some(Instant::now());
                 app.recorder.heartbeat(Record::Heartbeat {
@@ -671,19 +742,40 @@ impl Session<'_> {
                     seq: hb.seq,
                     metrics: Box::new(hb.metrics),
                 });
-                Ok(())
+                Ok(None)
             }
             AgentMessage::Hello(_) => Err(Ending::close(close::PROTOCOL_ERROR, "hello sent twice")),
-            AgentMessage::CredentialRequest(_) | AgentMessage::CredentialStored(_) => {
-                Err(Ending::close(close::PROTOCOL_ERROR, "credential rotation is not handled yet"))
+            AgentMessage::CredentialRequest(_) => {
+                let unavailable = |e: crate::store::StoreError| {
+                    tracing::error!(agent = %agent_id, error = %e, "cannot issue a credential");
+                    Ending::close(close::INTERNAL_ERROR, "server cannot write its database")
+                };
+                match crate::identity::issue(app, agent_id).await.map_err(unavailable)? {
+                    Some((issued, reply)) => {
+                        self.issued = Some(issued);
+                        Ok(Some(reply))
+                    }
+                    None => Ok(None),
+                }
+            }
+            AgentMessage::CredentialStored(m) => {
+                let Some(issued) = self.issued.take() else {
+                    tracing::warn!(agent = %agent_id, "credential_stored without a credential issued in this session; ignoring");
+                    return Ok(None);
+                };
+                if let Err(e) = crate::identity::confirm(app, agent_id, &issued, &m.sha256, self.remote).await {
+                    tracing::error!(agent = %agent_id, error = %e, "cannot complete the credential rotation");
+                    return Err(Ending::close(close::INTERNAL_ERROR, "server cannot write its database"));
+                }
+                Ok(None)
             }
             AgentMessage::RunAccepted(m) => {
                 app.recorder.send(Record::RunAccepted { agent_id: agent_id.clone(), run_id: m.run_id, at: Timestamp::now() }).await;
-                Ok(())
+                Ok(None)
             }
             AgentMessage::RunStarted(m) => {
                 app.recorder.send(Record::RunStarted { agent_id: agent_id.clone(), run_id: m.run_id, at: Timestamp::now() }).await;
-                Ok(())
+                Ok(None)
             }
             AgentMessage::RunOutput(m) => {
                 // Waiting for room in the recorder's queue (records and bytes) slows this agent
@@ -691,12 +783,12 @@ impl Session<'_> {
                 let record =
                     Record::RunOutput { agent_id: agent_id.clone(), run_id: m.run_id, stream: m.stream, offset: m.offset, data: m.data };
                 app.recorder.send_as(Some(&self.queued), record).await;
-                Ok(())
+                Ok(None)
             }
             AgentMessage::RunFinished(m) => {
                 let record = Record::RunFinished { agent_id: agent_id.clone(), finished: Box::new(m), at: Timestamp::now() };
                 app.recorder.send_as(Some(&self.queued), record).await;
-                Ok(())
+                Ok(None)
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod events;
 pub mod fleet_events;
 pub mod gateway;
 pub mod health;
+pub mod identity;
 pub mod logging;
 pub mod output;
 pub mod recorder;

@@ -63,6 +63,10 @@ pub struct AgentSummary {
     pub last_heartbeat_at: Option<Timestamp>,
     /// Metrics from the last heartbeat, if any arrived.
     pub metrics: Option<Metrics>,
+    /// Enrolled with an `approve` token and not accepted yet: connected and reporting health,
+    /// but sent no runs and never a target.
+    #[serde(default)]
+    pub pending: bool,
 }
 
 /// `GET /api/v1/agents/{id}`.
@@ -77,6 +81,21 @@ pub struct AgentDetail {
     pub connection: Option<ConnectionInfo>,
     /// Most recent status transitions, newest first.
     pub transitions: Vec<Transition>,
+    /// When the agent's current credential was issued: at enrollment, or by its last rotation.
+    pub credential_issued_at: Timestamp,
+    /// An administrator asked for a rotation that has not happened yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_requested_at: Option<Timestamp>,
+    /// The last refused attempt with a credential this agent gave up in a rotation: a copy of
+    /// the agent somewhere else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_seen: Option<CloneSeen>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CloneSeen {
+    pub at: Timestamp,
+    pub from_addr: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -171,6 +190,10 @@ pub struct CreateEnrollToken {
     /// Labels every agent enrolled with this token gets. They win over the agent's own.
     #[serde(default)]
     pub labels: Labels,
+    /// Agents enrolled with this token wait as pending, connected but sent no runs, until an
+    /// administrator accepts them (`POST /agents/{id}/accept`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approve: bool,
 }
 
 /// An enrollment token as listed; the secret is never shown again after creation.
@@ -184,6 +207,9 @@ pub struct EnrollTokenInfo {
     pub uses_left: u32,
     pub labels: Labels,
     pub revoked: bool,
+    /// Agents enrolled with it wait for an administrator's approval.
+    #[serde(default)]
+    pub approve: bool,
 }
 
 /// The answer to creating an enrollment token: the only time its secret is shown.
@@ -288,6 +314,7 @@ mod tests {
             labels: Labels::from_pairs(["site=paris"]).unwrap(),
             last_heartbeat_at: Some(t),
             metrics: Some(Metrics::default()),
+            pending: true,
         };
         round_trip(&summary);
         round_trip(&AgentDetail {
@@ -303,10 +330,13 @@ mod tests {
                 node: "local".into(),
             }),
             transitions: vec![Transition { at: t, from: Some(AgentStatus::Online), to: AgentStatus::Stale, reason: "late".into() }],
+            credential_issued_at: t,
+            rotation_requested_at: Some(t),
+            clone_seen: Some(CloneSeen { at: t, from_addr: "127.0.0.2:5555".into() }),
         });
         round_trip(&FleetCounts { total: 3, online: 1, stale: 1, offline: 1 });
-        round_trip(&CreateEnrollToken { ttl_secs: Some(60), uses: Some(2), labels: Labels::new() });
-        round_trip(&CreateEnrollToken { ttl_secs: None, uses: None, labels: Labels::new() });
+        round_trip(&CreateEnrollToken { ttl_secs: Some(60), uses: Some(2), labels: Labels::new(), approve: true });
+        round_trip(&CreateEnrollToken { ttl_secs: None, uses: None, labels: Labels::new(), approve: false });
         round_trip(&CreateToken { name: "ci".into(), role: Role::Operator, ttl_secs: None, scope: None });
         round_trip(&CreateToken { name: "paris".into(), role: Role::Admin, ttl_secs: None, scope: Some("site=paris".parse().unwrap()) });
         round_trip(&PatchAgent { labels: LabelEdit { set: Labels::from_pairs(["site=lyon"]).unwrap(), remove: vec!["canary".into()] } });
@@ -373,6 +403,19 @@ pub enum FleetEvent {
         /// The address of the session that was replaced, then of the one that replaced it.
         previous_addr: String,
         current_addr: String,
+        at: Timestamp,
+    },
+    /// A credential this agent gave up in a rotation was presented again, from `from_addr`: a
+    /// copy of the agent (a cloned image, a copied state directory). The attempt was refused.
+    CloneSuspected {
+        agent_id: AgentId,
+        from_addr: String,
+        at: Timestamp,
+    },
+    /// An administrator accepted an agent that was waiting for approval; it gets runs now.
+    AgentAccepted {
+        agent_id: AgentId,
+        by: String,
         at: Timestamp,
     },
     /// The latest health of an agent, at most once per agent every 15 seconds.

@@ -228,7 +228,12 @@ impl TestServer {
     }
 
     pub async fn enroll_token_with_ttl(&self, uses: u32, labels: &[&str], ttl_secs: u64) -> String {
-        let req = CreateEnrollToken { ttl_secs: Some(ttl_secs), uses: Some(uses), labels: Labels::from_pairs(labels).expect("labels") };
+        let req = CreateEnrollToken {
+            ttl_secs: Some(ttl_secs),
+            uses: Some(uses),
+            labels: Labels::from_pairs(labels).expect("labels"),
+            approve: false,
+        };
         let created: EnrollTokenCreated = self.api.post("/enroll-tokens", &req).await;
         created.token
     }
@@ -248,6 +253,14 @@ impl TestServer {
         let mut agent = self.agent_template(None, labels);
         agent.config = Some(config.to_owned());
         agent.start_with(token)
+    }
+
+    /// An agent started from a copy of another agent's credential file, as a cloned disk image
+    /// would be: no enrollment token, someone else's identity.
+    pub fn spawn_agent_from_credential(&self, credential_json: &str) -> TestAgent {
+        let agent = self.agent_template(None, &[]);
+        std::fs::write(agent.credential_path(), credential_json).expect("write credential.json");
+        agent.start_with(None)
     }
 
     fn agent_template(&self, hostname: Option<&str>, labels: &[&str]) -> TestAgent {

@@ -109,7 +109,7 @@ async fn an_agent_takes_its_enrollment_token_from_standard_input_or_a_file_and_k
 #[tokio::test]
 async fn enrollment_tokens_are_short_lived_unless_the_operator_says_otherwise() {
     let server = TestServer::spawn().await;
-    let defaults = CreateEnrollToken { ttl_secs: None, uses: None, labels: Default::default() };
+    let defaults = CreateEnrollToken { ttl_secs: None, uses: None, labels: Default::default(), approve: false };
     let created: EnrollTokenCreated = server.api.post("/enroll-tokens", &defaults).await;
     let info = created.info;
     assert_eq!((info.uses_total, info.uses_left), (10, 10));
@@ -118,10 +118,10 @@ async fn enrollment_tokens_are_short_lived_unless_the_operator_says_otherwise() 
     // The CLI leaves the defaults to the server; explicit values work up to the caps.
     let out = server.cli(&["enroll-token", "create"]);
     assert!(out.status.success() && said(&out).contains(": 10 use(s)"), "{}", said(&out));
-    let most = CreateEnrollToken { ttl_secs: Some(30 * 86_400), uses: Some(1_000_000), labels: Default::default() };
+    let most = CreateEnrollToken { ttl_secs: Some(30 * 86_400), uses: Some(1_000_000), labels: Default::default(), approve: false };
     let created: EnrollTokenCreated = server.api.post("/enroll-tokens", &most).await;
     assert_eq!(created.info.uses_total, 1_000_000);
-    let over = CreateEnrollToken { ttl_secs: Some(30 * 86_400 + 1), uses: None, labels: Default::default() };
+    let over = CreateEnrollToken { ttl_secs: Some(30 * 86_400 + 1), uses: None, labels: Default::default(), approve: false };
     let resp = server.api.http().post(server.api.url("/enroll-tokens")).bearer_auth(&server.admin_token).json(&over).send().await.unwrap();
     assert_eq!(resp.status(), 400);
     // All of its fields may be left out, but the body is still an object.
@@ -205,7 +205,7 @@ async fn answers_insist_on_https_new_secrets_stay_out_of_caches_and_strangers_se
     let resp = http.post(server.api.url("/tokens")).bearer_auth(&server.admin_token).json(&create).send().await.unwrap();
     assert_eq!(resp.status(), 201);
     assert!(no_store(&resp) && hsts(&resp).is_some());
-    let create = CreateEnrollToken { ttl_secs: None, uses: Some(1), labels: Default::default() };
+    let create = CreateEnrollToken { ttl_secs: None, uses: Some(1), labels: Default::default(), approve: false };
     let resp = http.post(server.api.url("/enroll-tokens")).bearer_auth(&server.admin_token).json(&create).send().await.unwrap();
     assert_eq!(resp.status(), 201);
     assert!(no_store(&resp));

@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
-use shared::api::{AgentDetail, AgentStatus, AgentSummary, ConnectionInfo, FleetCounts, HeartbeatSample, PatchAgent, Role};
+use shared::api::{AgentDetail, AgentStatus, AgentSummary, CloneSeen, ConnectionInfo, FleetCounts, HeartbeatSample, PatchAgent, Role};
 use shared::job::AgentRun;
 use shared::protocol::close;
 use shared::{AgentId, Selector, Timestamp};
@@ -31,6 +31,7 @@ pub fn summary(row: &AgentRow) -> AgentSummary {
         labels: row.labels.clone(),
         last_heartbeat_at: row.last_heartbeat_at,
         metrics: row.last_metrics.clone(),
+        pending: row.approval_pending,
     }
 }
 
@@ -90,6 +91,9 @@ pub async fn get(State(app): State<AppState>, caller: Caller, AgentPath(id): Age
         agent_version: row.agent_version.clone(),
         connection,
         transitions,
+        credential_issued_at: row.credential_issued_at,
+        rotation_requested_at: row.rotation_requested_at,
+        clone_seen: row.clone_seen.as_ref().map(|(at, from)| CloneSeen { at: *at, from_addr: from.clone() }),
     }))
 }
 
@@ -226,4 +230,41 @@ pub async fn patch(
     }
     app.audit(caller.entry("agent.labels", Some(id.to_string()), serde_json::json!({ "before": before, "after": after }))).await;
     get(State(app), caller, AgentPath(id)).await
+}
+
+/// `POST /api/v1/agents/{id}/accept`: lets an agent enrolled with an `approve` token receive
+/// runs. 409 if it is not waiting for approval.
+pub async fn accept(State(app): State<AppState>, caller: Caller, AgentPath(id): AgentPath) -> Result<Json<AgentDetail>> {
+    caller.require(Role::Admin)?;
+    require_agent(&app, &caller, &id).await?;
+    let now = Timestamp::now();
+    match app.store.accept_agent(&id, now, &caller.actor()).await? {
+        crate::store::Acceptance::Accepted => {}
+        crate::store::Acceptance::NotPending => return Err(Error::Conflict(format!("agent {id} is not waiting for approval"))),
+        crate::store::Acceptance::Unknown => return Err(Error::NotFound(format!("no agent {id}, or it is revoked"))),
+    }
+    tracing::info!(agent = %id, by = %caller.actor(), "agent accepted");
+    app.audit(caller.entry("agent.accept", Some(id.to_string()), serde_json::json!({}))).await;
+    app.fleet.publish(shared::api::FleetEvent::AgentAccepted { agent_id: id.clone(), by: caller.actor(), at: now });
+    app.dispatcher.kick.notify_one();
+    get(State(app), caller, AgentPath(id)).await
+}
+
+/// `POST /api/v1/agents/{id}/rotate-credential`: asks the agent to rotate its credential now
+/// (if connected) or when it next connects. The old credential stops working once the agent
+/// has stored the new one; a copy of it presented later is reported as a clone.
+pub async fn rotate(State(app): State<AppState>, caller: Caller, AgentPath(id): AgentPath) -> Result<(StatusCode, Json<AgentDetail>)> {
+    caller.require(Role::Admin)?;
+    require_agent(&app, &caller, &id).await?;
+    if !app.store.request_rotation(&id, Timestamp::now()).await? {
+        return Err(Error::NotFound(format!("no agent {id}, or it is revoked")));
+    }
+    let connected = match app.registry.sender(&id) {
+        Some(tx) => tx.try_send(shared::protocol::ServerMessage::RotateCredential(Default::default())).is_ok(),
+        None => false,
+    };
+    tracing::info!(agent = %id, by = %caller.actor(), connected, "credential rotation requested");
+    app.audit(caller.entry("agent.rotate_credential", Some(id.to_string()), serde_json::json!({ "connected": connected }))).await;
+    let detail = get(State(app), caller, AgentPath(id)).await?;
+    Ok((StatusCode::ACCEPTED, detail))
 }

@@ -45,6 +45,8 @@ impl Visible {
             FleetEvent::AgentStatus { agent_id, .. }
             | FleetEvent::AgentRevoked { agent_id, .. }
             | FleetEvent::CredentialConflict { agent_id, .. }
+            | FleetEvent::CloneSuspected { agent_id, .. }
+            | FleetEvent::AgentAccepted { agent_id, .. }
             | FleetEvent::Heartbeat { agent_id, .. } => agent_id,
             FleetEvent::Resync => return true,
             FleetEvent::JobCreated { .. } | FleetEvent::JobProgress { .. } | FleetEvent::JobFinished { .. } => return false,

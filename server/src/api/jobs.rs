@@ -118,6 +118,16 @@ fn validate(req: &CreateJob) -> Result<()> {
 async fn resolve(app: &AppState, caller: &Caller, target: &Target) -> Result<Vec<AgentTarget>> {
     let (agents, outside): (Vec<AgentTarget>, Vec<AgentTarget>) =
         app.store.agent_targets().await?.into_iter().partition(|a| caller.sees(&a.labels));
+    // Agents waiting for approval are never targets; naming one says so.
+    let (pending, agents): (Vec<AgentTarget>, Vec<AgentTarget>) = agents.into_iter().partition(|a| a.approval_pending);
+    if let Target::Agents(ids) = target
+        && let Some(p) = pending.iter().find(|p| ids.contains(&p.id))
+    {
+        return Err(Error::Conflict(format!(
+            "agent {} is waiting for an administrator to accept it (muster agent accept {}); it gets no runs until then",
+            p.id, p.id
+        )));
+    }
     if let (Target::Agents(ids), Some(scope)) = (target, &caller.scope) {
         let outside: HashSet<&AgentId> = outside.iter().map(|a| &a.id).collect();
         if let Some(id) = ids.iter().find(|id| outside.contains(id)) {

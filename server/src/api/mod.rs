@@ -35,6 +35,8 @@ fn api_routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("GET", "/agents/{id}", get(agents::get)),
         ("DELETE", "/agents/{id}", delete(agents::revoke)),
         ("PATCH", "/agents/{id}", patch(agents::patch)),
+        ("POST", "/agents/{id}/accept", post(agents::accept)),
+        ("POST", "/agents/{id}/rotate-credential", post(agents::rotate)),
         ("GET", "/agents/{id}/heartbeats", get(agents::heartbeats)),
         ("GET", "/agents/{id}/runs", get(agents::runs)),
         ("GET", "/enroll-tokens", get(tokens::list_enroll)),

@@ -31,6 +31,7 @@ fn enroll_info(r: &EnrollTokenRow) -> EnrollTokenInfo {
         uses_left: r.uses_left,
         labels: r.labels.clone(),
         revoked: r.revoked_at.is_some(),
+        approve: r.approve,
     }
 }
 
@@ -101,12 +102,13 @@ pub async fn create_enroll(
         uses_left: uses,
         labels: req.labels,
         revoked_at: None,
+        approve: req.approve,
     };
     app.store.insert_enroll_token(&row).await?;
     app.audit(caller.entry(
         "enroll_token.create",
         Some(row.id.clone()),
-        serde_json::json!({ "ttl_secs": ttl.as_secs(), "uses": uses, "labels": row.labels }),
+        serde_json::json!({ "ttl_secs": ttl.as_secs(), "uses": uses, "labels": row.labels, "approve": row.approve }),
     ))
     .await;
     Ok((StatusCode::CREATED, super::no_store(), Json(EnrollTokenCreated { info: enroll_info(&row), token: issued.token })))

@@ -62,6 +62,8 @@ pub struct EnrollTokenRow {
     pub uses_left: u32,
     pub labels: Labels,
     pub revoked_at: Option<Timestamp>,
+    /// Agents enrolled with it wait as pending until an administrator accepts them.
+    pub approve: bool,
 }
 
 /// What the handshake needs to authenticate an agent.
@@ -69,8 +71,15 @@ pub struct EnrollTokenRow {
 pub struct AgentCredentialRow {
     pub id: AgentId,
     pub secret_hash: Vec<u8>,
+    /// A credential issued by a rotation and not yet confirmed: it works too, and the first
+    /// connection presenting it completes the rotation.
+    pub pending_secret_hash: Option<Vec<u8>>,
     pub revoked: bool,
     pub token_labels: Labels,
+    /// An administrator asked for a rotation that has not happened yet.
+    pub rotation_requested: bool,
+    /// Waiting for an administrator's approval: connected, but sent no runs.
+    pub approval_pending: bool,
 }
 
 /// A new agent, created when an enrollment token is used.
@@ -80,6 +89,18 @@ pub struct NewAgent {
     pub secret_hash: Vec<u8>,
     pub token_labels: Labels,
     pub at: Timestamp,
+    /// Enrolled with an `approve` token: pending until accepted.
+    pub approval_pending: bool,
+}
+
+/// What accepting a pending agent did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acceptance {
+    Accepted,
+    /// The agent exists but was not waiting for approval.
+    NotPending,
+    /// No such agent, or it is revoked.
+    Unknown,
 }
 
 #[derive(Clone, Debug)]
@@ -100,6 +121,12 @@ pub struct AgentRow {
     pub remote_addr: Option<String>,
     pub connected_at: Option<Timestamp>,
     pub disconnected_at: Option<Timestamp>,
+    pub approval_pending: bool,
+    /// When the current credential was issued: at enrollment, or by the last rotation.
+    pub credential_issued_at: Timestamp,
+    pub rotation_requested_at: Option<Timestamp>,
+    /// The last time a retired credential of this agent was presented, and from where.
+    pub clone_seen: Option<(Timestamp, String)>,
 }
 
 /// What targeting needs of an enrolled, unrevoked agent.
@@ -108,6 +135,8 @@ pub struct AgentTarget {
     pub id: AgentId,
     pub hostname: String,
     pub labels: Labels,
+    /// Waiting for an administrator's approval: never a target.
+    pub approval_pending: bool,
 }
 
 /// One change from a live session, written by the recorder in batches, in arrival order.
@@ -400,6 +429,22 @@ pub trait Store: Send + Sync + 'static {
     async fn set_agent_labels(&self, id: &AgentId, expected: &Labels, token_labels: &Labels, labels: &Labels) -> Result<bool>;
     /// The effective labels of these agents, as stored now (revoked ones left out).
     async fn agent_labels(&self, ids: &[AgentId]) -> Result<std::collections::HashMap<AgentId, Labels>>;
+
+    // Agent identity over time.
+    /// Records `pending_hash` as the agent's next credential, beside the current one. False if
+    /// the agent is revoked or unknown, or had a credential issued less than `gap_ms` ago.
+    async fn begin_rotation(&self, id: &AgentId, pending_hash: &[u8], at: Timestamp, gap_ms: u64) -> Result<bool>;
+    /// Makes the pending credential `pending_hash` the only one, retiring the old one. False if
+    /// that is not the pending credential (already completed, or replaced by a later issue).
+    async fn complete_rotation(&self, id: &AgentId, pending_hash: &[u8], at: Timestamp) -> Result<bool>;
+    /// Hashes of the agent's credentials retired by rotations, newest
+    /// [`sqlite::identity::RETIRED_KEPT`] only.
+    async fn retired_credentials(&self, id: &AgentId) -> Result<Vec<Vec<u8>>>;
+    /// Notes that a retired credential of the agent was presented from `from`.
+    async fn clone_seen(&self, id: &AgentId, at: Timestamp, from: &str) -> Result<()>;
+    /// Asks for the agent's credential to be rotated at its next chance. False if unknown.
+    async fn request_rotation(&self, id: &AgentId, at: Timestamp) -> Result<bool>;
+    async fn accept_agent(&self, id: &AgentId, at: Timestamp, by: &str) -> Result<Acceptance>;
 }
 
 /// Writes an audit entry, for code without an [`crate::audit::Auditor`] (`bootstrap`, which

@@ -25,6 +25,7 @@ use super::*;
 const ROWS_PER_STATEMENT: usize = 500;
 
 mod audit;
+pub mod identity;
 mod output;
 mod scope;
 mod signing;
@@ -172,6 +173,7 @@ struct EnrollTokenDb {
     uses_left: i64,
     labels: String,
     revoked_at: Option<i64>,
+    approve: bool,
 }
 
 impl TryFrom<EnrollTokenDb> for EnrollTokenRow {
@@ -187,6 +189,7 @@ impl TryFrom<EnrollTokenDb> for EnrollTokenRow {
             uses_total: u32::try_from(r.uses_total).unwrap_or(0),
             uses_left: u32::try_from(r.uses_left).unwrap_or(0),
             revoked_at: r.revoked_at.map(ts),
+            approve: r.approve,
         })
     }
 }
@@ -209,10 +212,16 @@ struct AgentDb {
     remote_addr: Option<String>,
     connected_at: Option<i64>,
     disconnected_at: Option<i64>,
+    approval_pending: bool,
+    credential_issued_at: Option<i64>,
+    rotation_requested_at: Option<i64>,
+    clone_seen_at: Option<i64>,
+    clone_seen_from: Option<String>,
 }
 
 const AGENT_COLUMNS: &str = "id, hostname, labels, status, status_since, enrolled_at, revoked_at, heartbeat_interval_ms, \
-     agent_version, last_heartbeat_at, last_metrics, connected, node, remote_addr, connected_at, disconnected_at";
+     agent_version, last_heartbeat_at, last_metrics, connected, node, remote_addr, connected_at, disconnected_at, \
+     approval_pending, credential_issued_at, rotation_requested_at, clone_seen_at, clone_seen_from";
 
 impl TryFrom<AgentDb> for AgentRow {
     type Error = StoreError;
@@ -238,6 +247,10 @@ impl TryFrom<AgentDb> for AgentRow {
             remote_addr: r.remote_addr,
             connected_at: r.connected_at.map(ts),
             disconnected_at: r.disconnected_at.map(ts),
+            approval_pending: r.approval_pending,
+            credential_issued_at: ts(r.credential_issued_at.unwrap_or(r.enrolled_at)),
+            rotation_requested_at: r.rotation_requested_at.map(ts),
+            clone_seen: r.clone_seen_at.map(ts).zip(r.clone_seen_from),
         })
     }
 }
@@ -314,8 +327,8 @@ impl Store for SqliteStore {
     async fn insert_enroll_token(&self, r: &EnrollTokenRow) -> Result<()> {
         let _gate = self.writer().await;
         sqlx::query(
-            "INSERT INTO enroll_tokens (id, secret_hash, created_by, created_at, expires_at, uses_total, uses_left, labels) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO enroll_tokens (id, secret_hash, created_by, created_at, expires_at, uses_total, uses_left, labels, approve) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&r.id)
         .bind(&r.secret_hash)
@@ -325,6 +338,7 @@ impl Store for SqliteStore {
         .bind(i64::from(r.uses_total))
         .bind(i64::from(r.uses_left))
         .bind(labels_json(&r.labels))
+        .bind(r.approve)
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
@@ -364,8 +378,8 @@ impl Store for SqliteStore {
         }
         let labels = labels_json(&agent.token_labels);
         sqlx::query(
-            "INSERT INTO agents (id, secret_hash, enroll_token_id, enrolled_at, hostname, token_labels, labels, status, status_since) \
-             VALUES (?, ?, ?, ?, '', ?, ?, 'offline', ?)",
+            "INSERT INTO agents (id, secret_hash, enroll_token_id, enrolled_at, hostname, token_labels, labels, status, status_since, \
+             approval_pending) VALUES (?, ?, ?, ?, '', ?, ?, 'offline', ?, ?)",
         )
         .bind(agent.id.as_str())
         .bind(&agent.secret_hash)
@@ -374,6 +388,7 @@ impl Store for SqliteStore {
         .bind(&labels)
         .bind(&labels)
         .bind(agent.at.unix_millis())
+        .bind(agent.approval_pending)
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -382,18 +397,24 @@ impl Store for SqliteStore {
     }
 
     async fn agent_credential(&self, id: &AgentId) -> Result<Option<AgentCredentialRow>> {
-        let row: Option<(Vec<u8>, Option<i64>, String)> =
-            sqlx::query_as("SELECT secret_hash, revoked_at, token_labels FROM agents WHERE id = ?")
-                .bind(id.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(db_err)?;
-        row.map(|(secret_hash, revoked_at, token_labels)| {
+        type Row = (Vec<u8>, Option<Vec<u8>>, Option<i64>, String, Option<i64>, bool);
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT secret_hash, pending_secret_hash, revoked_at, token_labels, rotation_requested_at, approval_pending \
+             FROM agents WHERE id = ?",
+        )
+        .bind(id.as_str())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        row.map(|(secret_hash, pending_secret_hash, revoked_at, token_labels, rotation_requested_at, approval_pending)| {
             Ok(AgentCredentialRow {
                 id: id.clone(),
                 secret_hash,
+                pending_secret_hash,
                 revoked: revoked_at.is_some(),
                 token_labels: parse_labels(&token_labels)?,
+                rotation_requested: rotation_requested_at.is_some(),
+                approval_pending,
             })
         })
         .transpose()
@@ -421,13 +442,15 @@ impl Store for SqliteStore {
     }
 
     async fn agent_targets(&self) -> Result<Vec<AgentTarget>> {
-        let rows: Vec<(String, String, String)> =
-            sqlx::query_as("SELECT id, hostname, labels FROM agents WHERE revoked_at IS NULL ORDER BY hostname, id")
+        let rows: Vec<(String, String, String, bool)> =
+            sqlx::query_as("SELECT id, hostname, labels, approval_pending FROM agents WHERE revoked_at IS NULL ORDER BY hostname, id")
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db_err)?;
         rows.into_iter()
-            .map(|(id, hostname, labels)| Ok(AgentTarget { id: parse_agent_id(&id)?, hostname, labels: parse_labels(&labels)? }))
+            .map(|(id, hostname, labels, approval_pending)| {
+                Ok(AgentTarget { id: parse_agent_id(&id)?, hostname, labels: parse_labels(&labels)?, approval_pending })
+            })
             .collect()
     }
 
@@ -881,6 +904,35 @@ impl Store for SqliteStore {
     async fn set_agent_labels(&self, id: &AgentId, expected: &Labels, token_labels: &Labels, labels: &Labels) -> Result<bool> {
         let _gate = self.writer().await;
         scope::set_agent_labels(&self.pool, id, expected, token_labels, labels).await
+    }
+
+    async fn begin_rotation(&self, id: &AgentId, pending_hash: &[u8], at: Timestamp, gap_ms: u64) -> Result<bool> {
+        let _gate = self.writer().await;
+        identity::begin_rotation(&self.pool, id, pending_hash, at, gap_ms).await
+    }
+
+    async fn complete_rotation(&self, id: &AgentId, pending_hash: &[u8], at: Timestamp) -> Result<bool> {
+        let _gate = self.writer().await;
+        identity::complete_rotation(&self.pool, id, pending_hash, at).await
+    }
+
+    async fn retired_credentials(&self, id: &AgentId) -> Result<Vec<Vec<u8>>> {
+        identity::retired_credentials(&self.pool, id).await
+    }
+
+    async fn clone_seen(&self, id: &AgentId, at: Timestamp, from: &str) -> Result<()> {
+        let _gate = self.writer().await;
+        identity::clone_seen(&self.pool, id, at, from).await
+    }
+
+    async fn request_rotation(&self, id: &AgentId, at: Timestamp) -> Result<bool> {
+        let _gate = self.writer().await;
+        identity::request_rotation(&self.pool, id, at).await
+    }
+
+    async fn accept_agent(&self, id: &AgentId, at: Timestamp, by: &str) -> Result<Acceptance> {
+        let _gate = self.writer().await;
+        identity::accept_agent(&self.pool, id, at, by).await
     }
 
     async fn agent_labels(&self, ids: &[AgentId]) -> Result<HashMap<AgentId, Labels>> {
@@ -1475,11 +1527,12 @@ mod tests {
             secret_hash: vec![n; 32],
             token_labels: Labels::from_pairs(["site=lab"]).unwrap(),
             at: Timestamp::from_unix_millis(1_000),
+            approval_pending: false,
         }
     }
 
     /// A store holding one enrolled agent.
-    async fn enrolled() -> (tempfile::TempDir, SqliteStore, NewAgent) {
+    pub(super) async fn enrolled() -> (tempfile::TempDir, SqliteStore, NewAgent) {
         let (dir, store) = open().await;
         store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
         let a = agent(1);
@@ -1498,6 +1551,7 @@ mod tests {
             uses_left: uses,
             labels: Labels::new(),
             revoked_at: None,
+            approve: false,
         }
     }
 

@@ -155,7 +155,12 @@ async fn ensure_agents(cli: &Cli, tls: Arc<rustls::ClientConfig>, addr: SocketAd
         let token: EnrollTokenCreated = api
             .post(
                 "/enroll-tokens",
-                &CreateEnrollToken { ttl_secs: Some(3600), uses: Some(missing as u32), labels: Labels::from_pairs(["loadgen=yes"])? },
+                &CreateEnrollToken {
+                    ttl_secs: Some(3600),
+                    uses: Some(missing as u32),
+                    labels: Labels::from_pairs(["loadgen=yes"])?,
+                    approve: false,
+                },
             )
             .await;
         let gate = Arc::new(Semaphore::new(cli.connect_concurrency));

@@ -1,0 +1,173 @@
+//! Agent identity over time: credential rotation, the retired credentials that mark a clone,
+//! and approval of agents enrolled with an `approve` token.
+
+use shared::{AgentId, Timestamp};
+use sqlx::SqlitePool;
+
+use super::db_err;
+use crate::store::{Acceptance, Result};
+
+/// Retired credentials kept per agent. A copy older than this many rotations is refused as an
+/// unknown credential instead of being reported as a clone.
+pub const RETIRED_KEPT: i64 = 16;
+
+pub(super) async fn begin_rotation(pool: &SqlitePool, id: &AgentId, pending_hash: &[u8], at: Timestamp, gap_ms: u64) -> Result<bool> {
+    let earliest = at.unix_millis().saturating_sub(i64::try_from(gap_ms).unwrap_or(i64::MAX));
+    let done = sqlx::query(
+        "UPDATE agents SET pending_secret_hash = ?, pending_issued_at = ? \
+         WHERE id = ? AND revoked_at IS NULL AND (pending_issued_at IS NULL OR pending_issued_at <= ?) \
+         AND (credential_issued_at IS NULL OR credential_issued_at <= ?)",
+    )
+    .bind(pending_hash)
+    .bind(at.unix_millis())
+    .bind(id.as_str())
+    .bind(earliest)
+    .bind(earliest)
+    .execute(pool)
+    .await
+    .map_err(db_err)?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn complete_rotation(pool: &SqlitePool, id: &AgentId, pending_hash: &[u8], at: Timestamp) -> Result<bool> {
+    let mut tx = pool.begin().await.map_err(db_err)?;
+    let old: Option<(Vec<u8>,)> =
+        sqlx::query_as("SELECT secret_hash FROM agents WHERE id = ? AND revoked_at IS NULL AND pending_secret_hash = ?")
+            .bind(id.as_str())
+            .bind(pending_hash)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err)?;
+    let Some((old,)) = old else { return Ok(false) };
+    sqlx::query(
+        "UPDATE agents SET secret_hash = pending_secret_hash, pending_secret_hash = NULL, pending_issued_at = NULL, \
+         credential_issued_at = ?, rotation_requested_at = NULL WHERE id = ?",
+    )
+    .bind(at.unix_millis())
+    .bind(id.as_str())
+    .execute(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    sqlx::query("INSERT OR IGNORE INTO agent_retired_credentials (agent_id, secret_hash, retired_at) VALUES (?, ?, ?)")
+        .bind(id.as_str())
+        .bind(&old)
+        .bind(at.unix_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+    sqlx::query(
+        "DELETE FROM agent_retired_credentials WHERE agent_id = ? AND secret_hash NOT IN \
+         (SELECT secret_hash FROM agent_retired_credentials WHERE agent_id = ? ORDER BY retired_at DESC LIMIT ?)",
+    )
+    .bind(id.as_str())
+    .bind(id.as_str())
+    .bind(RETIRED_KEPT)
+    .execute(&mut *tx)
+    .await
+    .map_err(db_err)?;
+    tx.commit().await.map_err(db_err)?;
+    Ok(true)
+}
+
+pub(super) async fn retired_credentials(pool: &SqlitePool, id: &AgentId) -> Result<Vec<Vec<u8>>> {
+    let rows: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT secret_hash FROM agent_retired_credentials WHERE agent_id = ?")
+        .bind(id.as_str())
+        .fetch_all(pool)
+        .await
+        .map_err(db_err)?;
+    Ok(rows.into_iter().map(|(h,)| h).collect())
+}
+
+pub(super) async fn clone_seen(pool: &SqlitePool, id: &AgentId, at: Timestamp, from: &str) -> Result<()> {
+    sqlx::query("UPDATE agents SET clone_seen_at = ?, clone_seen_from = ? WHERE id = ?")
+        .bind(at.unix_millis())
+        .bind(from)
+        .bind(id.as_str())
+        .execute(pool)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+pub(super) async fn request_rotation(pool: &SqlitePool, id: &AgentId, at: Timestamp) -> Result<bool> {
+    let done =
+        sqlx::query("UPDATE agents SET rotation_requested_at = COALESCE(rotation_requested_at, ?) WHERE id = ? AND revoked_at IS NULL")
+            .bind(at.unix_millis())
+            .bind(id.as_str())
+            .execute(pool)
+            .await
+            .map_err(db_err)?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn accept_agent(pool: &SqlitePool, id: &AgentId, at: Timestamp, by: &str) -> Result<Acceptance> {
+    let done = sqlx::query(
+        "UPDATE agents SET approval_pending = 0, accepted_at = ?, accepted_by = ? \
+         WHERE id = ? AND revoked_at IS NULL AND approval_pending = 1",
+    )
+    .bind(at.unix_millis())
+    .bind(by)
+    .bind(id.as_str())
+    .execute(pool)
+    .await
+    .map_err(db_err)?;
+    if done.rows_affected() == 1 {
+        return Ok(Acceptance::Accepted);
+    }
+    let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM agents WHERE id = ? AND revoked_at IS NULL")
+        .bind(id.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(db_err)?;
+    Ok(if exists.is_some() { Acceptance::NotPending } else { Acceptance::Unknown })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::enrolled;
+    use super::*;
+    use crate::store::Store;
+
+    #[tokio::test]
+    async fn a_rotation_replaces_the_credential_only_once_confirmed_and_keeps_the_old_one_retired() {
+        let (_dir, store, agent) = enrolled().await;
+        let later = Timestamp::from_unix_millis(agent.at.unix_millis() + 120_000);
+        assert!(store.begin_rotation(&agent.id, b"new", later, 60_000).await.unwrap());
+        let row = store.agent_credential(&agent.id).await.unwrap().unwrap();
+        assert_eq!(row.secret_hash, agent.secret_hash, "the old credential works until the new one is confirmed");
+        assert_eq!(row.pending_secret_hash.as_deref(), Some(&b"new"[..]));
+        // Another issue within the gap is refused, and so is confirming a credential never issued.
+        assert!(!store.begin_rotation(&agent.id, b"newer", later, 60_000).await.unwrap());
+        assert!(!store.complete_rotation(&agent.id, b"other", later).await.unwrap());
+        assert!(store.complete_rotation(&agent.id, b"new", later).await.unwrap());
+        let row = store.agent_credential(&agent.id).await.unwrap().unwrap();
+        assert_eq!(row.secret_hash, b"new");
+        assert_eq!(row.pending_secret_hash, None);
+        assert_eq!(store.retired_credentials(&agent.id).await.unwrap(), vec![agent.secret_hash.clone()]);
+        // Confirming twice changes nothing.
+        assert!(!store.complete_rotation(&agent.id, b"new", later).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_retired_credentials_are_kept() {
+        let (_dir, store, agent) = enrolled().await;
+        let mut at = agent.at.unix_millis();
+        for n in 0..(RETIRED_KEPT + 4) {
+            at += 120_000;
+            let hash = format!("h{n}").into_bytes();
+            assert!(store.begin_rotation(&agent.id, &hash, Timestamp::from_unix_millis(at), 60_000).await.unwrap());
+            assert!(store.complete_rotation(&agent.id, &hash, Timestamp::from_unix_millis(at)).await.unwrap());
+        }
+        let retired = store.retired_credentials(&agent.id).await.unwrap();
+        assert_eq!(retired.len() as i64, RETIRED_KEPT);
+        assert!(!retired.contains(&agent.secret_hash), "the oldest are forgotten");
+    }
+
+    #[tokio::test]
+    async fn accepting_an_agent_works_once() {
+        let (_dir, store, agent) = enrolled().await;
+        assert_eq!(store.accept_agent(&agent.id, agent.at, "admin").await.unwrap(), Acceptance::NotPending);
+        let unknown = AgentId::parse("00000000000000ff").unwrap();
+        assert_eq!(store.accept_agent(&unknown, agent.at, "admin").await.unwrap(), Acceptance::Unknown);
+    }
+}
