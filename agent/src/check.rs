@@ -26,10 +26,18 @@ impl std::fmt::Display for Problem {
 /// What was checked, when all is well.
 pub async fn run(config: &Config) -> Result<String, Problem> {
     let tls = crate::tls::client_config(config.ca.as_deref()).map_err(|e| Problem(format!("TLS trust: {e}")))?;
+    let mut issued = String::new();
     let bearer = match credential::load(&config.state_dir).map_err(|e| Problem(format!("credential: {e}")))? {
         Some(c) => {
             if c.server.trim_end_matches('/') != config.server.trim_end_matches('/') {
                 return Err(Problem(format!("credential: it was issued by {}, but the config names {}", c.server, config.server)));
+            }
+            let rotation = match config.credential_rotation {
+                Some(d) => format!("rotated every {}", shared::duration::format(d)),
+                None => "never rotated by this agent (credential_rotation = \"off\")".into(),
+            };
+            if let Some(at) = c.issued_at {
+                issued = format!("; credential issued {at}, {rotation}");
             }
             c.token
         }
@@ -49,7 +57,11 @@ pub async fn run(config: &Config) -> Result<String, Problem> {
         200 => {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
             Ok(match (v["agent_id"].as_str(), v["enroll_token"].as_str()) {
-                (Some(id), _) => format!("ok: {} trusts this agent ({id})", config.server),
+                (Some(id), _) if v["pending"].as_bool() == Some(true) => format!(
+                    "ok: {} knows this agent ({id}), but it waits for an administrator's approval (muster agent accept {id}){issued}",
+                    config.server
+                ),
+                (Some(id), _) => format!("ok: {} trusts this agent ({id}){issued}", config.server),
                 (_, Some(t)) => format!("ok: {} would enroll this agent with token {t} ({} uses left)", config.server, v["uses_left"]),
                 _ => format!("ok: {} answered", config.server),
             })
