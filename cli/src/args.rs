@@ -212,6 +212,9 @@ pub struct JobArgs {
 pub enum JobAction {
     /// Cancel a job: runs not started are cancelled, running ones are stopped.
     Cancel { id: String },
+    /// Approve a job that waits for a second admin (it matched more agents than the server's
+    /// approval_above). The admin who created it cannot.
+    Approve { id: String },
 }
 
 #[derive(Debug, Args)]

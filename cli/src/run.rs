@@ -111,6 +111,9 @@ pub async fn run(client: &Client, args: &RunArgs, signer: Option<&crate::keys::S
             if !rows.is_empty() {
                 write!(out, "{}", table(&["HOSTNAME", "ID", "NOW"], &rows))?;
             }
+            if dry.needs_approval {
+                writeln!(out, "The job would wait for a second admin's approval (more agents than the server's approval_above).")?;
+            }
         }
         return Ok(JobOutcome { all_succeeded: true });
     }
@@ -128,6 +131,14 @@ pub async fn run(client: &Client, args: &RunArgs, signer: Option<&crate::keys::S
     if live {
         let mut err = std::io::stderr();
         writeln!(err, "Job {}: {} on {} ({}).", job.id, safe(&job.command.summary()), crate::output::agents(job.total), job.target)?;
+        if job.approval.as_ref().is_some_and(|a| a.approved_by.is_none()) {
+            writeln!(
+                err,
+                "It matches more agents than the server runs on one admin's word: nothing runs until another admin runs `muster job approve {}` (within its ttl of {}). Ctrl-C leaves it waiting.",
+                job.id,
+                shared::duration::format(Duration::from_secs(job.ttl_secs))
+            )?;
+        }
     }
     let finished = follow(client, &job.id, live, out).await?;
     if args.json {
@@ -459,6 +470,16 @@ pub async fn job(client: &Client, args: &JobArgs, out: Out<'_>) -> anyhow::Resul
         writeln!(out, "Job {id} cancelled: {}.", counts.join(", "))?;
         return Ok(JobOutcome { all_succeeded: true });
     }
+    if let Some(JobAction::Approve { id }) = &args.action {
+        let job: JobSummary = client.post(&format!("/jobs/{id}/approve"), &serde_json::json!({})).await?;
+        if args.json {
+            serde_json::to_writer_pretty(&mut *out, &job)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "Job {id} approved: it runs on {} now.", crate::output::agents(job.total))?;
+        }
+        return Ok(JobOutcome { all_succeeded: true });
+    }
     let Some(id) = &args.id else { bail!("name a job: muster job <ID>") };
     let job: JobDetail = client.get(&format!("/jobs/{id}")).await?;
     if args.json {
@@ -475,9 +496,15 @@ pub async fn job(client: &Client, args: &JobArgs, out: Out<'_>) -> anyhow::Resul
         (Some(f), Some(_)) => format!("cancelled, finished {f}"),
         (Some(f), None) => format!("finished {f}"),
         (None, Some(_)) => "cancelling".into(),
+        (None, None) if j.approval.as_ref().is_some_and(|a| a.approved_by.is_none()) => {
+            format!("waiting for a second admin: muster job approve {}", j.id)
+        }
         (None, None) => "running".into(),
     };
     writeln!(out, "State     {state}")?;
+    if let Some(by) = j.approval.as_ref().and_then(|a| a.approved_by.as_ref()) {
+        writeln!(out, "Approved  by {by}")?;
+    }
     let rows: Vec<Vec<String>> = job
         .runs
         .iter()

@@ -83,6 +83,10 @@ pub struct Settings {
     /// 0600), after it is committed to the database: a copy to ship elsewhere.
     #[arg(long, global = true, env = "MUSTER_AUDIT_FILE")]
     pub audit_file: Option<PathBuf>,
+    /// A job that matches more agents than this waits, undispatched, until an admin other
+    /// than the one who created it approves it (`muster job approve ID`). [default: off]
+    #[arg(long, global = true, env = "MUSTER_APPROVAL_ABOVE")]
+    pub approval_above: Option<u64>,
     /// How often liveness is evaluated. [default: 1s]
     #[arg(long, global = true, env = "MUSTER_SWEEP_INTERVAL", value_parser = parse_duration)]
     pub sweep_interval: Option<Duration>,
@@ -189,6 +193,7 @@ struct FileSettings {
     job_retention: Option<String>,
     audit_retention: Option<String>,
     audit_file: Option<PathBuf>,
+    approval_above: Option<u64>,
     sweep_interval: Option<String>,
     webhooks: Option<Vec<String>>,
     webhook_allow_http: Option<bool>,
@@ -226,6 +231,8 @@ pub struct Config {
     pub job_retention: Duration,
     pub audit_retention: Duration,
     pub audit_file: Option<PathBuf>,
+    /// Jobs matching more agents than this need a second admin's approval; none: never.
+    pub approval_above: Option<u64>,
     pub sweep_interval: Duration,
     pub webhooks: Vec<crate::alerts::WebhookUrl>,
     pub webhook_allow_http: bool,
@@ -362,6 +369,7 @@ impl Config {
             job_retention: dur(settings.job_retention, &file.job_retention, "job_retention", Duration::from_secs(30 * 86_400))?,
             audit_retention: dur(settings.audit_retention, &file.audit_retention, "audit_retention", Duration::from_secs(365 * 86_400))?,
             audit_file: settings.audit_file.clone().or(file.audit_file),
+            approval_above: settings.approval_above.or(file.approval_above),
             sweep_interval: dur(settings.sweep_interval, &file.sweep_interval, "sweep_interval", Duration::from_secs(1))?,
             webhooks,
             webhook_allow_http: allow_http,

@@ -155,6 +155,13 @@ impl Dispatcher {
             if pending == 0 || job.cancelled_at.is_some() {
                 continue;
             }
+            if job.awaiting_approval() {
+                if now >= job.expires_at {
+                    let waiting = self.store.pending_runs(&job.id).await?;
+                    self.end(&job.id, &waiting, RunState::Expired, "no second admin approved the job before its ttl ran out").await?;
+                }
+                continue;
+            }
             let t = std::time::Instant::now();
             let waiting = self.store.pending_runs(&job.id).await?;
             tracing::debug!(runs = waiting.len(), ms = t.elapsed().as_millis() as u64, "read pending runs");

@@ -292,6 +292,18 @@ pub struct JobSummary {
     /// The operator key that signed the job, if it is signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_by: Option<crate::signing::PublicKey>,
+    /// Present when the job matched more agents than the server's `approval_above`: nothing is
+    /// dispatched until an admin other than its creator approves it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+}
+
+/// A second admin's approval of a large job, given or still awaited.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Who approved it; none while it waits.
+    pub approved_by: Option<String>,
+    pub approved_at: Option<Timestamp>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -378,6 +390,10 @@ pub struct AgentRun {
 pub struct DryRun {
     pub matched: u64,
     pub online: u64,
+    /// The job would wait for a second admin's approval (it matches more agents than the
+    /// server's `approval_above`).
+    #[serde(default)]
+    pub needs_approval: bool,
     pub agents: Vec<DryRunAgent>,
 }
 

@@ -23,6 +23,9 @@ pub enum Error {
     /// The caller's token scope does not reach what it asked for.
     #[error("{0}")]
     OutOfScope(String),
+    /// A rule about who may do this refuses this caller (an admin approving its own job).
+    #[error("{0}")]
+    NotAllowed(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -58,7 +61,7 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, kind, message) = match &self {
             Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", self.to_string()),
-            Error::Forbidden { .. } | Error::OutOfScope(_) => (StatusCode::FORBIDDEN, "forbidden", self.to_string()),
+            Error::Forbidden { .. } | Error::OutOfScope(_) | Error::NotAllowed(_) => (StatusCode::FORBIDDEN, "forbidden", self.to_string()),
             Error::SignatureRefused(_) => (StatusCode::FORBIDDEN, "signature_refused", self.to_string()),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found", self.to_string()),
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request", self.to_string()),

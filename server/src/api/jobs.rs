@@ -48,6 +48,10 @@ pub fn summary(job: &JobRow, counts: StateCounts) -> JobSummary {
         total: counts.values().sum(),
         counts,
         signed_by: job.signature.as_ref().map(|s| s.key.clone()),
+        approval: job.approval.as_ref().map(|a| shared::job::Approval {
+            approved_by: a.approved.as_ref().map(|(by, _)| by.clone()),
+            approved_at: a.approved.as_ref().map(|(_, at)| *at),
+        }),
     }
 }
 
@@ -173,7 +177,8 @@ pub async fn create(
             .map(|a| DryRunAgent { id: a.id.clone(), hostname: a.hostname.clone(), online: app.registry.is_connected(&a.id) })
             .collect();
         let online = agents.iter().filter(|a| a.online).count() as u64;
-        return Ok(Json(DryRun { matched: agents.len() as u64, online, agents }).into_response());
+        let needs_approval = needs_approval(&app, agents.len());
+        return Ok(Json(DryRun { matched: agents.len() as u64, online, needs_approval, agents }).into_response());
     }
     if matched.is_empty() {
         return Err(Error::Conflict(format!("the target ({}) matches no agents", req.target)));
@@ -205,6 +210,8 @@ pub async fn create(
         finished_at: None,
         signature: req.signature.clone(),
         scope: caller.scope.clone(),
+        approval: needs_approval(&app, matched.len())
+            .then(|| crate::store::JobApproval { creator_token: caller.token_id.clone(), approved: None }),
     };
     let runs = matched.iter().map(|a| Ok((new_id()?, a.id.clone()))).collect::<Result<Vec<_>>>()?;
     app.store.create_job(&job, &runs).await?;
@@ -220,6 +227,7 @@ pub async fn create(
             "concurrency": job.concurrency,
             "max_errors": job.max_errors,
             "scope": job.scope,
+            "needs_approval": job.approval.is_some(),
         }),
     ))
     .await;
@@ -237,6 +245,40 @@ pub async fn create(
     // The summary, not every run: a broadcast's detail is large, and dispatch is running now.
     let counts = BTreeMap::from([(RunState::Pending, runs.len() as u64)]);
     Ok((StatusCode::CREATED, Json(summary(&job, counts))).into_response())
+}
+
+/// Whether a job matching `matched` agents waits for a second admin.
+fn needs_approval(app: &AppState, matched: usize) -> bool {
+    app.config.approval_above.is_some_and(|n| matched as u64 > n)
+}
+
+/// `POST /api/v1/jobs/{id}/approve`: a second admin releases a job that waits for approval.
+/// The admin who created it cannot (403); one that is not waiting is a 409.
+pub async fn approve(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobSummary>> {
+    caller.require(Role::Admin)?;
+    let job = visible_job(&app, &caller, &id).await?;
+    let Some(approval) = &job.approval else {
+        return Err(Error::Conflict(format!("job {id} does not need an approval")));
+    };
+    if approval.approved.is_some() {
+        return Err(Error::Conflict(format!("job {id} is already approved")));
+    }
+    if approval.creator_token == caller.token_id {
+        return Err(Error::NotAllowed(format!("job {id} was created with this token: another admin must approve it")));
+    }
+    if job.cancelled_at.is_some() || job.finished_at.is_some() {
+        return Err(Error::Conflict(format!("job {id} is cancelled or finished")));
+    }
+    let now = Timestamp::now();
+    if !app.store.approve_job(&id, &caller.token_id, &caller.actor(), now).await? {
+        return Err(Error::Conflict(format!("job {id} changed meanwhile; read it again")));
+    }
+    tracing::info!(job = %id, by = %caller.actor(), "job approved");
+    app.audit(caller.entry("job.approve", Some(id.clone()), serde_json::json!({ "created_by": job.created_by }))).await;
+    app.dispatcher.kick.notify_one();
+    let job = visible_job(&app, &caller, &id).await?;
+    let counts = app.store.run_counts(std::slice::from_ref(&job.id)).await?.remove(&job.id).unwrap_or_default();
+    Ok(Json(summary(&job, counts)))
 }
 
 /// The job, or 404 if there is none or the caller's scope does not cover it.

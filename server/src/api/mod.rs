@@ -49,6 +49,7 @@ fn api_routes() -> Vec<(&'static str, &'static str, MethodRouter<AppState>)> {
         ("POST", "/jobs", post(jobs::create)),
         ("GET", "/jobs/{id}", get(jobs::get)),
         ("POST", "/jobs/{id}/cancel", post(jobs::cancel)),
+        ("POST", "/jobs/{id}/approve", post(jobs::approve)),
         ("GET", "/jobs/{id}/events", get(jobs::events)),
         ("GET", "/runs/{id}/output", get(jobs::output)),
         ("GET", "/keys/revocations", get(keys::list)),

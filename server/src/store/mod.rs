@@ -251,6 +251,23 @@ pub struct JobRow {
     /// The scope of the token that created the job: the dispatcher sends a run only to an
     /// agent that still matches it.
     pub scope: Option<shared::Selector>,
+    /// Set when the job needs a second admin's approval before anything is dispatched.
+    pub approval: Option<JobApproval>,
+}
+
+/// A job waiting for, or given, a second admin's approval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobApproval {
+    /// The operator token that created the job, which cannot approve it.
+    pub creator_token: String,
+    pub approved: Option<(String, Timestamp)>,
+}
+
+impl JobRow {
+    /// True while the job needs an approval it does not have: nothing of it is dispatched.
+    pub fn awaiting_approval(&self) -> bool {
+        self.approval.as_ref().is_some_and(|a| a.approved.is_none())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -445,6 +462,10 @@ pub trait Store: Send + Sync + 'static {
     /// Asks for the agent's credential to be rotated at its next chance. False if unknown.
     async fn request_rotation(&self, id: &AgentId, at: Timestamp) -> Result<bool>;
     async fn accept_agent(&self, id: &AgentId, at: Timestamp, by: &str) -> Result<Acceptance>;
+
+    /// Records the approval of a job that waits for one, unless `token` created it or it was
+    /// cancelled or finished meanwhile; false if nothing changed.
+    async fn approve_job(&self, job_id: &str, token: &str, by: &str, at: Timestamp) -> Result<bool>;
 }
 
 /// Writes an audit entry, for code without an [`crate::audit::Auditor`] (`bootstrap`, which

@@ -629,7 +629,8 @@ impl Store for SqliteStore {
         let mut tx = self.pool.begin().await.map_err(db_err)?;
         sqlx::query(
             "INSERT INTO jobs (id, created_at, created_by, target, command, timeout_ms, ttl_ms, concurrency, max_in_flight, \
-             max_errors, output_limit, expires_at, signature, scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             max_errors, output_limit, expires_at, signature, scope, approval_required, creator_token) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&job.id)
         .bind(job.created_at.unix_millis())
@@ -645,6 +646,8 @@ impl Store for SqliteStore {
         .bind(job.expires_at.unix_millis())
         .bind(job.signature.as_ref().map(serde_json::to_string).transpose().map_err(|e| StoreError::Corrupt(e.to_string()))?)
         .bind(job.scope.as_ref().map(ToString::to_string))
+        .bind(job.approval.is_some())
+        .bind(job.approval.as_ref().map(|a| a.creator_token.clone()))
         .execute(&mut *tx)
         .await
         .map_err(db_err)?;
@@ -935,6 +938,22 @@ impl Store for SqliteStore {
         identity::accept_agent(&self.pool, id, at, by).await
     }
 
+    async fn approve_job(&self, job_id: &str, token: &str, by: &str, at: Timestamp) -> Result<bool> {
+        let _gate = self.writer().await;
+        let done = sqlx::query(
+            "UPDATE jobs SET approved_by = ?, approved_at = ? WHERE id = ? AND approval_required = 1 AND approved_at IS NULL \
+             AND cancelled_at IS NULL AND finished_at IS NULL AND creator_token IS NOT ?",
+        )
+        .bind(by)
+        .bind(at.unix_millis())
+        .bind(job_id)
+        .bind(token)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn agent_labels(&self, ids: &[AgentId]) -> Result<HashMap<AgentId, Labels>> {
         scope::agent_labels(&self.pool, ids).await
     }
@@ -1019,6 +1038,10 @@ struct JobDb {
     finished_at: Option<i64>,
     signature: Option<String>,
     scope: Option<String>,
+    approval_required: bool,
+    creator_token: Option<String>,
+    approved_by: Option<String>,
+    approved_at: Option<i64>,
 }
 
 impl TryFrom<JobDb> for JobRow {
@@ -1044,6 +1067,10 @@ impl TryFrom<JobDb> for JobRow {
             finished_at: r.finished_at.map(ts),
             signature,
             scope,
+            approval: r.approval_required.then(|| JobApproval {
+                creator_token: r.creator_token.unwrap_or_default(),
+                approved: r.approved_by.zip(r.approved_at.map(ts)),
+            }),
         })
     }
 }
@@ -1686,6 +1713,7 @@ mod tests {
             finished_at: None,
             signature: None,
             scope: None,
+            approval: None,
         }
     }
 
