@@ -96,16 +96,8 @@ pub enum ServerMessage {
 }
 
 impl AgentMessage {
-    pub const TYPES: &'static [&'static str] = &[
-        "hello",
-        "heartbeat",
-        "run_accepted",
-        "run_started",
-        "run_output",
-        "run_finished",
-        "credential_request",
-        "credential_stored",
-    ];
+    pub const TYPES: &'static [&'static str] =
+        &["hello", "heartbeat", "run_accepted", "run_started", "run_output", "run_finished", "credential_request", "credential_stored"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
@@ -122,7 +114,8 @@ impl AgentMessage {
 }
 
 impl ServerMessage {
-    pub const TYPES: &'static [&'static str] = &["welcome", "run", "cancel", "result_ack", "resend", "key_revoked", "rotate_credential", "credential"];
+    pub const TYPES: &'static [&'static str] =
+        &["welcome", "run", "cancel", "result_ack", "resend", "key_revoked", "rotate_credential", "credential"];
 
     pub fn type_name(&self) -> &'static str {
         match self {
