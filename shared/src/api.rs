@@ -63,6 +63,18 @@ pub struct AgentSummary {
     pub last_heartbeat_at: Option<Timestamp>,
     /// Metrics from the last heartbeat, if any arrived.
     pub metrics: Option<Metrics>,
+    /// The operator keys the agent's own config trusts, as it reported them in its last
+    /// `hello`. When any are listed the agent runs only jobs signed by one of them. This is
+    /// what the agent says; the server shows it and cannot change it.
+    #[serde(default)]
+    pub trusted_keys: Vec<crate::signing::PublicKey>,
+}
+
+impl AgentSummary {
+    /// Whether the agent runs only signed jobs (it reported trusted keys).
+    pub fn requires_signature(&self) -> bool {
+        !self.trusted_keys.is_empty()
+    }
 }
 
 /// `GET /api/v1/agents/{id}`.
@@ -288,8 +300,14 @@ mod tests {
             labels: Labels::from_pairs(["site=paris"]).unwrap(),
             last_heartbeat_at: Some(t),
             metrics: Some(Metrics::default()),
+            trusted_keys: vec![crate::signing::PublicKey::from_bytes([7; 32])],
         };
         round_trip(&summary);
+        assert!(summary.requires_signature());
+        // From a server that does not report keys: the agent requires none.
+        let mut old = serde_json::to_value(&summary).unwrap();
+        old.as_object_mut().unwrap().remove("trusted_keys");
+        assert!(!serde_json::from_value::<AgentSummary>(old).unwrap().requires_signature());
         round_trip(&AgentDetail {
             summary,
             enrolled_at: t,

@@ -31,6 +31,7 @@ pub fn summary(row: &AgentRow) -> AgentSummary {
         labels: row.labels.clone(),
         last_heartbeat_at: row.last_heartbeat_at,
         metrics: row.last_metrics.clone(),
+        trusted_keys: row.trusted_keys.clone(),
     }
 }
 

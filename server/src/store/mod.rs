@@ -100,6 +100,8 @@ pub struct AgentRow {
     pub remote_addr: Option<String>,
     pub connected_at: Option<Timestamp>,
     pub disconnected_at: Option<Timestamp>,
+    /// What the agent reported trusting in its last `hello`; empty: it runs unsigned jobs.
+    pub trusted_keys: Vec<shared::signing::PublicKey>,
 }
 
 /// What targeting needs of an enrolled, unrevoked agent.
@@ -122,6 +124,8 @@ pub enum Record {
         agent_version: String,
         node: String,
         remote_addr: String,
+        /// The operator keys the agent's config trusts, from its `hello`.
+        trusted_keys: Vec<shared::signing::PublicKey>,
     },
     Heartbeat {
         agent_id: AgentId,
@@ -400,6 +404,9 @@ pub trait Store: Send + Sync + 'static {
     async fn set_agent_labels(&self, id: &AgentId, expected: &Labels, token_labels: &Labels, labels: &Labels) -> Result<bool>;
     /// The effective labels of these agents, as stored now (revoked ones left out).
     async fn agent_labels(&self, ids: &[AgentId]) -> Result<std::collections::HashMap<AgentId, Labels>>;
+    /// The keys those of these agents that require signed jobs reported trusting; an agent
+    /// that reported none (or is revoked) is left out.
+    async fn agent_trusted_keys(&self, ids: &[AgentId]) -> Result<std::collections::HashMap<AgentId, Vec<shared::signing::PublicKey>>>;
 }
 
 /// Writes an audit entry, for code without an [`crate::audit::Auditor`] (`bootstrap`, which

@@ -28,6 +28,7 @@ mod audit;
 mod output;
 mod scope;
 mod signing;
+mod trust;
 pub use audit::{JOBS_PER_PRUNE, SERVER_ACTOR};
 use output::insert_outputs;
 
@@ -209,10 +210,11 @@ struct AgentDb {
     remote_addr: Option<String>,
     connected_at: Option<i64>,
     disconnected_at: Option<i64>,
+    trusted_keys: String,
 }
 
 const AGENT_COLUMNS: &str = "id, hostname, labels, status, status_since, enrolled_at, revoked_at, heartbeat_interval_ms, \
-     agent_version, last_heartbeat_at, last_metrics, connected, node, remote_addr, connected_at, disconnected_at";
+     agent_version, last_heartbeat_at, last_metrics, connected, node, remote_addr, connected_at, disconnected_at, trusted_keys";
 
 impl TryFrom<AgentDb> for AgentRow {
     type Error = StoreError;
@@ -238,6 +240,7 @@ impl TryFrom<AgentDb> for AgentRow {
             remote_addr: r.remote_addr,
             connected_at: r.connected_at.map(ts),
             disconnected_at: r.disconnected_at.map(ts),
+            trusted_keys: trust::parse_keys(&r.trusted_keys)?,
         })
     }
 }
@@ -883,6 +886,10 @@ impl Store for SqliteStore {
         scope::set_agent_labels(&self.pool, id, expected, token_labels, labels).await
     }
 
+    async fn agent_trusted_keys(&self, ids: &[AgentId]) -> Result<HashMap<AgentId, Vec<shared::signing::PublicKey>>> {
+        trust::agent_trusted_keys(&self.pool, ids).await
+    }
+
     async fn agent_labels(&self, ids: &[AgentId]) -> Result<HashMap<AgentId, Labels>> {
         scope::agent_labels(&self.pool, ids).await
     }
@@ -1134,11 +1141,23 @@ async fn write_connections(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Reco
     update_from(
         tx,
         "UPDATE agents SET hostname = v.column2, labels = v.column3, heartbeat_interval_ms = v.column4, agent_version = v.column5, \
-         connected = 1, node = v.column6, remote_addr = v.column7, connected_at = v.column8, disconnected_at = NULL",
+         connected = 1, node = v.column6, remote_addr = v.column7, connected_at = v.column8, disconnected_at = NULL, \
+         trusted_keys = v.column9",
         "WHERE agents.id = v.column1",
         &connected,
         |b, r| {
-            if let Record::Connected { agent_id, at, hostname, labels, heartbeat_interval_ms, agent_version, node, remote_addr } = *r {
+            if let Record::Connected {
+                agent_id,
+                at,
+                hostname,
+                labels,
+                heartbeat_interval_ms,
+                agent_version,
+                node,
+                remote_addr,
+                trusted_keys,
+            } = *r
+            {
                 b.push_bind(agent_id.as_str().to_owned())
                     .push_bind(hostname.clone())
                     .push_bind(labels_json(labels))
@@ -1146,7 +1165,8 @@ async fn write_connections(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Reco
                     .push_bind(agent_version.clone())
                     .push_bind(node.clone())
                     .push_bind(remote_addr.clone())
-                    .push_bind(at.unix_millis());
+                    .push_bind(at.unix_millis())
+                    .push_bind(trust::keys_json(trusted_keys));
             }
         },
     )
@@ -1479,7 +1499,7 @@ mod tests {
     }
 
     /// A store holding one enrolled agent.
-    async fn enrolled() -> (tempfile::TempDir, SqliteStore, NewAgent) {
+    pub(super) async fn enrolled() -> (tempfile::TempDir, SqliteStore, NewAgent) {
         let (dir, store) = open().await;
         store.insert_enroll_token(&enroll_token(5, 10_000)).await.unwrap();
         let a = agent(1);
@@ -1560,6 +1580,7 @@ mod tests {
                     agent_version: "0".into(),
                     node: "n1".into(),
                     remote_addr: "127.0.0.1:1".into(),
+                    trusted_keys: vec![],
                 },
                 Record::Transition {
                     agent_id: a.id.clone(),
@@ -1582,7 +1603,7 @@ mod tests {
         assert_eq!((t[0].from, t[0].to, t[0].reason.as_str()), (Some(AgentStatus::Online), AgentStatus::Offline, "restart"));
     }
 
-    fn connected(a: &AgentId, at: i64) -> Record {
+    pub(super) fn connected(a: &AgentId, at: i64) -> Record {
         Record::Connected {
             agent_id: a.clone(),
             at: Timestamp::from_unix_millis(at),
@@ -1592,6 +1613,7 @@ mod tests {
             agent_version: "0".into(),
             node: "n1".into(),
             remote_addr: "127.0.0.1:1".into(),
+            trusted_keys: vec![],
         }
     }
 
