@@ -47,6 +47,20 @@ async fn named_agent(server: &TestServer, hostname: &str, label: &str) -> (TestA
     (agent, id)
 }
 
+/// An agent whose own agent.toml trusts a freshly generated key: it runs only signed jobs.
+async fn signed_agent(server: &TestServer, dir: &Path) -> (TestAgent, AgentId, String) {
+    let key = dir.join("signing.key");
+    let out = server.cli(&["key", "generate", "--out", key.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let token = server.enroll_token(1, &["role=till"]).await;
+    let config = format!("hostname = \"till-signed\"\ntrusted_keys = [{public:?}]\n");
+    let agent = server.spawn_agent_with_config(Some(&token), &["lane=7"], &config);
+    let id = agent.id().await;
+    server.api.wait_status(&id, AgentStatus::Online, Duration::from_secs(30)).await;
+    (agent, id, public)
+}
+
 #[tokio::test]
 async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
     let chromium = std::env::var("MUSTER_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned());
@@ -59,6 +73,8 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
     let server = TestServer::spawn().await;
     let (mut victim, victim_id) = named_agent(&server, "kiosk-victim", "role=victim").await;
     let (_worker, worker_id) = named_agent(&server, "pos-worker", "role=worker").await;
+    let keys = tempfile::tempdir().unwrap();
+    let (_till, till_id, till_key) = signed_agent(&server, keys.path()).await;
     let operator: TokenCreated =
         server.api.post("/tokens", &CreateToken { name: "browser".into(), role: Role::Operator, ttl_secs: Some(600), scope: None }).await;
 
@@ -74,6 +90,8 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
         .env("MUSTER_VIEWER_TOKEN", &viewer.token)
         .env("MUSTER_VICTIM", victim_id.as_str())
         .env("MUSTER_WORKER", worker_id.as_str())
+        .env("MUSTER_SIGNED", till_id.as_str())
+        .env("MUSTER_SIGNED_KEY", &till_key)
         .env("MUSTER_CHROMIUM", &chromium)
         .envs(shots.iter().map(|s| ("MUSTER_SHOTS", s.as_str())))
         .stdin(Stdio::piped())
@@ -128,8 +146,16 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
     assert!(status.success(), "the browser test failed:\n{}\n{errors}\nserver log:\n{}", seen.join("\n"), server.log());
     assert!(killed && seen.last().map(String::as_str) == Some("ok"), "{}", seen.join("\n"));
 
-    // What the page showed is what the server holds.
+    // What the page showed is what the server holds: the label the editor set and not the
+    // one it removed, each edit audited.
     assert_eq!(server.api.agent(&victim_id).await.summary.status, AgentStatus::Offline);
+    let worker = server.api.agent(&worker_id).await.summary;
+    assert_eq!(worker.labels.to_string(), "role=worker,zone=b", "{worker:?}");
+    let audit: shared::api::AuditPage = server.api.get("/audit?limit=1000").await;
+    let edits: Vec<_> =
+        audit.entries.iter().filter(|e| e.action == "agent.labels" && e.target.as_deref() == Some(worker_id.as_str())).collect();
+    assert_eq!(edits.len(), 2, "one entry per edit: {edits:?}");
+    assert!(edits.iter().all(|e| e.actor.contains("browser")), "{edits:?}");
 }
 
 #[tokio::test]
