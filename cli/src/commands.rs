@@ -63,12 +63,22 @@ pub async fn agents(client: &Client, args: &AgentsArgs, out: Out<'_>) -> anyhow:
                 cpu,
                 mem,
                 disk,
+                if a.requires_signature() { "required".into() } else { "-".into() },
                 if a.labels.is_empty() { "-".into() } else { a.labels.to_string() },
             ]
         })
         .collect();
-    write!(out, "{}", table(&["STATUS", "HOSTNAME", "ID", "HEARTBEAT", "CPU", "MEM", "DISK", "LABELS"], &rows))?;
+    write!(out, "{}", table(&["STATUS", "HOSTNAME", "ID", "HEARTBEAT", "CPU", "MEM", "DISK", "SIGNED", "LABELS"], &rows))?;
     Ok(())
+}
+
+/// Whether the agent runs only signed jobs, as it reported it, and with which keys.
+fn signed_jobs(s: &AgentSummary) -> String {
+    if !s.requires_signature() {
+        return "not required (the agent trusts no keys)".into();
+    }
+    let keys: Vec<String> = s.trusted_keys.iter().map(ToString::to_string).collect();
+    format!("required: runs only jobs signed by {}", keys.join(", "))
 }
 
 pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::Result<()> {
@@ -124,6 +134,7 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
     if s.pending {
         writeln!(out, "Approval   pending: it gets no runs until an admin runs `muster agent accept {}`", s.id)?;
     }
+    writeln!(out, "Signed     {}", signed_jobs(s))?;
     writeln!(out, "Enrolled   {}", a.enrolled_at)?;
     let rotation = match a.rotation_requested_at {
         Some(at) => format!(" (rotation requested {at})"),

@@ -103,13 +103,27 @@ pub async fn run(client: &Client, args: &RunArgs, signer: Option<&crate::keys::S
                 if dry.matched == 1 { "matches" } else { "match" },
                 dry.online
             )?;
+            if dry.require_signature > 0 {
+                let how = match signer {
+                    Some(s) => format!("this job would be signed with {}", s.public),
+                    None => "this job would not be signed (no signing key, or --no-sign), so it would fail there".into(),
+                };
+                writeln!(out, "{} of {} accept only signed jobs; {how}.", dry.require_signature, crate::output::agents(dry.matched))?;
+            }
             let rows: Vec<Vec<String>> = dry
                 .agents
                 .iter()
-                .map(|a| vec![a.hostname.clone(), a.id.to_string(), if a.online { "online".into() } else { "offline".into() }])
+                .map(|a| {
+                    vec![
+                        a.hostname.clone(),
+                        a.id.to_string(),
+                        if a.online { "online".into() } else { "offline".into() },
+                        if a.trusted_keys.is_empty() { "-".into() } else { "required".into() },
+                    ]
+                })
                 .collect();
             if !rows.is_empty() {
-                write!(out, "{}", table(&["HOSTNAME", "ID", "NOW"], &rows))?;
+                write!(out, "{}", table(&["HOSTNAME", "ID", "NOW", "SIGNED"], &rows))?;
             }
             if dry.needs_approval {
                 writeln!(out, "The job would wait for a second admin's approval (more agents than the server's approval_above).")?;

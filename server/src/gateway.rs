@@ -459,6 +459,7 @@ async fn run_session(
             agent_version: hello.agent_version.clone(),
             node: app.config.node_id.clone(),
             remote_addr: remote.to_string(),
+            trusted_keys: hello.trusted_keys.clone(),
         })
         .await;
     let reg = app.registry.register(&agent_id, Thresholds::for_interval(interval), out_tx, closer.clone(), remote);

@@ -73,6 +73,16 @@ function chips(labels) {
   return h('div', { class: 'chips' }, entries.map(([k, v]) => h('span', { class: 'chip' }, `${k}=${v}`)));
 }
 
+// Marks an agent that waits for an administrator's approval: it gets no runs until accepted.
+function pendingMarker() {
+  return h('span', { class: 'badge pending', title: 'Enrolled with an approve token: gets no runs until an admin accepts it' }, 'pending approval');
+}
+
+// Marks an agent that runs only jobs signed by one of `keys` (what it reported).
+function signedMarker(keys) {
+  return h('span', { class: 'badge signed', title: `Runs only jobs signed by ${keys.join(', ')}` }, 'signed only');
+}
+
 function meter(pct) {
   if (pct === null || pct === undefined || !Number.isFinite(pct)) return h('span', { class: 'muted' }, '–');
   const level = pct >= 90 ? 'high' : pct >= 75 ? 'warn' : 'ok';
@@ -519,6 +529,8 @@ function agentModel(s) {
     status: s.status,
     status_since: s.status_since,
     labels: s.labels || {},
+    trusted_keys: s.trusted_keys || [],
+    pending: !!s.pending,
     last_hb: s.last_heartbeat_at,
     cpu: m ? m.cpu_percent : null,
     mem: m ? pct(m.mem_used_bytes, m.mem_total_bytes) : null,
@@ -627,7 +639,9 @@ async function fleetView(ctx) {
       const age = h('td', { class: 'num', 'data-label': 'Heartbeat' }, ctx.aged(a.last_hb));
       tbody.append(h('tr', { 'data-agent-id': a.id, 'data-status': a.status },
         h('td', { 'data-label': 'Status' }, pill('status', a.status)),
-        h('td', { class: 'primary' }, h('a', { class: 'host', href: `#/agents/${encodeURIComponent(a.id)}` }, a.hostname), h('span', { class: 'host-id' }, a.id)),
+        h('td', { class: 'primary' }, h('a', { class: 'host', href: `#/agents/${encodeURIComponent(a.id)}` }, a.hostname),
+          a.trusted_keys.length ? [' ', signedMarker(a.trusted_keys)] : null, a.pending ? [' ', pendingMarker()] : null,
+          h('span', { class: 'host-id' }, a.id)),
         h('td', { 'data-label': 'Labels' }, chips(a.labels)),
         age,
         h('td', { 'data-label': 'CPU' }, meter(a.cpu)),
@@ -831,6 +845,72 @@ function downsample(points, start, range, columns) {
 // ---------------------------------------------------------------------------------------------
 // Agent
 
+// An agent's labels: the trusted ones (from its enrollment token, or set here since), which
+// targeting uses and operators may change, and the ones the agent reports about itself
+// (agent.*), which nobody but the agent changes. Edits go to PATCH /agents/{id}, which checks
+// them (keys, values, the token's scope) and answers with the agent; a refusal is shown as the
+// server words it. Built once, so a redraw on a heartbeat does not eat what is being typed.
+function labelEditor(saved) {
+  const REPORTED = 'agent.';
+  let agent = null;
+  const list = h('div', { class: 'chips', id: 'labels' });
+  const reported = h('div', { class: 'chips', id: 'reported-labels' });
+  const error = h('div', { class: 'notice error hidden', role: 'alert', id: 'label-error' });
+  const input = h('input', { type: 'text', id: 'label-add', class: 'grow', placeholder: 'key=value', spellcheck: false, autocomplete: 'off', 'aria-label': 'New label' });
+  const add = h('button', { type: 'submit' }, 'Set label');
+  const form = h('form', { class: 'toolbar', novalidate: true }, input, add);
+  const el = h('div', { class: 'panel', id: 'label-editor' }, h('h2', {}, 'Labels'), list, error,
+    canRun() ? form : null,
+    h('p', { class: 'hint' }, canRun()
+      ? 'Jobs target these labels; the next job sees a change. Setting a key that exists changes its value.'
+      : 'Jobs target these labels. An operator or admin token may change them.'),
+    h('div', { class: 'field-label section' }, 'Reported by the agent'), reported,
+    h('p', { class: 'hint' }, 'From the agent\'s own config, under agent.: only selectors that name agent. match them, and they cannot be edited here.'));
+
+  async function patch(edit) {
+    error.classList.add('hidden');
+    try {
+      saved(await api('PATCH', `/agents/${encodeURIComponent(agent.id)}`, { labels: edit }));
+      return true;
+    } catch (e) {
+      error.textContent = e.message;
+      error.classList.remove('hidden');
+      return false;
+    }
+  }
+
+  form.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    const set = {};
+    for (const word of input.value.split(/[\s,]+/).filter(Boolean)) {
+      const at = word.indexOf('=');
+      if (at <= 0) {
+        error.textContent = `${word}: type a label as key=value`;
+        error.classList.remove('hidden');
+        return;
+      }
+      set[word.slice(0, at)] = word.slice(at + 1);
+    }
+    if (!Object.keys(set).length) return;
+    add.disabled = true;
+    if (await patch({ set })) input.value = '';
+    add.disabled = false;
+  });
+
+  function draw(a) {
+    agent = a;
+    const entries = Object.entries(a.labels || {});
+    const trusted = entries.filter(([k]) => !k.startsWith(REPORTED));
+    const own = entries.filter(([k]) => k.startsWith(REPORTED));
+    append(clear(list), [trusted.length ? trusted.map(([k, v]) => h('span', { class: 'chip', 'data-key': k }, `${k}=${v}`,
+      canRun() ? h('button', { type: 'button', class: 'remove', title: `Remove ${k}`, 'aria-label': `Remove label ${k}`, onclick: () => patch({ remove: [k] }) }, '×') : null))
+      : h('span', { class: 'muted' }, 'No labels.')]);
+    append(clear(reported), [own.length ? own.map(([k, v]) => h('span', { class: 'chip', 'data-key': k }, `${k}=${v}`)) : h('span', { class: 'muted' }, 'None.')]);
+  }
+
+  return { el, draw };
+}
+
 async function agentView(ctx) {
   const id = ctx.arg;
   let detail = await api('GET', `/agents/${encodeURIComponent(id)}`);
@@ -844,7 +924,13 @@ async function agentView(ctx) {
   const rangeButtons = RANGES.map(([name], i) => h('button', { type: 'button', 'aria-pressed': String(i === 0), onclick: () => setRange(i) }, name));
   const transitions = h('div', { class: 'panel' });
   const runs = h('div', { class: 'panel' });
-  ctx.main.append(head, facts,
+  // A label edit answers with the agent; a reload that was asked before it would undo it on
+  // screen, so such an answer is dropped.
+  let edits = 0;
+  const labels = labelEditor((next) => { edits += 1; detail = next; drawDetail(); });
+  const trust = h('div', { class: 'panel', id: 'trust' });
+  const identity = h('div', { id: 'identity' });
+  ctx.main.append(head, identity, facts, h('div', { class: 'grid cols-2 section' }, labels.el, trust),
     h('div', { class: 'section toolbar' }, h('h2', { class: 'spacer' }, 'Health over time'), h('div', { class: 'range', role: 'group', 'aria-label': 'Period' }, rangeButtons)),
     h('div', { class: 'grid cols-3' }, charts.cpu.el, charts.mem.el, charts.disk.el),
     h('div', { class: 'grid cols-2 section' }, transitions, runs));
@@ -856,9 +942,27 @@ async function agentView(ctx) {
     const m = s.metrics;
     const actions = h('div', { class: 'actions' });
     if (canRun()) actions.append(h('a', { class: 'button primary', href: `#/run?agent=${encodeURIComponent(s.id)}` }, 'Run a command'));
+    if (isAdmin() && s.pending) {
+      actions.append(h('button', { type: 'button', class: 'primary', id: 'accept-agent', onclick: (ev) => act(ev, 'accept', null) }, 'Accept agent'));
+    }
+    if (isAdmin()) {
+      actions.append(h('button', { type: 'button', id: 'rotate-credential', onclick: (ev) => act(ev, 'rotate-credential',
+        'Rotate this agent\'s credential? It gets a new one now (or when it next connects); the old one stops working, and a copy of it presented later is reported as a clone.') }, 'Rotate credential'));
+    }
+    const notes = [];
+    if (s.pending) {
+      notes.push(h('div', { class: 'notice warn', role: 'status', id: 'pending-notice' },
+        'Waiting for approval: this agent enrolled with an approve token. It reports its health but gets no runs until an admin accepts it.'));
+    }
+    if (s.clone_seen) {
+      notes.push(h('div', { class: 'notice error', role: 'alert', id: 'clone-notice' },
+        `A credential this agent gave up in a rotation was presented from ${s.clone_seen.from_addr} ${ago(s.clone_seen.at)}: a copy of this machine (a cloned image, a copied state directory) exists somewhere. It was refused.`));
+    }
+    append(clear(identity), notes);
     clear(head).append(
       h('div', { class: 'titles' },
-        h('h1', {}, s.hostname || '(unnamed)', ' ', pill('status', s.status)),
+        h('h1', {}, s.hostname || '(unnamed)', ' ', pill('status', s.status), (s.trusted_keys || []).length ? [' ', signedMarker(s.trusted_keys)] : null,
+          s.pending ? [' ', pendingMarker()] : null),
         h('div', { class: 'sub' }, h('span', { class: 'mono' }, s.id), ' · ', s.status, ' ', aged(s.status_since, 'since '))),
       actions);
     const system = h('dl', { class: 'kv' },
@@ -866,14 +970,15 @@ async function agentView(ctx) {
       h('dt', {}, 'Uptime'), h('dd', {}, m ? duration(m.uptime_secs * 1000) : '–'),
       h('dt', {}, 'Agent'), h('dd', {}, s.agent_version || '–'),
       h('dt', {}, 'Enrolled'), h('dd', {}, localTime(s.enrolled_at)),
+      h('dt', {}, 'Credential'), h('dd', { id: 'credential-issued' }, 'issued ', aged(s.credential_issued_at),
+        s.rotation_requested_at ? ' · rotation requested' : ''),
       h('dt', {}, 'Heartbeat'), h('dd', {}, aged(s.last_heartbeat_at), s.heartbeat_interval_ms ? ` (every ${duration(s.heartbeat_interval_ms)})` : ''));
     const c = s.connection;
     const conn = h('dl', { class: 'kv' },
       h('dt', {}, 'Connection'), h('dd', {}, c ? (c.connected ? 'connected' : 'disconnected') : 'never connected'),
       c && [h('dt', {}, 'From'), h('dd', { class: 'mono' }, c.remote_addr),
         h('dt', {}, 'Server'), h('dd', {}, c.node),
-        h('dt', {}, c.connected ? 'Since' : 'Until'), h('dd', {}, aged(c.connected ? c.connected_at : c.disconnected_at))],
-      h('dt', {}, 'Labels'), h('dd', {}, chips(s.labels)));
+        h('dt', {}, c.connected ? 'Since' : 'Until'), h('dd', {}, aged(c.connected ? c.connected_at : c.disconnected_at))]);
     const usage = h('dl', { class: 'kv' },
       h('dt', {}, 'CPU'), h('dd', {}, m ? `${m.cpu_percent.toFixed(1)}% · load ${m.load_avg.map((l) => l.toFixed(2)).join(' ')}` : '–'),
       h('dt', {}, 'Memory'), h('dd', {}, m ? `${bytes(m.mem_used_bytes)} of ${bytes(m.mem_total_bytes)}` : '–'),
@@ -883,6 +988,15 @@ async function agentView(ctx) {
       h('div', { class: 'panel' }, h('h2', {}, 'Machine'), system),
       h('div', { class: 'panel' }, h('h2', {}, 'Connection'), conn),
       h('div', { class: 'panel' }, h('h2', {}, 'Latest metrics'), usage));
+    labels.draw(s);
+    const keys = s.trusted_keys || [];
+    append(clear(trust), [h('h2', {}, 'Signed jobs'),
+      keys.length ? [
+        h('p', { id: 'signed-required' }, h('strong', {}, 'Required.'),
+          ` This agent runs only jobs signed by ${keys.length === 1 ? 'this key' : 'one of these keys'}; an unsigned job fails on it.`),
+        h('ul', { class: 'keys' }, keys.map((k) => h('li', {}, h('code', { class: 'key' }, k)))),
+        h('p', { class: 'hint' }, 'Its own agent.toml says so (trusted_keys), and the server cannot change it. Send jobs for it with muster run, which signs them.')]
+        : h('p', { class: 'muted', id: 'signed-required' }, 'Not required: this agent trusts no keys and runs unsigned jobs.')]);
     clear(transitions).append(h('h2', {}, 'Status changes'),
       s.transitions.length ? h('div', { class: 'table-wrap' }, h('table', {},
         h('thead', {}, h('tr', {}, h('th', {}, 'When'), h('th', {}, 'Change'), h('th', {}, 'Reason'))),
@@ -891,6 +1005,20 @@ async function agentView(ctx) {
           h('td', {}, t.from ? [pill('status', t.from), ' → '] : '', pill('status', t.to)),
           h('td', {}, t.reason))))))
         : h('p', { class: 'muted' }, 'No changes recorded.'));
+  }
+
+  // An admin action on the agent, which answers with the agent as it is now.
+  async function act(ev, action, question) {
+    if (question && !window.confirm(question)) return;
+    ev.target.disabled = true;
+    try {
+      edits += 1;
+      detail = await api('POST', `/agents/${encodeURIComponent(id)}/${action}`);
+      drawDetail();
+    } catch (e) {
+      ev.target.disabled = false;
+      identity.prepend(h('div', { class: 'notice error', role: 'alert' }, e.message));
+    }
   }
 
   async function loadRuns() {
@@ -933,7 +1061,11 @@ async function agentView(ctx) {
   }
 
   const reloadDetail = throttled(async () => {
-    try { detail = await api('GET', `/agents/${encodeURIComponent(id)}`); drawDetail(); } catch (e) { /* shown on next load */ }
+    const asked = edits;
+    try {
+      const next = await api('GET', `/agents/${encodeURIComponent(id)}`);
+      if (asked === edits) { detail = next; drawDetail(); }
+    } catch (e) { /* shown on next load */ }
   }, 500);
   const reloadRuns = throttled(() => loadRuns().catch(() => {}), 2000);
 
@@ -954,6 +1086,8 @@ async function agentView(ctx) {
       reloadDetail();
     } else if (e.type === 'agent_revoked') {
       ctx.main.prepend(h('div', { class: 'notice error', role: 'alert' }, 'This agent was revoked: its credential no longer works.'));
+    } else if (e.type === 'agent_accepted' || e.type === 'clone_suspected') {
+      reloadDetail();
     }
   });
 
@@ -991,12 +1125,14 @@ function jobModel(j) {
     counts: j.counts || {},
     finished: !!j.finished_at,
     cancelled: !!j.cancelled_at,
+    awaiting: !!j.approval && !j.approval.approved_by,
   };
 }
 
 function jobStatus(j) {
   const done = Object.entries(j.counts).filter(([s]) => FINAL_STATES.has(s)).reduce((a, [, n]) => a + n, 0);
   const failed = (j.counts.failed || 0) + (j.counts.timed_out || 0) + (j.counts.lost || 0);
+  if (!j.finished && j.awaiting && !j.cancelled) return pill('state', 'pending', 'awaiting approval');
   if (!j.finished) return h('span', {}, pill('state', 'running', `running ${done}/${j.total}`));
   if (failed) return pill('state', 'failed', `${failed} failed`);
   if (j.cancelled) return pill('state', 'cancelled');
@@ -1097,6 +1233,22 @@ async function jobView(ctx) {
         ev.target.disabled = true;
         try { await api('POST', `/jobs/${encodeURIComponent(id)}/cancel`); } catch (e) { ev.target.disabled = false; flash(e.message, true); }
       } }, 'Cancel job'));
+    }
+    const awaiting = !finished && !job.cancelled_at && job.approval && !job.approval.approved_by;
+    if (awaiting && isAdmin()) {
+      actions.prepend(h('button', { class: 'primary', type: 'button', id: 'approve-job', onclick: async (ev) => {
+        if (!window.confirm(`Approve this job? It runs on ${plural(job.total, 'agent', 'agents')} as soon as you do.`)) return;
+        ev.target.disabled = true;
+        try {
+          const approved = await api('POST', `/jobs/${encodeURIComponent(id)}/approve`);
+          job = { ...job, approval: approved.approval };
+          notice.classList.add('hidden');
+          drawHead();
+        } catch (e) { ev.target.disabled = false; flash(e.message, true); }
+      } }, 'Approve'));
+    }
+    if (awaiting) {
+      flash(`This job matches more agents than the server runs on one admin's word: nothing runs until an admin other than ${job.created_by} approves it (muster job approve ${job.id}).`);
     }
     if (canRun()) actions.append(h('a', { class: 'button', href: `#/run?${rerunQuery(job)}` }, 'Run again'));
     clear(head).append(h('div', { class: 'titles' },
@@ -1199,6 +1351,11 @@ async function jobView(ctx) {
       case 'run': {
         const r = runs.get(e.run_id);
         if (!r) return;
+        // A run leaves pending for dispatch only once the job is approved.
+        if (e.state === 'dispatched' && job.approval && !job.approval.approved_by) {
+          job = { ...job, approval: { ...job.approval, approved_by: 'another admin' } };
+          notice.classList.add('hidden');
+        }
         r.state = e.state;
         if (e.exit_code !== null && e.exit_code !== undefined) r.exit_code = e.exit_code;
         if (e.error) r.error = e.error;
@@ -1311,6 +1468,35 @@ function splitWords(line) {
   return words;
 }
 
+// One word for a POSIX shell: as it is when it holds nothing the shell would act on, otherwise
+// in single quotes (inside which nothing is special but the quote itself).
+function shellQuote(word) {
+  if (/^[A-Za-z0-9_\/.=:,@%+-]+$/.test(word)) return word;
+  return `'${word.replace(/'/g, "'\\''")}'`;
+}
+
+// The `muster run` command line that sends the request the form holds: the CLI signs it with
+// the operator's own key, which this page never holds (docs/trust.md).
+function cliCommand(req) {
+  const words = ['muster', 'run'];
+  if (req.target === 'all') words.push('--all');
+  else if (req.target.selector !== undefined) words.push('--label', req.target.selector);
+  else for (const id of req.target.agents) words.push('--agent', id);
+  if (req.timeout_secs !== undefined) words.push('--timeout', `${req.timeout_secs}s`);
+  if (req.ttl_secs !== undefined) words.push('--ttl', `${req.ttl_secs}s`);
+  if (req.concurrency !== undefined) words.push('--concurrency', req.concurrency);
+  if (req.max_errors !== undefined) words.push('--max-errors', String(req.max_errors));
+  const program = req.command.program;
+  if (program.shell !== undefined) words.push('--shell', '--', program.shell);
+  else words.push('--', ...program.argv);
+  return words.map(shellQuote).join(' ');
+}
+
+// The distinct keys the agents that require signatures trust, in the order first seen.
+function trustedKeys(agents) {
+  return [...new Set(agents.flatMap((a) => a.trusted_keys || []))];
+}
+
 async function runView(ctx) {
   const q = ctx.query;
   const kind = q.get('agent') ? 'agents' : q.get('selector') !== null ? 'selector' : 'all';
@@ -1335,6 +1521,11 @@ async function runView(ctx) {
   const preview = h('div', { class: 'preview', id: 'preview', 'aria-live': 'polite' });
   const error = h('div', { class: 'notice error hidden', role: 'alert' });
   const submit = h('button', { class: 'primary', type: 'submit', id: 'run', disabled: true }, 'Run');
+  // Sending unsigned to agents that accept only signed jobs fails there: it takes a tick.
+  const unsignedOk = h('input', { type: 'checkbox', id: 'unsigned-ok' });
+  const signing = h('div', { class: 'notice warn hidden', id: 'signatures', role: 'status' });
+  let signedOnly = 0;
+  let signedKey = '';
   const form = h('form', { class: 'panel', novalidate: true },
     h('div', { class: 'field-label' }, 'Send to'),
     h('div', { class: 'choices' },
@@ -1346,6 +1537,7 @@ async function runView(ctx) {
     h('div', { class: 'choices' }, h('label', {}, useShell, 'Run through the shell (', h('code', {}, 'sh -c'), ')')),
     h('details', {}, h('summary', {}, 'Options'), h('div', { class: 'options' }, timeoutField, ttlField, concurrencyField, maxErrorsField)),
     error,
+    signing,
     h('div', { class: 'toolbar' }, submit, h('span', { class: 'muted small' }, 'The command is stored first, then sent; each agent runs it once.')),
     preview);
 
@@ -1406,13 +1598,19 @@ async function runView(ctx) {
 
   let asked = 0;
   let matched = 0;
+  // A field removed with the page while focused can still report a change (and a debounced
+  // check can still be due) after the operator left, perhaps signed in with another token.
+  let left = false;
+  ctx.on(() => { left = true; });
   async function dryRun() {
+    if (left) return;
     const n = ++asked;
     submit.disabled = true;
     submit.textContent = 'Run';
     error.classList.add('hidden');
     let req;
     try { req = request(); } catch (e) {
+      signing.classList.add('hidden');
       clear(preview).append(h('p', { class: 'muted' }, e.message));
       return;
     }
@@ -1430,16 +1628,54 @@ async function runView(ctx) {
         '.'),
       h('ul', {}, list, dry.agents.length > 10 ? h('li', {}, `and ${dry.agents.length - 10} more`) : null));
       submit.textContent = `Run on ${plural(dry.matched, 'agent')}`;
-      submit.disabled = !canRun() || dry.matched === 0;
+      showSigning(req, dry);
+      submit.disabled = !submittable();
     } catch (e) {
       if (n !== asked) return;
+      signing.classList.add('hidden');
       clear(preview).append(h('div', { class: 'notice error', role: 'alert' }, e.message));
     }
   }
+
+  // Agents with trusted_keys run only what an operator's own key signed. The page cannot sign
+  // (the server that serves it is what signing guards against), so it says so, gives the CLI
+  // command that signs, and sends unsigned only when the operator ticks that it may fail there.
+  function showSigning(req, dry) {
+    const needing = dry.agents.filter((a) => (a.trusted_keys || []).length);
+    signedOnly = dry.require_signature ?? needing.length;
+    const key = needing.map((a) => a.id).join(',');
+    if (key !== signedKey) unsignedOk.checked = false;
+    signedKey = key;
+    signing.classList.toggle('hidden', signedOnly === 0);
+    if (signedOnly === 0) { clear(signing); return; }
+    const all = signedOnly >= dry.matched;
+    const keys = trustedKeys(needing);
+    clear(signing).append(
+      h('p', {}, h('strong', {}, `${signedOnly} of ${plural(dry.matched, 'target')} accept only signed jobs`),
+        ' (keys: ', keys.map((k, i) => [i ? ', ' : '', h('code', { class: 'key' }, k)]), ').'),
+      h('p', {}, 'This page cannot sign: a job sent from here ',
+        all ? 'would fail on every target' : signedOnly === 1 ? 'would fail on that agent' : `would fail on those ${signedOnly} agents`,
+        ' with "not signed by a trusted key". Send it signed from the command line, with one of those keys:'),
+      h('pre', { class: 'output', id: 'cli-command' }, cliCommand(req)),
+      all ? h('p', { class: 'small' }, 'Run is disabled: every target requires a signature.')
+        : h('label', { class: 'confirm' }, unsignedOk,
+          ` Send it unsigned anyway: it runs on ${plural(dry.matched - signedOnly, 'agent')} and fails on ${signedOnly}.`));
+    if (all) submit.textContent = 'Needs a signature: use the CLI';
+  }
+
+  function submittable() {
+    if (!canRun() || matched === 0) return false;
+    if (signedOnly >= matched) return false;
+    return signedOnly === 0 || unsignedOk.checked;
+  }
   const check = debounced(dryRun, 300);
 
-  form.addEventListener('input', check);
-  form.addEventListener('change', () => { syncTarget(); check(); });
+  form.addEventListener('input', (e) => { if (e.target !== unsignedOk) check(); });
+  form.addEventListener('change', (e) => {
+    if (e.target === unsignedOk) { submit.disabled = !submittable(); return; }
+    syncTarget();
+    check();
+  });
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
     if (submit.disabled) return;
@@ -1451,7 +1687,7 @@ async function runView(ctx) {
     } catch (err) {
       error.textContent = err.message;
       error.classList.remove('hidden');
-      submit.disabled = !canRun() || matched === 0;
+      submit.disabled = !submittable();
     }
   });
   syncTarget();

@@ -67,6 +67,18 @@ pub struct AgentSummary {
     /// but sent no runs and never a target.
     #[serde(default)]
     pub pending: bool,
+    /// The operator keys the agent's own config trusts, as it reported them in its last
+    /// `hello`. When any are listed the agent runs only jobs signed by one of them. This is
+    /// what the agent says; the server shows it and cannot change it.
+    #[serde(default)]
+    pub trusted_keys: Vec<crate::signing::PublicKey>,
+}
+
+impl AgentSummary {
+    /// Whether the agent runs only signed jobs (it reported trusted keys).
+    pub fn requires_signature(&self) -> bool {
+        !self.trusted_keys.is_empty()
+    }
 }
 
 /// `GET /api/v1/agents/{id}`.
@@ -315,8 +327,14 @@ mod tests {
             last_heartbeat_at: Some(t),
             metrics: Some(Metrics::default()),
             pending: true,
+            trusted_keys: vec![crate::signing::PublicKey::from_bytes([7; 32])],
         };
         round_trip(&summary);
+        assert!(summary.requires_signature());
+        // From a server that does not report keys: the agent requires none.
+        let mut old = serde_json::to_value(&summary).unwrap();
+        old.as_object_mut().unwrap().remove("trusted_keys");
+        assert!(!serde_json::from_value::<AgentSummary>(old).unwrap().requires_signature());
         round_trip(&AgentDetail {
             summary,
             enrolled_at: t,

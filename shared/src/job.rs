@@ -394,6 +394,9 @@ pub struct DryRun {
     /// server's `approval_above`).
     #[serde(default)]
     pub needs_approval: bool,
+    /// How many of the matched agents run only signed jobs: an unsigned job fails on them.
+    #[serde(default)]
+    pub require_signature: u64,
     pub agents: Vec<DryRunAgent>,
 }
 
@@ -402,6 +405,10 @@ pub struct DryRunAgent {
     pub id: AgentId,
     pub hostname: String,
     pub online: bool,
+    /// The keys the agent reported trusting (`AgentSummary::trusted_keys`); when any are
+    /// listed it runs only a job signed by one of them.
+    #[serde(default)]
+    pub trusted_keys: Vec<crate::signing::PublicKey>,
 }
 
 /// Events on `GET /api/v1/jobs/{id}/events` (server-sent events; the SSE event name is `type`).
@@ -509,6 +516,35 @@ mod tests {
         let json = serde_json::to_string(&e).unwrap();
         assert!(json.contains("\"type\":\"output\""));
         assert_eq!(serde_json::from_str::<JobEvent>(&json).unwrap(), e);
+    }
+
+    #[test]
+    fn a_dry_run_round_trips_with_the_agents_that_require_signatures() {
+        let dry = DryRun {
+            matched: 2,
+            online: 1,
+            require_signature: 1,
+            needs_approval: true,
+            agents: vec![
+                DryRunAgent {
+                    id: AgentId::parse("0123456789abcdef").unwrap(),
+                    hostname: "pos-1".into(),
+                    online: true,
+                    trusted_keys: vec![crate::signing::PublicKey::from_bytes([7; 32])],
+                },
+                DryRunAgent {
+                    id: AgentId::parse("0123456789abcdee").unwrap(),
+                    hostname: "pos-2".into(),
+                    online: false,
+                    trusted_keys: vec![],
+                },
+            ],
+        };
+        let json = serde_json::to_string(&dry).unwrap();
+        assert!(json.contains(&format!("\"trusted_keys\":[\"ed25519:{}\"]", "07".repeat(32))), "{json}");
+        assert_eq!(serde_json::from_str::<DryRun>(&json).unwrap(), dry);
+        let old: DryRun = serde_json::from_str(r#"{"matched":0,"online":0,"agents":[]}"#).unwrap();
+        assert_eq!(old.require_signature, 0);
     }
 
     #[test]

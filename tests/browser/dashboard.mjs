@@ -5,6 +5,8 @@
 //   MUSTER_VIEWER_TOKEN  a viewer token
 //   MUSTER_VICTIM    id of an agent the test kills when this script prints "kill-agent"
 //   MUSTER_WORKER    id of an agent that stays up and runs a command
+//   MUSTER_SIGNED    id of an agent whose agent.toml trusts MUSTER_SIGNED_KEY: it runs only
+//                    signed jobs (hostname till-signed, label role=till, its own lane=7)
 //   MUSTER_SHOTS     optional directory for screenshots (1280 px and a phone)
 // The test answers "killed" on stdin once the victim is dead. Exit status 0 means every step
 // passed; anything else comes with the step that failed.
@@ -17,9 +19,10 @@ import { join } from 'node:path';
 
 const {
   MUSTER_URL: url, MUSTER_TOKEN: token, MUSTER_VIEWER_TOKEN: viewer, MUSTER_VICTIM: victim, MUSTER_WORKER: worker, MUSTER_SHOTS: shots,
+  MUSTER_SIGNED: signed, MUSTER_SIGNED_KEY: signedKey,
 } = process.env;
-if (!url || !token || !viewer || !victim || !worker) {
-  console.error('MUSTER_URL, MUSTER_TOKEN, MUSTER_VIEWER_TOKEN, MUSTER_VICTIM and MUSTER_WORKER must be set');
+if (!url || !token || !viewer || !victim || !worker || !signed || !signedKey) {
+  console.error('MUSTER_URL, MUSTER_TOKEN, MUSTER_VIEWER_TOKEN, MUSTER_VICTIM, MUSTER_WORKER, MUSTER_SIGNED and MUSTER_SIGNED_KEY must be set');
   process.exit(2);
 }
 
@@ -48,6 +51,8 @@ const browser = await chromium.launch({
     '--disable-component-update', '--disable-sync'],
 });
 const errors = [];
+const ONLY_401 = /status of 401/;
+let expected = ONLY_401;
 let page = null;
 try {
   // The server's certificate comes from its own generated CA, which this browser profile does not
@@ -56,8 +61,9 @@ try {
   context.setDefaultTimeout(STEP_TIMEOUT);
   page = await context.newPage();
   page.on('pageerror', (e) => errors.push(`page error: ${e.message}`));
-  // The refused sign-in is expected to log its 401; any other console error fails the test.
-  page.on('console', (m) => { if (m.type() === 'error' && !m.text().includes('status of 401')) errors.push(`console: ${m.text()}`); });
+  // The refused sign-in is expected to log its 401, and the refused label its 400 while that
+  // step runs; any other console error fails the test.
+  page.on('console', (m) => { if (m.type() === 'error' && !expected.test(m.text())) errors.push(`console: ${m.text()}`); });
   page.on('request', (r) => { if (r.url().includes(token)) errors.push(`token in a URL: ${r.url()}`); });
 
   step('a wrong token is refused');
@@ -73,11 +79,14 @@ try {
   check(await page.evaluate(() => sessionStorage.getItem('muster.token')) === token, 'the token is kept in sessionStorage');
   check(!page.url().includes(token), 'the token is not in the address');
 
-  step('the fleet shows both agents online');
+  step('the fleet shows the agents online, and which one accepts only signed jobs');
   const victimRow = page.locator(`#agents tr[data-agent-id="${victim}"]`);
   await page.locator(`#agents tr[data-agent-id="${victim}"][data-status=online]`).waitFor();
   await page.locator(`#agents tr[data-agent-id="${worker}"][data-status=online]`).waitFor();
-  check((await page.locator('.counter[data-status=online] .value').textContent()) === '2', 'two agents counted online');
+  await page.locator(`#agents tr[data-agent-id="${signed}"][data-status=online]`).waitFor();
+  check((await page.locator('.counter[data-status=online] .value').textContent()) === '3', 'three agents counted online');
+  check((await page.locator(`#agents tr[data-agent-id="${signed}"] .badge.signed`).getAttribute('title')).includes(signedKey), 'the marker names the key');
+  check(await page.locator(`#agents tr[data-agent-id="${worker}"] .badge.signed`).count() === 0, 'an agent that trusts no key has no marker');
   check((await victimRow.locator('.chip').allTextContents()).includes('role=victim'), 'labels are shown');
   check((await victimRow.locator('.host').textContent()) === 'kiosk-victim', 'the hostname is shown');
   if (shots) await page.screenshot({ path: `${shots}/fleet-1280.png`, fullPage: true });
@@ -145,6 +154,69 @@ try {
   await page.getByRole('link', { name: /dashboard says hello/ }).waitFor();
   if (shots) await page.screenshot({ path: `${shots}/agent-1280.png`, fullPage: true });
 
+  // The agent as the API holds it now, read by the page's own origin with the operator token.
+  const apiLabels = (id) => page.evaluate(async ([agent, tok]) => {
+    const res = await fetch(`/api/v1/agents/${agent}`, { headers: { Authorization: `Bearer ${tok}` } });
+    return (await res.json()).labels;
+  }, [id, token]);
+
+  step('the label editor sets labels, refuses a bad one with the server\'s reason, and removes one');
+  check(await page.locator('#signed-required').filter({ hasText: 'Not required' }).count() === 1, 'the worker requires no signature');
+  await page.fill('#label-add', 'tier=gold zone=b');
+  await page.press('#label-add', 'Enter');
+  await page.locator('#labels .chip[data-key=tier]').filter({ hasText: 'tier=gold' }).waitFor();
+  await page.locator('#labels .chip[data-key=zone]').filter({ hasText: 'zone=b' }).waitFor();
+  check(await page.inputValue('#label-add') === '', 'the field is emptied once the server took the labels');
+  let held = await apiLabels(worker);
+  check(held.tier === 'gold' && held.zone === 'b' && held.role === 'worker', `the API holds the new labels: ${JSON.stringify(held)}`);
+  expected = /status of 40[01]/;
+  await page.fill('#label-add', 'agent.role=db');
+  await page.press('#label-add', 'Enter');
+  await page.locator('#label-error').filter({ hasText: 'cannot be edited' }).waitFor();
+  expected = ONLY_401;
+  check(await page.inputValue('#label-add') === 'agent.role=db', 'a refused label stays in the field');
+  await page.fill('#label-add', '');
+  await page.click('#labels .chip[data-key=tier] button.remove');
+  await page.locator('#labels .chip[data-key=tier]').waitFor({ state: 'detached' });
+  check(await page.locator('#label-error').isHidden(), 'the error goes once an edit succeeds');
+  held = await apiLabels(worker);
+  check(held.tier === undefined && held.zone === 'b', `the API no longer holds the removed label: ${JSON.stringify(held)}`);
+
+  step('the page of an agent that requires signatures says so, with its key and its own labels apart');
+  await page.goto(`${url}/#/agents/${signed}`);
+  await page.locator('#signed-required').filter({ hasText: 'Required' }).waitFor();
+  check((await page.locator('#trust code.key').allTextContents()).includes(signedKey), 'the trusted key is shown');
+  check(await page.locator('h1 .badge.signed').count() === 1, 'the heading is marked');
+  await page.locator('#reported-labels .chip[data-key="agent.lane"]').waitFor();
+  check(await page.locator('#labels .chip[data-key="agent.lane"]').count() === 0, 'reported labels are not among the editable ones');
+  check(await page.locator('#reported-labels button.remove').count() === 0, 'reported labels cannot be removed');
+  await page.locator('#labels .chip[data-key=role]').filter({ hasText: 'role=till' }).waitFor();
+  if (shots) await page.screenshot({ path: `${shots}/agent-signed-1280.png`, fullPage: true });
+
+  step('the Run page says which targets accept only signed jobs and gives the signed CLI command');
+  await page.goto(`${url}/#/run`);
+  await page.check('input[name=target][value=selector]');
+  await page.fill('#target', 'role in (worker,till)');
+  await page.uncheck('#shell');
+  await page.fill('#command', `echo "it's signed"`);
+  const notice = page.locator('#signatures');
+  await notice.filter({ hasText: '1 of 2 targets accept only signed jobs' }).waitFor();
+  check((await notice.locator('code.key').allTextContents()).join() === signedKey, 'the notice names the key');
+  const cli = `muster run --label 'role in (worker,till)' -- echo 'it'\\''s signed'`;
+  check((await page.locator('#cli-command').textContent()) === cli, `the CLI command is quoted for a shell: ${await page.locator('#cli-command').textContent()}`);
+  check(await page.locator('#run').isDisabled(), 'sending unsigned needs a confirmation');
+  await page.check('#unsigned-ok');
+  await page.locator('#run:enabled').waitFor();
+  await page.uncheck('#unsigned-ok');
+  await page.locator('#run:disabled').waitFor();
+  if (shots) await page.screenshot({ path: `${shots}/run-signed-1280.png`, fullPage: true });
+  await page.check('input[name=target][value=agents]');
+  await page.fill('#target', signed);
+  await notice.filter({ hasText: '1 of 1 target accept only signed jobs' }).waitFor();
+  check((await page.locator('#cli-command').textContent()) === `muster run --agent ${signed} -- echo 'it'\\''s signed'`, 'the CLI command names the agent');
+  check(await page.locator('#unsigned-ok').count() === 0, 'no confirmation when every target requires a signature');
+  await page.locator('#run:disabled').filter({ hasText: 'Needs a signature' }).waitFor();
+
   step('on a phone the fleet is readable without scrolling sideways');
   await page.setViewportSize({ width: 390, height: 844 });
   await page.goto(`${url}/#/`);
@@ -164,6 +236,10 @@ try {
   await page.goto(`${url}/#/run`);
   await page.getByRole('alert').filter({ hasText: 'viewer role' }).waitFor();
   check(await page.locator('#run').isDisabled(), 'a viewer cannot press Run');
+  await page.goto(`${url}/#/agents/${worker}`);
+  await page.locator('#labels .chip[data-key=zone]').waitFor();
+  check(await page.locator('#label-add').count() === 0, 'a viewer gets no label editor');
+  check(await page.locator('#labels button.remove').count() === 0, 'a viewer cannot remove labels');
 
   check(errors.length === 0, errors.join('\n'));
   console.log('ok');

@@ -223,3 +223,48 @@ async fn a_key_revoked_fleet_wide_is_refused_even_after_the_server_forgets_the_r
     assert!(check.contains("signed jobs: required, 2 trusted keys"), "{check}");
     assert!(check.contains(&format!("{second_public} (revoked)")), "{check}");
 }
+
+#[tokio::test]
+async fn the_api_and_the_cli_say_which_agents_accept_only_signed_jobs() {
+    let fleet = Fleet::new().await;
+    let (_signed, signed) = fleet.agent(&[]).await;
+    let token = fleet.server.enroll_token(1, &["site=paris"]).await;
+    let plain_agent = fleet.server.spawn_agent(Some(&token), &[]);
+    let plain = plain_agent.id().await;
+    let api = &fleet.server.api;
+    api.wait_status(&plain, shared::api::AgentStatus::Online, SOON).await;
+    let key = shared::signing::PublicKey::parse(&fleet.public).unwrap();
+
+    // What each agent's hello said, on its page and in the list.
+    assert_eq!(api.agent(&signed).await.summary.trusted_keys, vec![key.clone()]);
+    assert!(api.agent(&plain).await.summary.trusted_keys.is_empty());
+    let listed = api.agents().await;
+    let requiring: Vec<&AgentId> = listed.iter().filter(|a| a.requires_signature()).map(|a| &a.id).collect();
+    assert_eq!(requiring, vec![&signed]);
+
+    // The dry run counts them and names their keys.
+    let mut dry = job(Target::Selector(shared::Selector::parse("site=paris").unwrap()), shell("true"));
+    dry.dry_run = true;
+    let preview: shared::job::DryRun = api.post("/jobs", &dry).await;
+    assert_eq!((preview.matched, preview.require_signature), (2, 1), "{preview:?}");
+    let by_id = |id: &AgentId| preview.agents.iter().find(|a| &a.id == id).unwrap().trusted_keys.clone();
+    assert_eq!(by_id(&signed), vec![key.clone()]);
+    assert!(by_id(&plain).is_empty());
+
+    // The CLI says so too, with and without a key to sign with.
+    let text = |out: std::process::Output| {
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let agents = text(fleet.server.cli(&["agents"]));
+    let row = agents.lines().find(|l| l.contains(signed.as_str())).unwrap();
+    assert!(row.contains("required"), "{agents}");
+    assert!(!agents.lines().find(|l| l.contains(plain.as_str())).unwrap().contains("required"), "{agents}");
+    let one = text(fleet.server.cli(&["agent", signed.as_str()]));
+    assert!(one.contains(&format!("required: runs only jobs signed by {}", fleet.public)), "{one}");
+    let unsigned = text(fleet.server.cli(&["run", "--dry-run", "--no-sign", "--label", "site=paris", "--", "true"]));
+    assert!(unsigned.contains("1 of 2 agents accept only signed jobs; this job would not be signed"), "{unsigned}");
+    let key_path = fleet.key.to_str().unwrap();
+    let signing = text(fleet.server.cli(&["run", "--dry-run", "--signing-key", key_path, "--label", "site=paris", "--", "true"]));
+    assert!(signing.contains(&format!("this job would be signed with {}", fleet.public)), "{signing}");
+}

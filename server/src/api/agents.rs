@@ -32,6 +32,7 @@ pub fn summary(row: &AgentRow) -> AgentSummary {
         last_heartbeat_at: row.last_heartbeat_at,
         metrics: row.last_metrics.clone(),
         pending: row.approval_pending,
+        trusted_keys: row.trusted_keys.clone(),
     }
 }
 

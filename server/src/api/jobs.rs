@@ -172,13 +172,21 @@ pub async fn create(
     validate(&req)?;
     let matched = resolve(&app, &caller, &req.target).await?;
     if req.dry_run {
+        let ids: Vec<AgentId> = matched.iter().map(|a| a.id.clone()).collect();
+        let mut keys = app.store.agent_trusted_keys(&ids).await?;
         let agents: Vec<DryRunAgent> = matched
             .iter()
-            .map(|a| DryRunAgent { id: a.id.clone(), hostname: a.hostname.clone(), online: app.registry.is_connected(&a.id) })
+            .map(|a| DryRunAgent {
+                id: a.id.clone(),
+                hostname: a.hostname.clone(),
+                online: app.registry.is_connected(&a.id),
+                trusted_keys: keys.remove(&a.id).unwrap_or_default(),
+            })
             .collect();
         let online = agents.iter().filter(|a| a.online).count() as u64;
         let needs_approval = needs_approval(&app, agents.len());
-        return Ok(Json(DryRun { matched: agents.len() as u64, online, needs_approval, agents }).into_response());
+        let require_signature = agents.iter().filter(|a| !a.trusted_keys.is_empty()).count() as u64;
+        return Ok(Json(DryRun { matched: agents.len() as u64, online, needs_approval, require_signature, agents }).into_response());
     }
     if matched.is_empty() {
         return Err(Error::Conflict(format!("the target ({}) matches no agents", req.target)));

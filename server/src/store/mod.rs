@@ -127,6 +127,8 @@ pub struct AgentRow {
     pub rotation_requested_at: Option<Timestamp>,
     /// The last time a retired credential of this agent was presented, and from where.
     pub clone_seen: Option<(Timestamp, String)>,
+    /// What the agent reported trusting in its last `hello`; empty: it runs unsigned jobs.
+    pub trusted_keys: Vec<shared::signing::PublicKey>,
 }
 
 /// What targeting needs of an enrolled, unrevoked agent.
@@ -151,6 +153,8 @@ pub enum Record {
         agent_version: String,
         node: String,
         remote_addr: String,
+        /// The operator keys the agent's config trusts, from its `hello`.
+        trusted_keys: Vec<shared::signing::PublicKey>,
     },
     Heartbeat {
         agent_id: AgentId,
@@ -466,6 +470,9 @@ pub trait Store: Send + Sync + 'static {
     /// Records the approval of a job that waits for one, unless `token` created it or it was
     /// cancelled or finished meanwhile; false if nothing changed.
     async fn approve_job(&self, job_id: &str, token: &str, by: &str, at: Timestamp) -> Result<bool>;
+    /// The keys those of these agents that require signed jobs reported trusting; an agent
+    /// that reported none (or is revoked) is left out.
+    async fn agent_trusted_keys(&self, ids: &[AgentId]) -> Result<std::collections::HashMap<AgentId, Vec<shared::signing::PublicKey>>>;
 }
 
 /// Writes an audit entry, for code without an [`crate::audit::Auditor`] (`bootstrap`, which

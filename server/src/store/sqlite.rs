@@ -29,6 +29,7 @@ pub mod identity;
 mod output;
 mod scope;
 mod signing;
+mod trust;
 pub use audit::{JOBS_PER_PRUNE, SERVER_ACTOR};
 use output::insert_outputs;
 
@@ -217,11 +218,12 @@ struct AgentDb {
     rotation_requested_at: Option<i64>,
     clone_seen_at: Option<i64>,
     clone_seen_from: Option<String>,
+    trusted_keys: String,
 }
 
 const AGENT_COLUMNS: &str = "id, hostname, labels, status, status_since, enrolled_at, revoked_at, heartbeat_interval_ms, \
      agent_version, last_heartbeat_at, last_metrics, connected, node, remote_addr, connected_at, disconnected_at, \
-     approval_pending, credential_issued_at, rotation_requested_at, clone_seen_at, clone_seen_from";
+     approval_pending, credential_issued_at, rotation_requested_at, clone_seen_at, clone_seen_from, trusted_keys";
 
 impl TryFrom<AgentDb> for AgentRow {
     type Error = StoreError;
@@ -251,6 +253,7 @@ impl TryFrom<AgentDb> for AgentRow {
             credential_issued_at: ts(r.credential_issued_at.unwrap_or(r.enrolled_at)),
             rotation_requested_at: r.rotation_requested_at.map(ts),
             clone_seen: r.clone_seen_at.map(ts).zip(r.clone_seen_from),
+            trusted_keys: trust::parse_keys(&r.trusted_keys)?,
         })
     }
 }
@@ -954,6 +957,10 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn agent_trusted_keys(&self, ids: &[AgentId]) -> Result<HashMap<AgentId, Vec<shared::signing::PublicKey>>> {
+        trust::agent_trusted_keys(&self.pool, ids).await
+    }
+
     async fn agent_labels(&self, ids: &[AgentId]) -> Result<HashMap<AgentId, Labels>> {
         scope::agent_labels(&self.pool, ids).await
     }
@@ -1213,11 +1220,23 @@ async fn write_connections(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Reco
     update_from(
         tx,
         "UPDATE agents SET hostname = v.column2, labels = v.column3, heartbeat_interval_ms = v.column4, agent_version = v.column5, \
-         connected = 1, node = v.column6, remote_addr = v.column7, connected_at = v.column8, disconnected_at = NULL",
+         connected = 1, node = v.column6, remote_addr = v.column7, connected_at = v.column8, disconnected_at = NULL, \
+         trusted_keys = v.column9",
         "WHERE agents.id = v.column1",
         &connected,
         |b, r| {
-            if let Record::Connected { agent_id, at, hostname, labels, heartbeat_interval_ms, agent_version, node, remote_addr } = *r {
+            if let Record::Connected {
+                agent_id,
+                at,
+                hostname,
+                labels,
+                heartbeat_interval_ms,
+                agent_version,
+                node,
+                remote_addr,
+                trusted_keys,
+            } = *r
+            {
                 b.push_bind(agent_id.as_str().to_owned())
                     .push_bind(hostname.clone())
                     .push_bind(labels_json(labels))
@@ -1225,7 +1244,8 @@ async fn write_connections(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Reco
                     .push_bind(agent_version.clone())
                     .push_bind(node.clone())
                     .push_bind(remote_addr.clone())
-                    .push_bind(at.unix_millis());
+                    .push_bind(at.unix_millis())
+                    .push_bind(trust::keys_json(trusted_keys));
             }
         },
     )
@@ -1641,6 +1661,7 @@ mod tests {
                     agent_version: "0".into(),
                     node: "n1".into(),
                     remote_addr: "127.0.0.1:1".into(),
+                    trusted_keys: vec![],
                 },
                 Record::Transition {
                     agent_id: a.id.clone(),
@@ -1663,7 +1684,7 @@ mod tests {
         assert_eq!((t[0].from, t[0].to, t[0].reason.as_str()), (Some(AgentStatus::Online), AgentStatus::Offline, "restart"));
     }
 
-    fn connected(a: &AgentId, at: i64) -> Record {
+    pub(super) fn connected(a: &AgentId, at: i64) -> Record {
         Record::Connected {
             agent_id: a.clone(),
             at: Timestamp::from_unix_millis(at),
@@ -1673,6 +1694,7 @@ mod tests {
             agent_version: "0".into(),
             node: "n1".into(),
             remote_addr: "127.0.0.1:1".into(),
+            trusted_keys: vec![],
         }
     }
 
