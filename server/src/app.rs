@@ -189,6 +189,7 @@ impl Application {
             fleet: fleet.clone(),
             progress: Default::default(),
             signed: Default::default(),
+            sending: Default::default(),
             kick,
         };
         let config_limits = config.limits.clone();

@@ -6,6 +6,11 @@
 //! says `hello` without it, it goes back to `pending` and is sent again. The agent's ledger
 //! makes a second delivery of an accepted run harmless.
 //!
+//! **Invariant:** marking runs dispatched and queueing their messages happen under `sending`,
+//! and so does cancelling a job (reading its runs and queueing their `cancel`s). A run is thus
+//! either still pending when a job is cancelled (and ends `cancelled` without being sent), or
+//! its `run` is already in its session's queue ahead of the `cancel`: never sent after one.
+//!
 //! Runs are dispatched only to agents connected to this process; with several servers, each
 //! node dispatches to the agents it holds.
 
@@ -44,6 +49,8 @@ pub struct Dispatcher {
     /// carries its agent's proof from it.
     pub signed: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<AgentSet>>>>,
     pub kick: Arc<Notify>,
+    /// Held while runs are marked dispatched and queued, and while a job is cancelled.
+    pub sending: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Job progress reaches the fleet stream at most this often per job.
@@ -152,7 +159,14 @@ impl Dispatcher {
                 continue;
             }
             self.announce_progress(&job.id, &c);
-            if pending == 0 || job.cancelled_at.is_some() {
+            if pending == 0 {
+                continue;
+            }
+            if job.cancelled_at.is_some() {
+                // Runs sent back to pending after the cancel (their agent reconnected without
+                // them) never start.
+                let waiting = self.store.pending_runs(&job.id).await?;
+                self.end(&job.id, &waiting, RunState::Cancelled, "cancelled before it started").await?;
                 continue;
             }
             if job.awaiting_approval() {
@@ -173,6 +187,21 @@ impl Dispatcher {
             self.dispatch_job(job, waiting, in_flight, now).await?;
         }
         Ok(())
+    }
+
+    /// Cancels a job: pending runs end `cancelled`, and every run already sent is told to stop.
+    /// `None` if there is no such job.
+    pub async fn cancel(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>, StoreError> {
+        let _sending = self.sending.lock().await;
+        let Some((ended, on_agents)) = self.store.cancel_job(job_id, at).await? else { return Ok(None) };
+        for r in &on_agents {
+            if let Some(tx) = self.registry.sender(&r.agent_id) {
+                let _ = tx.try_send(ServerMessage::Cancel(shared::protocol::Cancel { run_id: r.id.clone() }));
+            }
+        }
+        let ids: Vec<RunId> = ended.iter().map(|r| r.id.clone()).collect();
+        self.publish_states(job_id, &ended, &ids, RunState::Cancelled, None);
+        Ok(Some((ended, on_agents)))
     }
 
     async fn dispatch_job(&self, job: &JobRow, waiting: Vec<OpenRun>, in_flight: u64, now: Timestamp) -> Result<(), StoreError> {
@@ -208,6 +237,7 @@ impl Dispatcher {
         if send.is_empty() {
             return Ok(());
         }
+        let _sending = self.sending.lock().await;
         let t = std::time::Instant::now();
         // The common broadcast sends every pending run at once: one statement by job.
         let marked: HashSet<RunId> = if send.len() == waiting_count {
@@ -294,5 +324,70 @@ impl Dispatcher {
         }
         self.kick.notify_one();
         Ok(held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    fn dispatcher(store: Arc<dyn Store>) -> Dispatcher {
+        Dispatcher {
+            auditor: crate::audit::Auditor::new(store.clone(), None),
+            store,
+            registry: Registry::new(),
+            events: Events::default(),
+            fleet: FleetEvents::default(),
+            progress: Default::default(),
+            signed: Default::default(),
+            kick: Arc::new(Notify::new()),
+            sending: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_sent_back_to_pending_after_its_job_was_cancelled_never_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        let store: Arc<dyn Store> = Arc::new(sqlite);
+        let agent = crate::store::NewAgent {
+            id: AgentId::from_bytes([1; 8]),
+            secret_hash: vec![1; 32],
+            token_labels: Default::default(),
+            at: Timestamp::from_unix_millis(1),
+            approval_pending: false,
+        };
+        store
+            .insert_enroll_token(&crate::store::EnrollTokenRow {
+                id: "00000000000000aa".into(),
+                secret_hash: vec![1; 32],
+                created_by: "test".into(),
+                created_at: Timestamp::from_unix_millis(0),
+                expires_at: Timestamp::now().saturating_add(Duration::from_secs(60)),
+                uses_total: 1,
+                uses_left: 1,
+                labels: Default::default(),
+                revoked_at: None,
+                approve: false,
+            })
+            .await
+            .unwrap();
+        assert!(store.enroll_agent("00000000000000aa", &agent).await.unwrap());
+        let now = Timestamp::now();
+        let mut job = crate::store::sqlite::test_job_row("00000000000000d1", now.unix_millis());
+        job.expires_at = now.saturating_add(Duration::from_secs(600));
+        store.create_job(&job, &[("r1".into(), agent.id.clone())]).await.unwrap();
+        let d = dispatcher(store.clone());
+        store.mark_dispatched(&["r1".into()], now).await.unwrap();
+        let (ended, on_agents) = d.cancel(&job.id, now).await.unwrap().unwrap();
+        assert!(ended.is_empty() && on_agents.len() == 1);
+        // The agent reconnects without the run: reconciliation puts it back to pending.
+        store.redeliver(&["r1".into()]).await.unwrap();
+        assert_eq!(store.run("r1").await.unwrap().unwrap().state, RunState::Pending);
+        d.round().await.unwrap();
+        let run = store.run("r1").await.unwrap().unwrap();
+        assert_eq!(run.state, RunState::Cancelled);
+        assert_eq!(run.error.as_deref(), Some("cancelled before it started"));
     }
 }

@@ -17,7 +17,6 @@ use shared::job::{
     CreateJob, DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT_SECS, DEFAULT_TTL_SECS, DryRun, DryRunAgent, JobDetail, JobEvent, JobSummary, Program,
     RunInfo, RunState, StateCounts, Target,
 };
-use shared::protocol::{Cancel, ServerMessage};
 use shared::{AgentId, Timestamp};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -413,18 +412,7 @@ pub async fn cancel(State(app): State<AppState>, caller: Caller, PathId(id): Pat
     caller.require(Role::Operator)?;
     let now = Timestamp::now();
     visible_job(&app, &caller, &id).await?;
-    let (ended, on_agents) = app.store.cancel_job(&id, now).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
-    for r in &ended {
-        app.events.publish(
-            &id,
-            JobEvent::Run { run_id: r.id.clone(), agent_id: r.agent_id.clone(), state: RunState::Cancelled, exit_code: None, error: None },
-        );
-    }
-    for r in &on_agents {
-        if let Some(tx) = app.registry.sender(&r.agent_id) {
-            let _ = tx.try_send(ServerMessage::Cancel(Cancel { run_id: r.id.clone() }));
-        }
-    }
+    let (ended, on_agents) = app.dispatcher.cancel(&id, now).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
     app.audit(caller.entry(
         "job.cancel",
         Some(id.clone()),

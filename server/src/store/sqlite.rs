@@ -966,24 +966,31 @@ impl Store for SqliteStore {
     }
 
     async fn cancel_job(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>> {
-        let gate = self.writer().await;
+        // One transaction: the runs read are the runs changed. A run already sent (dispatched,
+        // accepted or not) is left to its agent, which is told to stop it and reports how it
+        // ended; only a run never sent ends here.
+        let _gate = self.writer().await;
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
         let done = sqlx::query("UPDATE jobs SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?")
             .bind(at.unix_millis())
             .bind(job_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(db_err)?;
-        drop(gate);
         if done.rows_affected() == 0 {
             return Ok(None);
         }
-        let open = self.open_runs_where(&format!("job_id = ? AND state IN {OPEN}"), &[job_id]).await?;
-        let (now, on_agents): (Vec<OpenRun>, Vec<OpenRun>) =
-            open.into_iter().partition(|r| r.state == RunState::Pending || (r.state == RunState::Dispatched && !r.accepted));
-        let ids: Vec<RunId> = now.iter().map(|r| r.id.clone()).collect();
-        let changed: std::collections::HashSet<RunId> =
-            self.end_runs(&ids, RunState::Cancelled, "cancelled before it started", at).await?.into_iter().collect();
-        Ok(Some((now.into_iter().filter(|r| changed.contains(&r.id)).collect(), on_agents)))
+        let sql = format!("{OPEN_RUN_SELECT} WHERE job_id = ? AND state IN {OPEN} ORDER BY seq");
+        let rows: Vec<OpenRunDb> = sqlx::query_as(AssertSqlSafe(sql)).bind(job_id).fetch_all(&mut *tx).await.map_err(db_err)?;
+        let open = rows.into_iter().map(OpenRun::try_from).collect::<Result<Vec<_>>>()?;
+        sqlx::query("UPDATE runs SET state = 'cancelled', error = 'cancelled before it started', finished_at = ? WHERE job_id = ? AND state = 'pending'")
+            .bind(at.unix_millis())
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(Some(open.into_iter().partition(|r| r.state == RunState::Pending)))
     }
 }
 
@@ -1117,6 +1124,8 @@ struct RunDb {
     stderr_held: i64,
 }
 
+const OPEN_RUN_SELECT: &str = "SELECT id, job_id, agent_id, state, accepted FROM runs";
+
 #[derive(FromRow)]
 struct OpenRunDb {
     id: String,
@@ -1143,7 +1152,7 @@ const OPEN: &str = "('pending', 'dispatched', 'running')";
 
 impl SqliteStore {
     async fn open_runs_where(&self, sql_where: &str, binds: &[&str]) -> Result<Vec<OpenRun>> {
-        let sql = format!("SELECT id, job_id, agent_id, state, accepted FROM runs WHERE {sql_where}");
+        let sql = format!("{OPEN_RUN_SELECT} WHERE {sql_where}");
         let mut q = sqlx::query_as::<_, OpenRunDb>(AssertSqlSafe(sql));
         for b in binds {
             q = q.bind(b.to_string());
@@ -1558,6 +1567,12 @@ async fn insert_heartbeats(tx: &mut sqlx::Transaction<'_, Sqlite>, records: &[&R
     Ok(())
 }
 
+/// A job for tests elsewhere in the server (the dispatcher's).
+#[cfg(test)]
+pub fn test_job_row(id: &str, created_at: i64) -> JobRow {
+    tests::job_row(id, created_at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1753,6 +1768,27 @@ mod tests {
         assert_eq!(seen, [("00000000000000j3", "r2a"), ("00000000000000j2", "r1a")]);
         assert_eq!((runs[0].state, runs[0].command.summary().as_str()), (RunState::Pending, "true"));
         assert!(store.agent_runs(&agent(9).id, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancelling_ends_only_runs_never_sent_and_names_the_ones_agents_must_stop() {
+        let (_dir, store, a) = enrolled().await;
+        let b = agent(2);
+        assert!(store.enroll_agent("00000000000000aa", &b).await.unwrap());
+        let job = job_row("00000000000000c1", 1);
+        store.create_job(&job, &[("r1".into(), a.id.clone()), ("r2".into(), b.id.clone())]).await.unwrap();
+        // r1 was marked dispatched (its message may be on the way); r2 was never sent.
+        assert_eq!(store.mark_dispatched(&["r1".into()], Timestamp::from_unix_millis(2)).await.unwrap(), vec!["r1".to_string()]);
+        let (ended, on_agents) = store.cancel_job(&job.id, Timestamp::from_unix_millis(3)).await.unwrap().unwrap();
+        assert_eq!(ended.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r2"]);
+        assert_eq!(on_agents.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r1"], "a dispatched run is told to stop");
+        let state = |id: &'static str| {
+            let store = store.clone();
+            async move { store.run(id).await.unwrap().unwrap().state }
+        };
+        assert_eq!(state("r1").await, RunState::Dispatched, "left to its agent, which reports how it ended");
+        assert_eq!(state("r2").await, RunState::Cancelled);
+        assert!(store.cancel_job("00000000000000c9", Timestamp::from_unix_millis(3)).await.unwrap().is_none());
     }
 
     #[tokio::test]
