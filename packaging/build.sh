@@ -17,7 +17,9 @@ mkdir -p "$out"
 command -v cargo-deb >/dev/null || { echo "cargo-deb is missing: cargo install cargo-deb --locked" >&2; exit 1; }
 
 if [ -z "${NO_BUILD:-}" ]; then
-  cargo build -q --profile "$PROFILE" -p server -p cli
+  # The packaged server has no local development agent inside (`--dev` then says how to start one).
+  cargo build -q --profile "$PROFILE" -p server --no-default-features
+  cargo build -q --profile "$PROFILE" -p cli
   cargo build -q --profile "$AGENT_PROFILE" -p agent
 fi
 dir_of() { [ "$1" = dev ] && echo "$target/debug" || echo "$target/$1"; }

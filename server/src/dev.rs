@@ -49,23 +49,57 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
     print_banner(&server_url, &env, &env_path);
 
     let server = tokio::spawn(app.run());
-    let agent_dir = std::fs::canonicalize(&data_dir)?.join("agent");
-    let agent = agent_config(&server_url, &ca, &agent_dir, enroll_token)?;
-    // The agent is cancelled by a child token: it closes its connection when the server stops.
-    let agent_task = tokio::spawn(agent::run(agent, cancel.child_token()));
+    let agent_task = local_agent(&server_url, &ca, &data_dir, enroll_token, &cancel)?;
 
     let result = server.await.context("server task")?;
     cancel.cancel();
-    if let Ok(Err(e)) = agent_task.await {
+    if let Some(task) = agent_task
+        && let Ok(Err(e)) = task.await
+    {
         tracing::warn!(error = %format!("{e:#}"), "the local agent stopped");
     }
     result
 }
 
+type AgentTask = tokio::task::JoinHandle<anyhow::Result<()>>;
+
+/// Starts the local agent in this process, cancelled with the server (a child token: it closes
+/// its connection when the server stops).
+#[cfg(feature = "dev-agent")]
+fn local_agent(
+    server_url: &str,
+    ca: &Path,
+    data_dir: &Path,
+    token: String,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Option<AgentTask>> {
+    let agent_dir = std::fs::canonicalize(data_dir)?.join("agent");
+    let agent = agent_config(server_url, ca, &agent_dir, token)?;
+    Ok(Some(tokio::spawn(agent::run(agent, cancel.child_token()))))
+}
+
+/// This build has no agent inside (packages are built so): say how to start one instead.
+#[cfg(not(feature = "dev-agent"))]
+#[allow(clippy::print_stdout)]
+fn local_agent(
+    server_url: &str,
+    ca: &Path,
+    _data_dir: &Path,
+    token: String,
+    _cancel: &CancellationToken,
+) -> anyhow::Result<Option<AgentTask>> {
+    println!("This muster-server was built without the local development agent (cargo feature dev-agent).");
+    println!("Start one within ten minutes with:\n");
+    println!("    muster-agent --server {server_url} --ca {} --state-dir ./muster-agent --enroll-token {token}\n", ca.display());
+    Ok(None)
+}
+
 #[allow(clippy::print_stdout)]
 fn print_banner(server_url: &str, env: &str, env_path: &Path) {
     println!("\nMuster is running in development mode at {server_url}");
-    println!("A local agent is being enrolled; `muster agents` shows it within seconds.\n");
+    if cfg!(feature = "dev-agent") {
+        println!("A local agent is being enrolled; `muster agents` shows it within seconds.\n");
+    }
     println!("To use the CLI, run:\n\n    source {}\n\nwhich sets:\n", env_path.display());
     for line in env.lines() {
         println!("    {line}");
@@ -101,6 +135,7 @@ async fn dev_enroll_token(store: &dyn Store) -> anyhow::Result<String> {
 /// The local agent runs inside this process: the same code as `muster-agent`, dialing this
 /// server over real wss with the generated CA, so `cargo run --bin muster-server -- --dev`
 /// needs no other binary.
+#[cfg(feature = "dev-agent")]
 fn agent_config(server_url: &str, ca: &Path, state_dir: &Path, enroll_token: String) -> anyhow::Result<agent::config::Config> {
     Ok(agent::config::Config {
         connect_url: agent::config::connect_url(server_url).map_err(|e| anyhow::anyhow!(e))?,

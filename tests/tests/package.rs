@@ -36,6 +36,23 @@ fn unit_in(root: &Path, name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} not in the package"))
 }
 
+/// The packaged server is built without the local development agent: the agent's executor and
+/// installer are not in the binary that runs on the server.
+#[test]
+fn the_packaged_server_does_not_link_the_agent() {
+    let ws = workspace();
+    let script = std::fs::read_to_string(ws.join("packaging/build.sh")).unwrap();
+    assert!(script.contains("-p server --no-default-features"), "build.sh builds the server without dev-agent");
+    let tree = |features: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["tree", "--offline", "-p", "server", "-e", "normal", "--prefix", "none"]).args(features).current_dir(&ws);
+        run(&mut cmd)
+    };
+    let links_agent = |tree: &str| tree.lines().any(|l| l.starts_with("agent v"));
+    assert!(!links_agent(&tree(&["--no-default-features"])), "the packaged server's dependencies include the agent");
+    assert!(links_agent(&tree(&[])), "the default build (cargo run -- --dev) has its local agent");
+}
+
 #[test]
 fn the_debs_and_the_tarball_contain_what_a_terminal_and_a_server_need() {
     let ws = workspace();
