@@ -49,6 +49,11 @@ pub fn after_close(code: u16) -> Option<Duration> {
     matches!(code, close::REPLACED | close::RATE_LIMITED).then(|| HARD_BACKOFF_MIN + HARD_BACKOFF_SPREAD.mul_f64(random_fraction()))
 }
 
+/// The wait after a busy server's 503: its `Retry-After`, plus up to as much again at random.
+pub fn after_busy(retry_after: Duration) -> Duration {
+    retry_after + retry_after.mul_f64(random_fraction())
+}
+
 pub const HARD_BACKOFF_MIN: Duration = Duration::from_secs(60);
 pub const HARD_BACKOFF_SPREAD: Duration = Duration::from_secs(120);
 
@@ -74,6 +79,15 @@ mod tests {
         assert!(after_close(close::RATE_LIMITED).is_some());
         assert_eq!(after_close(close::GOING_AWAY), None);
         assert_eq!(after_close(close::NORMAL), None);
+    }
+
+    #[test]
+    fn a_busy_server_is_retried_after_its_retry_after_plus_jitter() {
+        let ra = Duration::from_secs(2);
+        let waits: Vec<Duration> = (0..200).map(|_| after_busy(ra)).collect();
+        assert!(waits.iter().all(|d| (ra..=ra * 2).contains(d)), "{waits:?}");
+        let distinct: std::collections::HashSet<_> = waits.iter().collect();
+        assert!(distinct.len() > 150, "spread out: {} distinct", distinct.len());
     }
 
     #[test]

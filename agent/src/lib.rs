@@ -67,6 +67,18 @@ pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()
                 }
             }
             Outcome::Failed(reason) => tracing::warn!(%reason, "connection failed"),
+            Outcome::Busy { retry_after, reason } => {
+                // Muster asked for this wait: honour it, spread by as much again at random so
+                // a fleet turned away together does not come back together. The backoff
+                // schedule is left where it was: a busy server is not a failing one.
+                let delay = backoff::after_busy(retry_after);
+                tracing::info!(%reason, delay_ms = delay.as_millis() as u64, "server busy; trying again when it asked");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Ok(()),
+                }
+                continue;
+            }
         }
         if cancel.is_cancelled() {
             return Ok(());

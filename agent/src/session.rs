@@ -59,6 +59,49 @@ pub enum Outcome {
     Ended { healthy_for: Duration, reason: String, close_code: Option<u16> },
     /// The connection or handshake failed before the session was established.
     Failed(String),
+    /// The server said it is busy (503 with `X-Muster-Error`) and when to come back.
+    Busy { retry_after: Duration, reason: String },
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug)]
+enum ConnectError {
+    Failed(String),
+    /// Muster's own 503: try again after this long (plus jitter).
+    Busy {
+        retry_after: Duration,
+        reason: String,
+    },
+}
+
+impl From<String> for ConnectError {
+    fn from(s: String) -> Self {
+        ConnectError::Failed(s)
+    }
+}
+
+impl From<&str> for ConnectError {
+    fn from(s: &str) -> Self {
+        ConnectError::Failed(s.to_owned())
+    }
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::Failed(s) | ConnectError::Busy { reason: s, .. } => f.write_str(s),
+        }
+    }
+}
+
+/// The wait a busy server asked for, if this refusal is Muster's own 503: `Retry-After` in
+/// seconds (at most an hour), or 1 s if it gave none.
+fn busy_retry_after(status: StatusCode, headers: &tokio_tungstenite::tungstenite::http::HeaderMap) -> Option<Duration> {
+    if status != StatusCode::SERVICE_UNAVAILABLE || !headers.contains_key(protocol::MUSTER_ERROR_HEADER) {
+        return None;
+    }
+    let secs = headers.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(1);
+    Some(Duration::from_secs(secs.clamp(1, 3600)))
 }
 
 /// The credential (or enrollment token) to present.
@@ -91,7 +134,7 @@ pub async fn enroll(config: &Config, tls: Arc<rustls::ClientConfig>, token: &str
     let cancel = CancellationToken::new();
     let session = Session { config, tls, collector: &mut collector, executor: &executor, cancel: &cancel };
     let presenting = Presenting::EnrollToken(token.to_owned());
-    let mut ws = session.connect(&presenting).await?;
+    let mut ws = session.connect(&presenting).await.map_err(|e| e.to_string())?;
     let welcome = session.open(&mut ws, &presenting).await;
     let frame = CloseFrame { code: CloseCode::Normal, reason: "enrolled".into() };
     let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
@@ -102,7 +145,8 @@ impl Session<'_> {
     pub async fn run(self, presenting: &Presenting) -> Outcome {
         let mut ws = match self.connect(presenting).await {
             Ok(ws) => ws,
-            Err(e) => return Outcome::Failed(e),
+            Err(ConnectError::Failed(e)) => return Outcome::Failed(e),
+            Err(ConnectError::Busy { retry_after, reason }) => return Outcome::Busy { retry_after, reason },
         };
         let welcome = match self.open(&mut ws, presenting).await {
             Ok(w) => w,
@@ -127,7 +171,7 @@ impl Session<'_> {
         self.heartbeat_loop(ws, &welcome, current).await
     }
 
-    async fn connect(&self, presenting: &Presenting) -> Result<Ws, String> {
+    async fn connect(&self, presenting: &Presenting) -> Result<Ws, ConnectError> {
         let mut request = self.config.connect_url.as_str().into_client_request().map_err(|e| format!("bad server URL: {e}"))?;
         let headers = request.headers_mut();
         headers.insert(
@@ -147,18 +191,20 @@ impl Session<'_> {
             _ = self.cancel.cancelled() => return Err("stopping".into()),
         };
         match result {
-            Err(_) => Err(format!("no answer from {} within {}s", self.config.server, CONNECT_TIMEOUT.as_secs())),
+            Err(_) => Err(format!("no answer from {} within {}s", self.config.server, CONNECT_TIMEOUT.as_secs()).into()),
             Ok(Ok((ws, _))) => Ok(ws),
             Ok(Err(tungstenite::Error::Http(resp))) => {
                 let body = resp.body().as_deref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
                 let message = serde_json::from_str::<shared::api::ApiError>(&body).map(|e| e.message).unwrap_or(body);
-                if resp.status() == StatusCode::UNAUTHORIZED {
-                    Err(format!("the server refused this agent's credential: {message}"))
+                if let Some(retry_after) = busy_retry_after(resp.status(), resp.headers()) {
+                    Err(ConnectError::Busy { retry_after, reason: format!("the server is busy: {message}") })
+                } else if resp.status() == StatusCode::UNAUTHORIZED {
+                    Err(format!("the server refused this agent's credential: {message}").into())
                 } else {
-                    Err(format!("the server answered {}: {message}", resp.status()))
+                    Err(format!("the server answered {}: {message}", resp.status()).into())
                 }
             }
-            Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", self.config.server)),
+            Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", self.config.server).into()),
         }
     }
 
@@ -454,4 +500,24 @@ async fn pump(ws: &mut Ws, executor: &Executor, reported: &mut Reported) -> Resu
         }
     }
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::http::HeaderMap;
+
+    #[test]
+    fn only_musters_own_503_is_a_busy_server() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(busy_retry_after(StatusCode::SERVICE_UNAVAILABLE, &h), None, "a proxy's 503 carries no X-Muster-Error");
+        h.insert(protocol::MUSTER_ERROR_HEADER, HeaderValue::from_static("busy"));
+        assert_eq!(busy_retry_after(StatusCode::SERVICE_UNAVAILABLE, &h), Some(Duration::from_secs(7)));
+        assert_eq!(busy_retry_after(StatusCode::UNAUTHORIZED, &h), None);
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("999999"));
+        assert_eq!(busy_retry_after(StatusCode::SERVICE_UNAVAILABLE, &h), Some(Duration::from_secs(3600)));
+        h.remove(header::RETRY_AFTER);
+        assert_eq!(busy_retry_after(StatusCode::SERVICE_UNAVAILABLE, &h), Some(Duration::from_secs(1)));
+    }
 }

@@ -72,6 +72,11 @@ pub struct AppState {
     pub key_revocations: Arc<std::sync::Mutex<Option<Arc<Vec<shared::signing::KeyRevocation>>>>>,
     /// When each agent's last clone attempt was reported, to report each at most once a minute.
     pub clone_reports: Arc<crate::identity::CloneReports>,
+    /// TLS handshakes in progress (`max_tls_handshakes`): the rest wait their turn.
+    pub tls_slots: Arc<tokio::sync::Semaphore>,
+    /// Agent sessions between the upgrade request and `welcome` (`max_session_starts`): past
+    /// it, an agent is answered 503 with Retry-After at once.
+    pub session_starts: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -206,6 +211,8 @@ impl Application {
             revoked: tokio::sync::broadcast::channel(64).0,
             key_revocations: Default::default(),
             clone_reports: Default::default(),
+            tls_slots: Arc::new(tokio::sync::Semaphore::new(config_limits.max_tls_handshakes)),
+            session_starts: Arc::new(tokio::sync::Semaphore::new(config_limits.max_session_starts)),
             auditor,
             admission: crate::admission::Admission::new(crate::admission::Caps {
                 max_connections: config_limits.max_connections,
@@ -294,8 +301,18 @@ impl Application {
             let router = router.clone();
             let stop = cancel.clone();
             let limits = state.config.limits.clone();
+            let tls_slots = state.tls_slots.clone();
             connections.spawn(async move {
-                let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+                // A bounded number of handshakes at once, first come first served: under a
+                // reconnect storm, each is quick and the rest wait, instead of all of them
+                // sharing the CPU until every one times out. Waiting counts in the timeout.
+                let deadline = tokio::time::Instant::now() + limits.handshake_timeout;
+                let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, tls_slots.acquire_owned()).await else {
+                    crate::telemetry::connection_refused("tls_handshake_wait");
+                    tracing::debug!(%remote, "no TLS handshake slot within the handshake timeout");
+                    return;
+                };
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         tracing::debug!(%remote, error = %e, "TLS handshake failed");
@@ -306,6 +323,7 @@ impl Application {
                         return;
                     }
                 };
+                drop(slot);
                 let conn_ticket = ticket.clone();
                 // Cancelled to drop the connection outright (a revoked token's stream whose client
                 // does not read would otherwise never be polled to notice).

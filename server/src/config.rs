@@ -134,9 +134,17 @@ pub struct LimitSettings {
     /// Unauthenticated connections from one source address. [default: 128]
     #[arg(long, global = true, env = "MUSTER_MAX_UNAUTHENTICATED_PER_ADDRESS")]
     pub max_unauthenticated_per_address: Option<usize>,
-    /// Time for a TLS handshake. [default: 10s]
+    /// Time for a TLS handshake, waiting for a handshake slot included. [default: 10s]
     #[arg(long, global = true, env = "MUSTER_HANDSHAKE_TIMEOUT", value_parser = parse_duration)]
     pub handshake_timeout: Option<Duration>,
+    /// TLS handshakes worked on at once; more connections wait their turn (within
+    /// handshake_timeout) instead of all slowing down together. [default: 64]
+    #[arg(long, global = true, env = "MUSTER_MAX_TLS_HANDSHAKES")]
+    pub max_tls_handshakes: Option<usize>,
+    /// Agent sessions being opened at once (from the upgrade request until `welcome`); an agent
+    /// past it gets 503 with Retry-After and tries again then. [default: 256]
+    #[arg(long, global = true, env = "MUSTER_MAX_SESSION_STARTS")]
+    pub max_session_starts: Option<usize>,
     /// Time from the TLS handshake until the first request's headers have arrived. [default: 10s]
     #[arg(long, global = true, env = "MUSTER_HEADER_TIMEOUT", value_parser = parse_duration)]
     pub header_timeout: Option<Duration>,
@@ -206,6 +214,8 @@ struct FileSettings {
     max_unauthenticated: Option<usize>,
     max_unauthenticated_per_address: Option<usize>,
     handshake_timeout: Option<String>,
+    max_tls_handshakes: Option<usize>,
+    max_session_starts: Option<usize>,
     header_timeout: Option<String>,
     keep_alive_timeout: Option<String>,
     body_timeout: Option<String>,
@@ -250,6 +260,8 @@ pub struct Limits {
     pub max_unauthenticated: usize,
     pub max_unauthenticated_per_address: usize,
     pub handshake_timeout: Duration,
+    pub max_tls_handshakes: usize,
+    pub max_session_starts: usize,
     pub header_timeout: Duration,
     pub keep_alive_timeout: Duration,
     pub body_timeout: Duration,
@@ -271,6 +283,8 @@ impl Default for Limits {
             max_unauthenticated: 4096.min(max_connections / 2).max(1),
             max_unauthenticated_per_address: 128,
             handshake_timeout: Duration::from_secs(10),
+            max_tls_handshakes: 64,
+            max_session_starts: 256,
             header_timeout: Duration::from_secs(10),
             keep_alive_timeout: Duration::from_secs(75),
             body_timeout: Duration::from_secs(30),
@@ -477,6 +491,8 @@ fn resolve_limits(
             .or(file.max_unauthenticated_per_address)
             .unwrap_or(d.max_unauthenticated_per_address),
         handshake_timeout: dur(flags.handshake_timeout, &file.handshake_timeout, "handshake_timeout", d.handshake_timeout)?,
+        max_tls_handshakes: flags.max_tls_handshakes.or(file.max_tls_handshakes).unwrap_or(d.max_tls_handshakes),
+        max_session_starts: flags.max_session_starts.or(file.max_session_starts).unwrap_or(d.max_session_starts),
         header_timeout: dur(flags.header_timeout, &file.header_timeout, "header_timeout", d.header_timeout)?,
         keep_alive_timeout: dur(flags.keep_alive_timeout, &file.keep_alive_timeout, "keep_alive_timeout", d.keep_alive_timeout)?,
         body_timeout: dur(flags.body_timeout, &file.body_timeout, "body_timeout", d.body_timeout)?,
@@ -508,6 +524,9 @@ impl Limits {
         }
         if self.max_unauthenticated_per_address == 0 {
             return bad("max_unauthenticated_per_address must be at least 1");
+        }
+        if self.max_tls_handshakes == 0 || self.max_session_starts == 0 {
+            return bad("max_tls_handshakes and max_session_starts must be at least 1");
         }
         if !secs(self.handshake_timeout, 100, 300)
             || !secs(self.header_timeout, 100, 300)

@@ -43,8 +43,18 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// whose pongs queue here) is closed when its buffer passes this, instead of growing it.
 const MAX_WRITE_BUFFER: usize = 256 * 1024;
 
+/// Seconds a busy server asks an agent to wait before its next attempt (`Retry-After`); the
+/// agent adds up to as much again at random.
+pub const BUSY_RETRY_AFTER_SECS: u64 = 2;
+
+/// A refusal of Muster's own: the JSON error, and `X-Muster-Error` naming its kind, so an
+/// agent can tell it from a proxy or balancer in the way (which never sends it).
 fn refuse(status: StatusCode, kind: &str, message: String) -> Response {
-    (status, Json(ApiError { error: kind.into(), message })).into_response()
+    let mut resp = (status, Json(ApiError { error: kind.into(), message })).into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(kind) {
+        resp.headers_mut().insert(shared::protocol::MUSTER_ERROR_HEADER, v);
+    }
+    resp
 }
 
 /// `GET /api/v1/agent/connect`. Checks everything that can be checked before the upgrade
@@ -62,6 +72,21 @@ pub async fn connect(
     if !offered {
         return refuse(StatusCode::BAD_REQUEST, "bad_request", format!("offer the WebSocket subprotocol {}", protocol::SUBPROTOCOL));
     }
+    // Before the credential is even looked at: a storm of reconnects is answered at once, each
+    // told when to come back, instead of queueing on the database or timing out.
+    let Ok(start) = app.session_starts.clone().try_acquire_owned() else {
+        crate::telemetry::connection_refused("max_session_starts");
+        let mut resp = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!(
+                "the server is opening {} sessions already; try again in {BUSY_RETRY_AFTER_SECS}s",
+                app.config.limits.max_session_starts
+            ),
+        );
+        resp.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from(BUSY_RETRY_AFTER_SECS));
+        return resp;
+    };
     let auth_header = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let verified = match verify(&app, auth_header).await {
         Ok(v) => v,
@@ -90,7 +115,7 @@ pub async fn connect(
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
-            run_session(app, socket, verified, remote, ticket.as_ref()).await;
+            run_session(app, socket, verified, remote, ticket.as_ref(), start).await;
             // The session holds its connection's slot until it ends.
             drop(ticket);
             drop(guard);
@@ -396,6 +421,7 @@ async fn run_session(
     verified: Verified,
     remote: SocketAddr,
     ticket: Option<&crate::admission::Ticket>,
+    start: tokio::sync::OwnedSemaphorePermit,
 ) {
     let hello = match read_hello(&mut socket).await {
         Ok(h) => {
@@ -513,7 +539,10 @@ async fn run_session(
         server_version: shared::VERSION.into(),
         pending: who.approval_pending,
     });
-    let ending = if send_json(&mut socket, &welcome).await.is_err() {
+    let sent = send_json(&mut socket, &welcome).await;
+    // The session is open: the next agent may start.
+    drop(start);
+    let ending = if sent.is_err() {
         Ending::quiet("could not send welcome")
     } else {
         app.dispatcher.kick.notify_one();

@@ -622,3 +622,37 @@ async fn a_connection_that_never_presents_a_credential_is_closed_in_time() {
     let got = String::from_utf8_lossy(&wait_closed(&mut tls, Duration::from_secs(6)).await).into_owned();
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
 }
+
+#[tokio::test]
+async fn past_its_session_starts_the_server_answers_busy_at_once_and_the_agent_comes_back_when_told() {
+    let server = TestServer::spawn_with(&["--max-session-starts", "1"]).await;
+    let token = server.enroll_token(3, &[]).await;
+    // A peer that upgrades and never says hello holds the one session start.
+    let Handshake::Open(holder) = ws::connect_ca(&server.url, Some(&token), &server.ca).await else { panic!("refused") };
+    // The next attempt is refused at once with Muster's own 503, not left to time out.
+    let started = std::time::Instant::now();
+    match ws::connect_ca(&server.url, Some(&token), &server.ca).await {
+        Handshake::Refused { status, body } => {
+            assert_eq!(status, 503, "{body}");
+            assert!(body.contains("\"busy\""), "{body}");
+        }
+        Handshake::Open(_) => panic!("a second session start was let in"),
+    }
+    eprintln!("refused in {:?}", started.elapsed());
+    // The real agent is told the same, says so, and waits as asked rather than backing off.
+    let mut agent = server.spawn_agent(Some(&token), &[]);
+    let log = agent.process().log.clone();
+    wait_for("the agent to be told the server is busy", Duration::from_secs(20), || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("server busy; trying again when it asked").then_some(()) }
+    })
+    .await;
+    // Once the holder goes, the agent gets in.
+    drop(holder);
+    let id = agent.id().await;
+    server.api.wait_status(&id, AgentStatus::Online, Duration::from_secs(20)).await;
+    let metrics = server.api.http().get(format!("{}/metrics", server.url)).bearer_auth(&server.admin_token).send().await.unwrap();
+    let text = metrics.text().await.unwrap();
+    assert!(text.lines().any(|l| l.starts_with("muster_connections_refused_total{cap=\"max_session_starts\"}")), "{text}");
+    agent.process().kill();
+}

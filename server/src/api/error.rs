@@ -85,6 +85,7 @@ impl IntoResponse for Error {
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }
+        resp.headers_mut().insert(shared::protocol::MUSTER_ERROR_HEADER, axum::http::HeaderValue::from_static(kind));
         resp
     }
 }

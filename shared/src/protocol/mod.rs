@@ -26,6 +26,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest message either side accepts, in bytes. Larger ones close the connection with
 /// [`close::TOO_BIG`].
 pub const MAX_MESSAGE_BYTES: usize = 128 * 1024;
+/// Header on every refusal the server itself makes (its value is the error kind: `busy`,
+/// `unauthorized`, ...). A refusal without it came from something in between (a proxy, a load
+/// balancer), which is a different problem for the agent.
+pub const MUSTER_ERROR_HEADER: &str = "x-muster-error";
 /// How long the server waits for `hello` after the upgrade.
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
 
