@@ -4,6 +4,11 @@
 //! `muster-loadgen heartbeats`: N agents heartbeat at a fixed interval for a fixed time; then
 //! the SQLite file is watched until every heartbeat sent is stored, and the end-to-end
 //! ingest rate is reported.
+//!
+//! `muster-loadgen storm`: N agents connect, then wait for the server to go away (the script
+//! kills and restarts it) and come back as real agents do: the agent's own backoff schedule
+//! (full jitter, 1 s doubling to 60 s) with no cap on attempts in flight, honouring the
+//! server's busy answers. Reports how long until every agent is back, and the rate curve.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -83,6 +88,16 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// Hold every agent connected; when the server goes away, reconnect with the agent's own
+    /// backoff and measure until all are back.
+    Storm {
+        /// Written once every agent is connected: the cue to kill the server.
+        #[arg(long)]
+        ready_file: PathBuf,
+        /// Give up this long after the first disconnect.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        within: Duration,
+    },
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -127,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
             heartbeats(&cli, &agents, tls, addr, *interval, *duration, db).await
         }
         Cmd::Broadcast { db, rounds } => broadcast(&cli, &agents, tls, addr, db, (*rounds).clamp(1, 20)).await,
+        Cmd::Storm { ready_file, within } => storm(&cli, &agents, tls, addr, ready_file, (*within).min(MAX_DURATION)).await,
     }
 }
 
@@ -471,6 +487,186 @@ async fn broadcast(
         if let Ok(mut c) = t.await {
             let _ = c.close(None).await;
         }
+    }
+    Ok(())
+}
+
+/// How one reconnect attempt ended, as the storm counts them.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    Connected,
+    /// Muster's 503 with `X-Muster-Error`: the wait it asked for.
+    Busy(Duration),
+    Failed,
+}
+
+/// One attempt, as the real agent makes it: TCP, TLS, upgrade, `hello`, `welcome`, each within
+/// the agent's own timeouts (15 s to connect, 15 s for `welcome`).
+async fn attempt(addr: SocketAddr, source: IpAddr, cred: &str, tls: Arc<rustls::ClientConfig>) -> (Attempt, Option<ws::Ws>) {
+    use tokio_tungstenite::tungstenite;
+    let dialed = tokio::time::timeout(Duration::from_secs(15), dial(addr, source, cred, tls)).await;
+    let mut conn = match dialed {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            if let Some(tungstenite::Error::Http(resp)) = e.downcast_ref::<tungstenite::Error>()
+                && resp.status().as_u16() == 503
+                && resp.headers().contains_key(protocol::MUSTER_ERROR_HEADER)
+            {
+                let secs = resp.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(1);
+                return (Attempt::Busy(Duration::from_secs(secs)), None);
+            }
+            return (Attempt::Failed, None);
+        }
+        Err(_) => return (Attempt::Failed, None),
+    };
+    if ws::send(&mut conn, &ws::hello("sim", 10_000)).await.is_err() {
+        return (Attempt::Failed, None);
+    }
+    let welcome = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(Ok(m)) = conn.next().await {
+            if let Message::Text(t) = m {
+                return matches!(ServerMessage::decode(t.as_str()), Ok(ServerMessage::Welcome(_)));
+            }
+        }
+        false
+    });
+    match welcome.await {
+        Ok(true) => (Attempt::Connected, Some(conn)),
+        _ => (Attempt::Failed, None),
+    }
+}
+
+/// Holds a session like an agent: heartbeats every 10 s with jitter, until the link drops.
+async fn hold(conn: &mut ws::Ws, stop: &tokio_util::sync::CancellationToken) -> bool {
+    let mut seq = 0u64;
+    let mut next = tokio::time::Instant::now() + Duration::from_secs(10).mul_f64(agent::backoff::random_fraction());
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = tokio::time::sleep_until(next) => {
+                seq += 1;
+                if ws::send(conn, &ws::heartbeat(seq, "sim")).await.is_err() { return true; }
+                next += Duration::from_secs(10).mul_f64(0.9 + 0.2 * agent::backoff::random_fraction());
+            }
+            m = conn.next() => match m {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return true,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+async fn storm(
+    cli: &Cli,
+    agents: &[SimAgent],
+    tls: Arc<rustls::ClientConfig>,
+    addr: SocketAddr,
+    ready_file: &Path,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let conns = connect_all(cli, agents, tls.clone(), addr, Duration::from_secs(10)).await?;
+    let n = conns.len();
+    let origin = Instant::now();
+    // (ms since origin, outcome) of every attempt, and when each agent went away and came back.
+    let log = Arc::new(std::sync::Mutex::new(Vec::<(u64, Attempt)>::new()));
+    let gone = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let back = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::with_capacity(n);
+    for (i, (mut conn, a)) in conns.into_iter().zip(agents).enumerate() {
+        let (log, gone, back, stop, tls, cred) = (log.clone(), gone.clone(), back.clone(), stop.clone(), tls.clone(), a.credential.clone());
+        let source = source_ip(i, cli.source_addrs);
+        tasks.push(tokio::spawn(async move {
+            if !hold(&mut conn, &stop).await {
+                return;
+            }
+            let ms = || origin.elapsed().as_millis() as u64;
+            if let Ok(mut g) = gone.lock() {
+                g.push(ms());
+            }
+            // The agent's own schedule: what `muster-agent` does after a session ends.
+            let mut backoff = agent::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+            loop {
+                let delay = backoff.next_delay();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return,
+                }
+                loop {
+                    let (outcome, conn) = attempt(addr, source, &cred, tls.clone()).await;
+                    if let Ok(mut l) = log.lock() {
+                        l.push((ms(), outcome));
+                    }
+                    match (outcome, conn) {
+                        (Attempt::Connected, Some(mut c)) => {
+                            back.fetch_add(1, Ordering::Relaxed);
+                            hold(&mut c, &stop).await;
+                            return;
+                        }
+                        (Attempt::Busy(wait), _) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(agent::backoff::after_busy(wait)) => {}
+                                _ = stop.cancelled() => return,
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }));
+    }
+    std::fs::write(ready_file, b"ready\n")?;
+    eprintln!("{n} agents connected; waiting for the server to go away");
+    // Bounded: the script kills the server within a minute of the cue.
+    let cue_deadline = Instant::now() + Duration::from_secs(60);
+    while gone.lock().map(|g| g.is_empty()).unwrap_or(true) {
+        if Instant::now() > cue_deadline {
+            stop.cancel();
+            bail!("the server did not go away within 60 s of the cue");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first_gone = gone.lock().map(|g| g.iter().copied().min().unwrap_or(0)).unwrap_or(0);
+    let deadline = Instant::now() + within;
+    while (back.load(Ordering::Relaxed) as usize) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let all_back_ms = origin.elapsed().as_millis() as u64;
+    stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let log = log.lock().map(|l| l.clone()).unwrap_or_default();
+    let back = back.load(Ordering::Relaxed) as usize;
+    let count = |pred: &dyn Fn(&Attempt) -> bool| log.iter().filter(|(_, a)| pred(a)).count();
+    println!("agents={n} server gone at t=0");
+    println!(
+        "back: {back}/{n}, the last {:.1}s after the server went away",
+        log.iter().filter(|(_, a)| *a == Attempt::Connected).map(|(t, _)| *t).max().unwrap_or(all_back_ms).saturating_sub(first_gone) as f64 / 1000.0
+    );
+    println!(
+        "attempts: {} (connected {}, busy {}, failed {})",
+        log.len(),
+        count(&|a| *a == Attempt::Connected),
+        count(&|a| matches!(a, Attempt::Busy(_))),
+        count(&|a| *a == Attempt::Failed)
+    );
+    println!("curve (per second after the server went away): attempts / connected / busy / failed");
+    let last = log.iter().map(|(t, _)| *t).max().unwrap_or(first_gone);
+    for sec in 0..=((last.saturating_sub(first_gone)) / 1000) {
+        let (lo, hi) = (first_gone + sec * 1000, first_gone + (sec + 1) * 1000);
+        let here: Vec<&Attempt> = log.iter().filter(|(t, _)| (lo..hi).contains(t)).map(|(_, a)| a).collect();
+        let c = |p: &dyn Fn(&Attempt) -> bool| here.iter().filter(|a| p(a)).count();
+        println!(
+            "  {sec:>3}s  {:>6} / {:>6} / {:>6} / {:>6}",
+            here.len(),
+            c(&|a| *a == Attempt::Connected),
+            c(&|a| matches!(a, Attempt::Busy(_))),
+            c(&|a| *a == Attempt::Failed)
+        );
+    }
+    if back < n {
+        bail!("{} agents were not back within {within:?}", n - back);
     }
     Ok(())
 }
