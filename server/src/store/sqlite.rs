@@ -29,6 +29,7 @@ const ROWS_PER_STATEMENT: usize = 500;
 
 mod agents;
 mod audit;
+mod check;
 pub mod identity;
 mod jobs;
 mod output;
@@ -38,6 +39,7 @@ mod signing;
 mod tokens;
 mod trust;
 pub use audit::{JOBS_PER_PRUNE, SERVER_ACTOR};
+pub use check::{InspectError, Inspection, inspect};
 
 #[derive(Clone)]
 pub struct SqliteStore {
