@@ -642,7 +642,9 @@ async fn storm(
     println!("agents={n} server gone at t=0");
     println!(
         "back: {back}/{n}, the last {:.1}s after the server went away",
-        log.iter().filter(|(_, a)| *a == Attempt::Connected).map(|(t, _)| *t).max().unwrap_or(all_back_ms).saturating_sub(first_gone) as f64 / 1000.0
+        log.iter().filter(|(_, a)| *a == Attempt::Connected).map(|(t, _)| *t).max().unwrap_or(all_back_ms).saturating_sub(first_gone)
+            as f64
+            / 1000.0
     );
     println!(
         "attempts: {} (connected {}, busy {}, failed {})",

@@ -12,7 +12,7 @@ use shared::Timestamp;
 use shared::audit::{Fields, GENESIS, GENESIS_PREV, PRUNED, canonical_json, entry_hash};
 use sqlx::{FromRow, QueryBuilder, Sqlite};
 
-use super::{SqliteStore, db_err, push_in_list, to_i64, to_u64};
+use super::{SqliteStore, push_in_list, to_i64, to_u64};
 use crate::store::{AuditEntry, AuditQuery, Result, StoreError};
 
 /// Who the entries the server writes on its own behalf (genesis, pruning) are by.
@@ -59,18 +59,16 @@ type Tx<'a> = sqlx::Transaction<'a, Sqlite>;
 /// IMMEDIATE`), writing the genesis entry first if the chain has not begun. Returns what was
 /// written, in order.
 async fn append(tx: &mut Tx<'_>, entries: &[AuditEntry]) -> Result<Vec<shared::api::AuditEntry>> {
-    let head: Option<(i64, String)> =
-        sqlx::query_as("SELECT id, hash FROM audit_head WHERE one = 1").fetch_optional(&mut **tx).await.map_err(db_err)?;
+    let head: Option<(i64, String)> = sqlx::query_as("SELECT id, hash FROM audit_head WHERE one = 1").fetch_optional(&mut **tx).await?;
     let (head_id, mut last_hash) = head.ok_or_else(|| StoreError::Corrupt("the audit chain has no head row".into()))?;
     // Past every row too: one written without the head (an older binary) must not be collided with.
-    let (max_id,): (Option<i64>,) = sqlx::query_as("SELECT MAX(id) FROM audit_log").fetch_one(&mut **tx).await.map_err(db_err)?;
+    let (max_id,): (Option<i64>,) = sqlx::query_as("SELECT MAX(id) FROM audit_log").fetch_one(&mut **tx).await?;
     let mut last_id = head_id.max(max_id.unwrap_or(0));
     let mut written = Vec::with_capacity(entries.len() + 1);
     let genesis;
     let mut todo: Vec<&AuditEntry> = Vec::with_capacity(entries.len() + 1);
     if last_hash.is_empty() {
-        let (unchained,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM audit_log WHERE hash IS NULL").fetch_one(&mut **tx).await.map_err(db_err)?;
+        let (unchained,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_log WHERE hash IS NULL").fetch_one(&mut **tx).await?;
         genesis = AuditEntry {
             at: entries.first().map_or_else(Timestamp::now, |e| e.at),
             actor: SERVER_ACTOR.into(),
@@ -113,8 +111,7 @@ async fn append(tx: &mut Tx<'_>, entries: &[AuditEntry]) -> Result<Vec<shared::a
         .bind(&last_hash)
         .bind(&hash)
         .execute(&mut **tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
         written.push(shared::api::AuditEntry {
             id: to_u64(id),
             at: e.at,
@@ -129,21 +126,16 @@ async fn append(tx: &mut Tx<'_>, entries: &[AuditEntry]) -> Result<Vec<shared::a
         last_id = id;
         last_hash = hash;
     }
-    sqlx::query("UPDATE audit_head SET id = ?, hash = ? WHERE one = 1")
-        .bind(last_id)
-        .bind(&last_hash)
-        .execute(&mut **tx)
-        .await
-        .map_err(db_err)?;
+    sqlx::query("UPDATE audit_head SET id = ?, hash = ? WHERE one = 1").bind(last_id).bind(&last_hash).execute(&mut **tx).await?;
     Ok(written)
 }
 
 impl SqliteStore {
     pub(super) async fn audit_append(&self, entry: &AuditEntry) -> Result<Vec<shared::api::AuditEntry>> {
         let _gate = self.writer().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let written = append(&mut tx, std::slice::from_ref(entry)).await?;
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(written)
     }
 
@@ -177,7 +169,7 @@ impl SqliteStore {
             b.push(" AND at < ").push_bind(until.unix_millis());
         }
         b.push(" ORDER BY id DESC LIMIT ").push_bind(i64::from(q.limit));
-        let rows: Vec<AuditDb> = b.build_query_as().fetch_all(&self.pool).await.map_err(db_err)?;
+        let rows: Vec<AuditDb> = b.build_query_as().fetch_all(&self.pool).await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
@@ -186,25 +178,21 @@ impl SqliteStore {
     /// entry links to exactly the hash the pruning entry records.
     pub(super) async fn audit_prune(&self, before: Timestamp, max_rows: u32, now: Timestamp) -> Result<Vec<shared::api::AuditEntry>> {
         let _gate = self.writer().await;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db_err)?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         // Only a prefix of the chain is ever removed: up to the first entry that is to be kept.
-        let (first_kept,): (Option<i64>,) = sqlx::query_as("SELECT MIN(id) FROM audit_log WHERE at >= ?")
-            .bind(before.unix_millis())
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
+        let (first_kept,): (Option<i64>,) =
+            sqlx::query_as("SELECT MIN(id) FROM audit_log WHERE at >= ?").bind(before.unix_millis()).fetch_one(&mut *tx).await?;
         let (cut,): (Option<i64>,) = sqlx::query_as("SELECT MAX(id) FROM (SELECT id FROM audit_log WHERE id < ? ORDER BY id LIMIT ?)")
             .bind(first_kept.unwrap_or(i64::MAX))
             .bind(i64::from(max_rows))
             .fetch_one(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            .await?;
         let Some(cut) = cut else {
             return Ok(Vec::new());
         };
         let (cut_hash,): (Option<String>,) =
-            sqlx::query_as("SELECT hash FROM audit_log WHERE id = ?").bind(cut).fetch_one(&mut *tx).await.map_err(db_err)?;
-        let removed = sqlx::query("DELETE FROM audit_log WHERE id <= ?").bind(cut).execute(&mut *tx).await.map_err(db_err)?.rows_affected();
+            sqlx::query_as("SELECT hash FROM audit_log WHERE id = ?").bind(cut).fetch_one(&mut *tx).await?;
+        let removed = sqlx::query("DELETE FROM audit_log WHERE id <= ?").bind(cut).execute(&mut *tx).await?.rows_affected();
         let entry = AuditEntry {
             at: now,
             actor: SERVER_ACTOR.into(),
@@ -219,7 +207,7 @@ impl SqliteStore {
             }),
         };
         let written = append(&mut tx, std::slice::from_ref(&entry)).await?;
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(written)
     }
 
@@ -227,14 +215,13 @@ impl SqliteStore {
     /// Jobs not finished have no `finished_at` and are never chosen.
     pub(super) async fn jobs_prune(&self, before: Timestamp, max_jobs: u32) -> Result<u64> {
         let _gate = self.writer().await;
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut tx = self.pool.begin().await?;
         let ids: Vec<(String,)> =
             sqlx::query_as("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?")
                 .bind(before.unix_millis())
                 .bind(i64::from(max_jobs))
                 .fetch_all(&mut *tx)
-                .await
-                .map_err(db_err)?;
+                .await?;
         if ids.is_empty() {
             return Ok(0);
         }
@@ -247,9 +234,9 @@ impl SqliteStore {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(head);
             push_in_list(&mut q, &ids);
             q.push(tail);
-            q.build().execute(&mut *tx).await.map_err(db_err)?;
+            q.build().execute(&mut *tx).await?;
         }
-        tx.commit().await.map_err(db_err)?;
+        tx.commit().await?;
         Ok(ids.len() as u64)
     }
 }

@@ -4,7 +4,6 @@
 use shared::{AgentId, Timestamp};
 use sqlx::SqlitePool;
 
-use super::db_err;
 use crate::store::{Acceptance, Result};
 
 /// Retired credentials kept per agent. A copy older than this many rotations is refused as an
@@ -24,20 +23,18 @@ pub(super) async fn begin_rotation(pool: &SqlitePool, id: &AgentId, pending_hash
     .bind(earliest)
     .bind(earliest)
     .execute(pool)
-    .await
-    .map_err(db_err)?;
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 
 pub(super) async fn complete_rotation(pool: &SqlitePool, id: &AgentId, pending_hash: &[u8], at: Timestamp) -> Result<bool> {
-    let mut tx = pool.begin().await.map_err(db_err)?;
+    let mut tx = pool.begin().await?;
     let old: Option<(Vec<u8>,)> =
         sqlx::query_as("SELECT secret_hash FROM agents WHERE id = ? AND revoked_at IS NULL AND pending_secret_hash = ?")
             .bind(id.as_str())
             .bind(pending_hash)
             .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err)?;
+            .await?;
     let Some((old,)) = old else { return Ok(false) };
     sqlx::query(
         "UPDATE agents SET secret_hash = pending_secret_hash, pending_secret_hash = NULL, pending_issued_at = NULL, \
@@ -46,15 +43,13 @@ pub(super) async fn complete_rotation(pool: &SqlitePool, id: &AgentId, pending_h
     .bind(at.unix_millis())
     .bind(id.as_str())
     .execute(&mut *tx)
-    .await
-    .map_err(db_err)?;
+    .await?;
     sqlx::query("INSERT OR IGNORE INTO agent_retired_credentials (agent_id, secret_hash, retired_at) VALUES (?, ?, ?)")
         .bind(id.as_str())
         .bind(&old)
         .bind(at.unix_millis())
         .execute(&mut *tx)
-        .await
-        .map_err(db_err)?;
+        .await?;
     sqlx::query(
         "DELETE FROM agent_retired_credentials WHERE agent_id = ? AND secret_hash NOT IN \
          (SELECT secret_hash FROM agent_retired_credentials WHERE agent_id = ? ORDER BY retired_at DESC LIMIT ?)",
@@ -63,18 +58,14 @@ pub(super) async fn complete_rotation(pool: &SqlitePool, id: &AgentId, pending_h
     .bind(id.as_str())
     .bind(RETIRED_KEPT)
     .execute(&mut *tx)
-    .await
-    .map_err(db_err)?;
-    tx.commit().await.map_err(db_err)?;
+    .await?;
+    tx.commit().await?;
     Ok(true)
 }
 
 pub(super) async fn retired_credentials(pool: &SqlitePool, id: &AgentId) -> Result<Vec<Vec<u8>>> {
-    let rows: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT secret_hash FROM agent_retired_credentials WHERE agent_id = ?")
-        .bind(id.as_str())
-        .fetch_all(pool)
-        .await
-        .map_err(db_err)?;
+    let rows: Vec<(Vec<u8>,)> =
+        sqlx::query_as("SELECT secret_hash FROM agent_retired_credentials WHERE agent_id = ?").bind(id.as_str()).fetch_all(pool).await?;
     Ok(rows.into_iter().map(|(h,)| h).collect())
 }
 
@@ -84,8 +75,7 @@ pub(super) async fn clone_seen(pool: &SqlitePool, id: &AgentId, at: Timestamp, f
         .bind(from)
         .bind(id.as_str())
         .execute(pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
     Ok(())
 }
 
@@ -95,8 +85,7 @@ pub(super) async fn request_rotation(pool: &SqlitePool, id: &AgentId, at: Timest
             .bind(at.unix_millis())
             .bind(id.as_str())
             .execute(pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -109,16 +98,12 @@ pub(super) async fn accept_agent(pool: &SqlitePool, id: &AgentId, at: Timestamp,
     .bind(by)
     .bind(id.as_str())
     .execute(pool)
-    .await
-    .map_err(db_err)?;
+    .await?;
     if done.rows_affected() == 1 {
         return Ok(Acceptance::Accepted);
     }
-    let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM agents WHERE id = ? AND revoked_at IS NULL")
-        .bind(id.as_str())
-        .fetch_optional(pool)
-        .await
-        .map_err(db_err)?;
+    let exists: Option<(i64,)> =
+        sqlx::query_as("SELECT 1 FROM agents WHERE id = ? AND revoked_at IS NULL").bind(id.as_str()).fetch_optional(pool).await?;
     Ok(if exists.is_some() { Acceptance::NotPending } else { Acceptance::Unknown })
 }
 

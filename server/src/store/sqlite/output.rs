@@ -9,7 +9,7 @@ use shared::AgentId;
 use shared::job::Stream;
 use sqlx::{QueryBuilder, Sqlite};
 
-use super::{ROWS_PER_STATEMENT, db_err, push_in_list, stream_code, to_i64, to_u64, update_from};
+use super::{ROWS_PER_STATEMENT, push_in_list, stream_code, to_i64, to_u64, update_from};
 use crate::output::{self, Decision, Held};
 use crate::store::{Effect, Record, Result};
 
@@ -138,7 +138,7 @@ pub(super) async fn insert_outputs(tx: &mut sqlx::Transaction<'_, Sqlite>, recor
         q.push_values(chunk, |mut b, p| {
             b.push_bind(p.run_id.clone()).push_bind(i64::from(p.stream == 1)).push_bind(to_i64(p.offset)).push_bind(p.data.clone());
         });
-        q.build().execute(&mut **tx).await.map_err(db_err)?;
+        q.build().execute(&mut **tx).await?;
     }
     let updates: Vec<(&str, [Held; 2])> = changed.iter().filter_map(|id| runs.get(id.as_str()).map(|i| (id.as_str(), i.held))).collect();
     update_from(
@@ -167,7 +167,7 @@ async fn run_infos(tx: &mut sqlx::Transaction<'_, Sqlite>, ids: &[&str]) -> Resu
         );
         push_in_list(&mut q, chunk);
         type Row = (String, String, String, i64, i64, bool, i64, bool, String);
-        let rows: Vec<Row> = q.build_query_as().fetch_all(&mut **tx).await.map_err(db_err)?;
+        let rows: Vec<Row> = q.build_query_as().fetch_all(&mut **tx).await?;
         for (id, job_id, agent_id, limit, out_len, out_t, err_len, err_t, state) in rows {
             let held = [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }];
             // Final states a later result may still replace (`lost`, `cancelled`) take output;
@@ -201,8 +201,7 @@ async fn stored_range(
     .bind(to_i64(to))
     .bind(to_i64(from))
     .fetch_all(&mut **tx)
-    .await
-    .map_err(db_err)?;
+    .await?;
     let mut pieces: Vec<(u64, &str)> = rows.iter().map(|(o, d)| (to_u64(*o), d.as_str())).collect();
     pieces.extend(pending.iter().filter(|p| p.run_id == run_id && p.stream == stream).map(|p| (p.offset, p.data.as_str())));
     pieces.sort_by_key(|p| p.0);
@@ -218,8 +217,7 @@ async fn last_row(tx: &mut sqlx::Transaction<'_, Sqlite>, run_id: &str, stream: 
             .bind(run_id)
             .bind(code)
             .fetch_optional(&mut **tx)
-            .await
-            .map_err(db_err)?;
+            .await?;
     Ok(row.filter(|(offset, data)| to_u64(*offset) + data.len() as u64 == at && data.len() < ROW_BYTES).map(|(offset, data)| Piece {
         run_id: run_id.to_owned(),
         stream,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use shared::{AgentId, Labels};
 use sqlx::SqlitePool;
 
-use super::{db_err, labels_json, parse_agent_id, parse_labels};
+use super::{labels_json, parse_agent_id, parse_labels};
 use crate::store::Result;
 
 pub(super) async fn set_agent_labels(
@@ -21,8 +21,7 @@ pub(super) async fn set_agent_labels(
         .bind(id.as_str())
         .bind(labels_json(expected))
         .execute(pool)
-        .await
-        .map_err(db_err)?;
+        .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -33,7 +32,6 @@ pub(super) async fn agent_labels(pool: &SqlitePool, ids: &[AgentId]) -> Result<H
         sqlx::query_as("SELECT id, labels FROM agents WHERE revoked_at IS NULL AND id IN (SELECT value FROM json_each(?))")
             .bind(json)
             .fetch_all(pool)
-            .await
-            .map_err(db_err)?;
+            .await?;
     rows.into_iter().map(|(id, labels)| Ok((parse_agent_id(&id)?, parse_labels(&labels)?))).collect()
 }

@@ -4,12 +4,11 @@ use shared::signing::{KeyRevocation, PublicKey, Signature};
 use shared::{AgentId, Timestamp};
 use sqlx::SqlitePool;
 
-use super::db_err;
 use crate::store::{Result, StoreError};
 
 pub(super) async fn signed_agents(pool: &SqlitePool, job_id: &str) -> Result<Vec<AgentId>> {
     let row: Option<(String,)> =
-        sqlx::query_as("SELECT agents FROM job_signed_agents WHERE job_id = ?").bind(job_id).fetch_optional(pool).await.map_err(db_err)?;
+        sqlx::query_as("SELECT agents FROM job_signed_agents WHERE job_id = ?").bind(job_id).fetch_optional(pool).await?;
     let Some((list,)) = row else { return Ok(Vec::new()) };
     list.split(',')
         .filter(|s| !s.is_empty())
@@ -27,16 +26,13 @@ pub(super) async fn insert_key_revocation(pool: &SqlitePool, r: &KeyRevocation, 
     .bind(at.unix_millis())
     .bind(by)
     .execute(pool)
-    .await
-    .map_err(db_err)?;
+    .await?;
     Ok(done.rows_affected() == 1)
 }
 
 pub(super) async fn key_revocations(pool: &SqlitePool) -> Result<Vec<KeyRevocation>> {
-    let rows: Vec<(String, String, String)> = sqlx::query_as("SELECT key, by_key, signature FROM key_revocations ORDER BY created_at, key")
-        .fetch_all(pool)
-        .await
-        .map_err(db_err)?;
+    let rows: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT key, by_key, signature FROM key_revocations ORDER BY created_at, key").fetch_all(pool).await?;
     rows.into_iter()
         .map(|(key, by, sig)| {
             let corrupt = |what: &str| StoreError::Corrupt(format!("key revocation {key}: {what}"));

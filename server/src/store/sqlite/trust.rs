@@ -7,7 +7,7 @@ use shared::AgentId;
 use shared::signing::PublicKey;
 use sqlx::SqlitePool;
 
-use super::{db_err, parse_agent_id};
+use super::parse_agent_id;
 use crate::store::{Result, StoreError};
 
 pub(super) fn keys_json(keys: &[PublicKey]) -> String {
@@ -28,8 +28,7 @@ pub(super) async fn agent_trusted_keys(pool: &SqlitePool, ids: &[AgentId]) -> Re
     )
     .bind(json)
     .fetch_all(pool)
-    .await
-    .map_err(db_err)?;
+    .await?;
     rows.into_iter().map(|(id, keys)| Ok((parse_agent_id(&id)?, parse_keys(&keys)?))).collect()
 }
 

@@ -1,0 +1,172 @@
+//! Operator and enrollment tokens, and enrolling an agent with one.
+
+use std::str::FromStr;
+
+use shared::Timestamp;
+use shared::api::Role;
+use sqlx::{FromRow, SqlitePool};
+
+use super::{labels_json, parse_labels, ts};
+use crate::store::{ApiTokenRow, EnrollTokenRow, NewAgent, Result, StoreError};
+
+#[derive(FromRow)]
+struct ApiTokenDb {
+    id: String,
+    name: String,
+    role: String,
+    secret_hash: Vec<u8>,
+    created_by: String,
+    created_at: i64,
+    expires_at: Option<i64>,
+    revoked_at: Option<i64>,
+    last_used_at: Option<i64>,
+    scope: Option<String>,
+}
+
+impl TryFrom<ApiTokenDb> for ApiTokenRow {
+    type Error = StoreError;
+    fn try_from(r: ApiTokenDb) -> Result<Self> {
+        Ok(ApiTokenRow {
+            role: Role::from_str(&r.role).map_err(StoreError::Corrupt)?,
+            id: r.id,
+            name: r.name,
+            secret_hash: r.secret_hash,
+            created_by: r.created_by,
+            created_at: ts(r.created_at),
+            expires_at: r.expires_at.map(ts),
+            revoked_at: r.revoked_at.map(ts),
+            last_used_at: r.last_used_at.map(ts),
+            scope: r
+                .scope
+                .as_deref()
+                .map(shared::Selector::parse)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("token scope: {e}")))?,
+        })
+    }
+}
+
+#[derive(FromRow)]
+struct EnrollTokenDb {
+    id: String,
+    secret_hash: Vec<u8>,
+    created_by: String,
+    created_at: i64,
+    expires_at: i64,
+    uses_total: i64,
+    uses_left: i64,
+    labels: String,
+    revoked_at: Option<i64>,
+    approve: bool,
+}
+
+impl TryFrom<EnrollTokenDb> for EnrollTokenRow {
+    type Error = StoreError;
+    fn try_from(r: EnrollTokenDb) -> Result<Self> {
+        Ok(EnrollTokenRow {
+            labels: parse_labels(&r.labels)?,
+            id: r.id,
+            secret_hash: r.secret_hash,
+            created_by: r.created_by,
+            created_at: ts(r.created_at),
+            expires_at: ts(r.expires_at),
+            uses_total: u32::try_from(r.uses_total).unwrap_or(0),
+            uses_left: u32::try_from(r.uses_left).unwrap_or(0),
+            revoked_at: r.revoked_at.map(ts),
+            approve: r.approve,
+        })
+    }
+}
+
+pub(super) async fn insert_api_token(pool: &SqlitePool, r: &ApiTokenRow) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO api_tokens (id, name, role, secret_hash, created_by, created_at, expires_at, scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&r.id)
+    .bind(&r.name)
+    .bind(r.role.as_str())
+    .bind(&r.secret_hash)
+    .bind(&r.created_by)
+    .bind(r.created_at.unix_millis())
+    .bind(r.expires_at.map(Timestamp::unix_millis))
+    .bind(r.scope.as_ref().map(ToString::to_string))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn api_token(pool: &SqlitePool, id: &str) -> Result<Option<ApiTokenRow>> {
+    let row: Option<ApiTokenDb> = sqlx::query_as("SELECT * FROM api_tokens WHERE id = ?").bind(id).fetch_optional(pool).await?;
+    row.map(ApiTokenRow::try_from).transpose()
+}
+
+pub(super) async fn list_api_tokens(pool: &SqlitePool) -> Result<Vec<ApiTokenRow>> {
+    let rows: Vec<ApiTokenDb> = sqlx::query_as("SELECT * FROM api_tokens ORDER BY created_at").fetch_all(pool).await?;
+    rows.into_iter().map(ApiTokenRow::try_from).collect()
+}
+
+pub(super) async fn touch_api_token(pool: &SqlitePool, id: &str, at: Timestamp) -> Result<()> {
+    sqlx::query("UPDATE api_tokens SET last_used_at = ? WHERE id = ?").bind(at.unix_millis()).bind(id).execute(pool).await?;
+    Ok(())
+}
+
+pub(super) async fn insert_enroll_token(pool: &SqlitePool, r: &EnrollTokenRow) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO enroll_tokens (id, secret_hash, created_by, created_at, expires_at, uses_total, uses_left, labels, approve) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&r.id)
+    .bind(&r.secret_hash)
+    .bind(&r.created_by)
+    .bind(r.created_at.unix_millis())
+    .bind(r.expires_at.unix_millis())
+    .bind(i64::from(r.uses_total))
+    .bind(i64::from(r.uses_left))
+    .bind(labels_json(&r.labels))
+    .bind(r.approve)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn enroll_token(pool: &SqlitePool, id: &str) -> Result<Option<EnrollTokenRow>> {
+    let row: Option<EnrollTokenDb> = sqlx::query_as("SELECT * FROM enroll_tokens WHERE id = ?").bind(id).fetch_optional(pool).await?;
+    row.map(EnrollTokenRow::try_from).transpose()
+}
+
+pub(super) async fn list_enroll_tokens(pool: &SqlitePool) -> Result<Vec<EnrollTokenRow>> {
+    let rows: Vec<EnrollTokenDb> = sqlx::query_as("SELECT * FROM enroll_tokens ORDER BY created_at").fetch_all(pool).await?;
+    rows.into_iter().map(EnrollTokenRow::try_from).collect()
+}
+
+pub(super) async fn enroll_agent(pool: &SqlitePool, token_id: &str, agent: &NewAgent) -> Result<bool> {
+    let mut tx = pool.begin().await?;
+    let taken = sqlx::query(
+        "UPDATE enroll_tokens SET uses_left = uses_left - 1 \
+         WHERE id = ? AND uses_left > 0 AND revoked_at IS NULL AND expires_at > ?",
+    )
+    .bind(token_id)
+    .bind(agent.at.unix_millis())
+    .execute(&mut *tx)
+    .await?;
+    if taken.rows_affected() != 1 {
+        return Ok(false);
+    }
+    let labels = labels_json(&agent.token_labels);
+    sqlx::query(
+        "INSERT INTO agents (id, secret_hash, enroll_token_id, enrolled_at, hostname, token_labels, labels, status, status_since, \
+         approval_pending) VALUES (?, ?, ?, ?, '', ?, ?, 'offline', ?, ?)",
+    )
+    .bind(agent.id.as_str())
+    .bind(&agent.secret_hash)
+    .bind(token_id)
+    .bind(agent.at.unix_millis())
+    .bind(&labels)
+    .bind(&labels)
+    .bind(agent.at.unix_millis())
+    .bind(agent.approval_pending)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(true)
+}
