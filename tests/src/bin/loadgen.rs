@@ -502,7 +502,7 @@ enum Attempt {
 
 /// One attempt, as the real agent makes it: TCP, TLS, upgrade, `hello`, `welcome`, each within
 /// the agent's own timeouts (15 s to connect, 15 s for `welcome`).
-async fn attempt(addr: SocketAddr, source: IpAddr, cred: &str, tls: Arc<rustls::ClientConfig>) -> (Attempt, Option<ws::Ws>) {
+async fn attempt(addr: SocketAddr, source: IpAddr, cred: &str, tls: Arc<rustls::ClientConfig>) -> (Attempt, Option<ws::Ws>, String) {
     use tokio_tungstenite::tungstenite;
     let dialed = tokio::time::timeout(Duration::from_secs(15), dial(addr, source, cred, tls)).await;
     let mut conn = match dialed {
@@ -513,26 +513,46 @@ async fn attempt(addr: SocketAddr, source: IpAddr, cred: &str, tls: Arc<rustls::
                 && resp.headers().contains_key(protocol::MUSTER_ERROR_HEADER)
             {
                 let secs = resp.headers().get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(1);
-                return (Attempt::Busy(Duration::from_secs(secs)), None);
+                return (Attempt::Busy(Duration::from_secs(secs)), None, String::new());
             }
-            return (Attempt::Failed, None);
+            // The kind of failure, without addresses or ports, to count them.
+            let why = match e.downcast_ref::<tungstenite::Error>() {
+                Some(tungstenite::Error::Http(resp)) => format!("HTTP {}", resp.status()),
+                Some(tungstenite::Error::Io(io)) => format!("io: {:?}", io.kind()),
+                Some(tungstenite::Error::Tls(t)) => format!("tls: {t}"),
+                Some(other) => format!("ws: {other}"),
+                None => match e.downcast_ref::<std::io::Error>() {
+                    Some(io) => format!("tcp: {:?} ({})", io.kind(), io.raw_os_error().unwrap_or(0)),
+                    None => format!("other: {e}"),
+                },
+            };
+            return (Attempt::Failed, None, why);
         }
-        Err(_) => return (Attempt::Failed, None),
+        Err(_) => return (Attempt::Failed, None, "connect timed out (15 s)".into()),
     };
     if ws::send(&mut conn, &ws::hello("sim", 10_000)).await.is_err() {
-        return (Attempt::Failed, None);
+        return (Attempt::Failed, None, "hello not sent".into());
     }
     let welcome = tokio::time::timeout(Duration::from_secs(15), async {
-        while let Some(Ok(m)) = conn.next().await {
-            if let Message::Text(t) = m {
-                return matches!(ServerMessage::decode(t.as_str()), Ok(ServerMessage::Welcome(_)));
+        while let Some(m) = conn.next().await {
+            match m {
+                Ok(Message::Text(t)) => {
+                    return match ServerMessage::decode(t.as_str()) {
+                        Ok(ServerMessage::Welcome(_)) => Ok(()),
+                        _ => Err("not welcome first".to_owned()),
+                    };
+                }
+                Ok(Message::Close(f)) => return Err(format!("closed before welcome: {}", f.map(|f| u16::from(f.code)).unwrap_or(0))),
+                Ok(_) => {}
+                Err(e) => return Err(format!("lost before welcome: {e}")),
             }
         }
-        false
+        Err("closed before welcome".to_owned())
     });
     match welcome.await {
-        Ok(true) => (Attempt::Connected, Some(conn)),
-        _ => (Attempt::Failed, None),
+        Ok(Ok(())) => (Attempt::Connected, Some(conn), String::new()),
+        Ok(Err(why)) => (Attempt::Failed, None, why),
+        Err(_) => (Attempt::Failed, None, "no welcome within 15 s".into()),
     }
 }
 
@@ -569,17 +589,22 @@ async fn storm(
     let origin = Instant::now();
     // (ms since origin, outcome) of every attempt, and when each agent went away and came back.
     let log = Arc::new(std::sync::Mutex::new(Vec::<(u64, Attempt)>::new()));
+    let reasons = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<String, u64>::new()));
     let gone = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let back = Arc::new(AtomicU64::new(0));
     let stop = tokio_util::sync::CancellationToken::new();
     let mut tasks = Vec::with_capacity(n);
     for (i, (mut conn, a)) in conns.into_iter().zip(agents).enumerate() {
         let (log, gone, back, stop, tls, cred) = (log.clone(), gone.clone(), back.clone(), stop.clone(), tls.clone(), a.credential.clone());
+        let reasons = reasons.clone();
         let source = source_ip(i, cli.source_addrs);
         tasks.push(tokio::spawn(async move {
             if !hold(&mut conn, &stop).await {
                 return;
             }
+            // The dead session's socket goes now, as the agent's does: holding it while
+            // reconnecting would count two files per agent.
+            drop(conn);
             let ms = || origin.elapsed().as_millis() as u64;
             if let Ok(mut g) = gone.lock() {
                 g.push(ms());
@@ -593,9 +618,14 @@ async fn storm(
                     _ = stop.cancelled() => return,
                 }
                 loop {
-                    let (outcome, conn) = attempt(addr, source, &cred, tls.clone()).await;
+                    let (outcome, conn, why) = attempt(addr, source, &cred, tls.clone()).await;
                     if let Ok(mut l) = log.lock() {
                         l.push((ms(), outcome));
+                    }
+                    if outcome == Attempt::Failed
+                        && let Ok(mut r) = reasons.lock()
+                    {
+                        *r.entry(why).or_default() += 1;
                     }
                     match (outcome, conn) {
                         (Attempt::Connected, Some(mut c)) => {
@@ -653,6 +683,9 @@ async fn storm(
         count(&|a| matches!(a, Attempt::Busy(_))),
         count(&|a| *a == Attempt::Failed)
     );
+    for (why, count) in reasons.lock().map(|r| r.clone()).unwrap_or_default() {
+        println!("  failed: {count} x {why}");
+    }
     println!("curve (per second after the server went away): attempts / connected / busy / failed");
     let last = log.iter().map(|(t, _)| *t).max().unwrap_or(first_gone);
     for sec in 0..=((last.saturating_sub(first_gone)) / 1000) {
