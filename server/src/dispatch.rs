@@ -239,12 +239,16 @@ impl Dispatcher {
         }
         let _sending = self.sending.lock().await;
         let t = std::time::Instant::now();
+        // Stamped now, not at the start of the round: the round read the counts after the
+        // results that freed these slots were stored, so a run's recorded dispatch never comes
+        // before the end of the run it replaced.
+        let marked_at = Timestamp::now();
         // The common broadcast sends every pending run at once: one statement by job.
         let marked: HashSet<RunId> = if send.len() == waiting_count {
-            self.store.mark_job_dispatched(&job.id, now).await?
+            self.store.mark_job_dispatched(&job.id, marked_at).await?
         } else {
             let ids: Vec<RunId> = send.iter().map(|r| r.id.clone()).collect();
-            self.store.mark_dispatched(&ids, now).await?
+            self.store.mark_dispatched(&ids, marked_at).await?
         }
         .into_iter()
         .collect();
