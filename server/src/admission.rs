@@ -150,6 +150,56 @@ impl Drop for TicketInner {
     }
 }
 
+/// Agent sessions being opened (from the upgrade request until `welcome`): at most `max` in
+/// all, and at most a quarter of that from one source address, so that a peer holding a valid
+/// credential on a few addresses (each upgrade may wait 10 s for its `hello`) cannot take every
+/// start from the rest of the fleet.
+#[derive(Debug)]
+pub struct SessionStarts {
+    all: Arc<tokio::sync::Semaphore>,
+    per_address: usize,
+    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One session start, given back when dropped.
+#[derive(Debug)]
+pub struct SessionStart {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    ip: IpAddr,
+    by_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl SessionStarts {
+    pub fn new(max: usize) -> Self {
+        SessionStarts { all: Arc::new(tokio::sync::Semaphore::new(max)), per_address: (max / 4).max(1), by_address: Default::default() }
+    }
+
+    /// A start for a session from `ip`, or None if the server or that address is at its share.
+    pub fn begin(&self, ip: IpAddr) -> Option<SessionStart> {
+        let ip = source(ip);
+        let permit = self.all.clone().try_acquire_owned().ok()?;
+        let mut by = self.by_address.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let here = by.entry(ip).or_default();
+        if *here >= self.per_address {
+            return None;
+        }
+        *here += 1;
+        Some(SessionStart { _permit: permit, ip, by_address: self.by_address.clone() })
+    }
+}
+
+impl Drop for SessionStart {
+    fn drop(&mut self) {
+        let mut by = self.by_address.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = by.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Promotes the connection a request came on, if it carries a ticket.
 pub fn promote(extensions: &axum::http::Extensions) {
     if let Some(t) = extensions.get::<Ticket>() {
@@ -163,6 +213,19 @@ mod tests {
 
     fn caps(total: usize, unauth: usize, per: usize) -> Caps {
         Caps { max_connections: total, max_unauthenticated: unauth, max_unauthenticated_per_address: per }
+    }
+
+    #[test]
+    fn one_address_gets_at_most_a_quarter_of_the_session_starts() {
+        let starts = SessionStarts::new(8);
+        let one: IpAddr = [127, 0, 0, 2].into();
+        let held: Vec<SessionStart> = (0..2).map(|_| starts.begin(one).unwrap()).collect();
+        assert!(starts.begin(one).is_none(), "a third start from one address");
+        let others: Vec<SessionStart> = (3..9).map(|n| starts.begin([127, 0, 0, n].into()).unwrap()).collect();
+        assert!(starts.begin([127, 0, 0, 99].into()).is_none(), "all 8 in use");
+        drop(held);
+        assert!(starts.begin(one).is_some(), "starts come back when dropped");
+        drop(others);
     }
 
     #[test]

@@ -74,9 +74,9 @@ pub struct AppState {
     pub clone_reports: Arc<crate::identity::CloneReports>,
     /// TLS handshakes in progress (`max_tls_handshakes`): the rest wait their turn.
     pub tls_slots: Arc<tokio::sync::Semaphore>,
-    /// Agent sessions between the upgrade request and `welcome` (`max_session_starts`): past
-    /// it, an agent is answered 503 with Retry-After at once.
-    pub session_starts: Arc<tokio::sync::Semaphore>,
+    /// Agent sessions between the upgrade request and `welcome` (`max_session_starts`, a
+    /// quarter of it per address): past it, an agent is answered 503 with Retry-After at once.
+    pub session_starts: Arc<crate::admission::SessionStarts>,
 }
 
 impl AppState {
@@ -212,7 +212,7 @@ impl Application {
             key_revocations: Default::default(),
             clone_reports: Default::default(),
             tls_slots: Arc::new(tokio::sync::Semaphore::new(config_limits.max_tls_handshakes)),
-            session_starts: Arc::new(tokio::sync::Semaphore::new(config_limits.max_session_starts)),
+            session_starts: Arc::new(crate::admission::SessionStarts::new(config_limits.max_session_starts)),
             auditor,
             admission: crate::admission::Admission::new(crate::admission::Caps {
                 max_connections: config_limits.max_connections,

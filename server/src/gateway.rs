@@ -79,13 +79,13 @@ pub async fn connect(
     }
     // Before the credential is even looked at: a storm of reconnects is answered at once, each
     // told when to come back, instead of queueing on the database or timing out.
-    let Ok(start) = app.session_starts.clone().try_acquire_owned() else {
+    let Some(start) = app.session_starts.begin(remote.ip()) else {
         crate::telemetry::connection_refused("max_session_starts");
         let mut resp = refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             "busy",
             format!(
-                "the server is opening {} sessions already; try again in {BUSY_RETRY_AFTER_SECS}s",
+                "the server is opening as many sessions as it takes at once ({} in all, a quarter of that from one address); try again in {BUSY_RETRY_AFTER_SECS}s",
                 app.config.limits.max_session_starts
             ),
         );
@@ -268,7 +268,7 @@ async fn run_session(
     verified: Verified,
     remote: SocketAddr,
     ticket: Option<&crate::admission::Ticket>,
-    start: tokio::sync::OwnedSemaphorePermit,
+    start: crate::admission::SessionStart,
 ) {
     let hello = match read_hello(&mut socket).await {
         Ok(h) => {
