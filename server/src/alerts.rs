@@ -146,6 +146,17 @@ impl Policy {
         Policy { hold_down, agents: HashMap::new(), conflicts: HashMap::new() }
     }
 
+    /// An alert about an agent's credential (two copies in use, a retired one back), held
+    /// down per agent and kind.
+    fn identity_alert(&mut self, agent_id: &AgentId, event: &'static str, at: Timestamp, reason: String, now: Instant) -> Option<Alert> {
+        let key = (agent_id.clone(), event);
+        if self.conflicts.get(&key).is_some_and(|last| now.duration_since(*last) < self.hold_down) {
+            return None;
+        }
+        self.conflicts.insert(key, now);
+        Some(Alert { event, at, agent_id: Some(agent_id.clone()), reason: Some(reason), job_id: None, counts: None })
+    }
+
     pub fn decide(&mut self, event: &FleetEvent, now: Instant) -> Option<Alert> {
         match event {
             FleetEvent::AgentStatus { agent_id, to, reason, at, .. } => {
@@ -177,38 +188,20 @@ impl Policy {
                     counts: None,
                 })
             }
-            FleetEvent::CredentialConflict { agent_id, previous_addr, current_addr, at } => {
-                let key = (agent_id.clone(), "conflict");
-                if self.conflicts.get(&key).is_some_and(|last| now.duration_since(*last) < self.hold_down) {
-                    return None;
-                }
-                self.conflicts.insert(key, now);
-                Some(Alert {
-                    event: "agent.credential_conflict",
-                    at: *at,
-                    agent_id: Some(agent_id.clone()),
-                    reason: Some(format!(
-                        "the agent's credential is in use from {current_addr} while a session from {previous_addr} was still alive"
-                    )),
-                    job_id: None,
-                    counts: None,
-                })
-            }
-            FleetEvent::CloneSuspected { agent_id, from_addr, at } => {
-                let key = (agent_id.clone(), "clone");
-                if self.conflicts.get(&key).is_some_and(|last| now.duration_since(*last) < self.hold_down) {
-                    return None;
-                }
-                self.conflicts.insert(key, now);
-                Some(Alert {
-                    event: "agent.clone_suspected",
-                    at: *at,
-                    agent_id: Some(agent_id.clone()),
-                    reason: Some(format!("a credential this agent gave up in a rotation was presented from {from_addr}; it was refused")),
-                    job_id: None,
-                    counts: None,
-                })
-            }
+            FleetEvent::CredentialConflict { agent_id, previous_addr, current_addr, at } => self.identity_alert(
+                agent_id,
+                "agent.credential_conflict",
+                *at,
+                format!("the agent's credential is in use from {current_addr} while a session from {previous_addr} was still alive"),
+                now,
+            ),
+            FleetEvent::CloneSuspected { agent_id, from_addr, at } => self.identity_alert(
+                agent_id,
+                "agent.clone_suspected",
+                *at,
+                format!("a credential this agent gave up in a rotation was presented from {from_addr}; it was refused"),
+                now,
+            ),
             FleetEvent::JobFinished { job_id, counts } => {
                 let failed = counts.iter().any(|(s, n)| *n > 0 && (s.is_error() || *s == RunState::Expired));
                 failed.then(|| Alert {
