@@ -8,7 +8,7 @@
 //   MUSTER_SHOTS      optional directory for screenshots
 // Exit status 0 means every step passed; anything else comes with the step that failed.
 
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const { MUSTER_URL: url, MUSTER_TOKEN: token, MUSTER_PENDING: pending, MUSTER_CLONED: cloned, MUSTER_JOB: job, MUSTER_SHOTS: shots } = process.env;
 if (!url || !token || !pending || !cloned || !job) {
@@ -23,11 +23,7 @@ function step(name) {
   console.log(`step: ${name}`);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.MUSTER_CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 const errors = [];
 const confirmed = [];
 let page = null;

@@ -7,7 +7,7 @@
 //   MUSTER_SHOTS          optional directory for a screenshot
 // Exit status 0 means every step passed; anything else comes with the step that failed.
 
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const { MUSTER_URL: url, MUSTER_ADMIN_TOKEN: admin, MUSTER_TOKEN: operator, MUSTER_ENTRIES: entries, MUSTER_SHOTS: shots } = process.env;
 if (!url || !admin || !operator || !entries) {
@@ -25,11 +25,7 @@ function check(cond, message) {
   if (!cond) throw new Error(message);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.MUSTER_CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 const errors = [];
 let page = null;
 try {

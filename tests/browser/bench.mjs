@@ -4,7 +4,7 @@
 //   events to measure the page's main-thread load over).
 // Prints one line per figure.
 
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 
 const { MUSTER_URL: url, MUSTER_TOKEN: token } = process.env;
 const agents = Number(process.env.AGENTS || 0);
@@ -15,11 +15,7 @@ if (!url || !token || !agents) {
 }
 setTimeout(() => { console.error('bench: deadline passed'); process.exit(1); }, (watch + 120) * 1000).unref();
 
-const browser = await chromium.launch({
-  executablePath: process.env.MUSTER_CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 try {
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 860 } });
   context.setDefaultTimeout(60_000);

@@ -11,7 +11,7 @@
 // The test answers "killed" on stdin once the victim is dead. Exit status 0 means every step
 // passed; anything else comes with the step that failed.
 
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 import { createInterface } from 'node:readline';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -45,11 +45,7 @@ function check(cond, message) {
   if (!cond) throw new Error(message);
 }
 
-const browser = await chromium.launch({
-  executablePath: process.env.MUSTER_CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-    '--disable-component-update', '--disable-sync'],
-});
+const browser = await launch();
 const errors = [];
 const ONLY_401 = /status of 401/;
 let expected = ONLY_401;
