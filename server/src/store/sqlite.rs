@@ -116,7 +116,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5))
             .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new().max_connections(8).min_connections(1).connect_with(options).await?;
-        sqlx::migrate!("../migrations").run(&pool).await.map_err(|e| StoreError::Migrate(e.to_string()))?;
+        sqlx::migrate!("../migrations/sqlite").run(&pool).await.map_err(|e| StoreError::Migrate(e.to_string()))?;
         Ok(SqliteStore { pool, write: Arc::new(tokio::sync::Mutex::new(())) })
     }
 

@@ -34,7 +34,7 @@ pub async fn inspect(path: &Path) -> Result<Inspection, InspectError> {
     }
     let applied: Vec<(i64,)> =
         sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success = 1").fetch_all(&mut conn).await.unwrap_or_default();
-    let known: HashSet<i64> = sqlx::migrate!("../migrations").iter().map(|m| m.version).collect();
+    let known: HashSet<i64> = sqlx::migrate!("../migrations/sqlite").iter().map(|m| m.version).collect();
     let applied: HashSet<i64> = applied.into_iter().map(|(v,)| v).collect();
     let newer = applied.iter().find(|v| !known.contains(v)).copied();
     Ok(Inspection::Intact { newer, pending: known.difference(&applied).count() })
