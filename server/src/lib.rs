@@ -21,6 +21,7 @@ pub mod logging;
 pub mod output;
 pub mod recorder;
 pub mod registry;
+pub mod runs;
 pub mod scope;
 pub mod shutdown;
 pub mod store;

@@ -455,7 +455,8 @@ impl TryFrom<OpenRunDb> for OpenRun {
     }
 }
 
-const OPEN: &str = "('pending', 'dispatched', 'running')";
+/// The open states (not [`RunState::is_final`]) as an SQL list; a test holds it to the rule.
+pub(super) const OPEN: &str = "('pending', 'dispatched', 'running')";
 
 async fn open_runs_where(pool: &SqlitePool, sql_where: &str, binds: &[&str]) -> Result<Vec<OpenRun>> {
     let sql = format!("{OPEN_RUN_SELECT} WHERE {sql_where}");
@@ -485,4 +486,10 @@ where
         changed.extend(rows.into_iter().map(|(id,)| id));
     }
     Ok(changed)
+}
+
+#[cfg(test)]
+#[test]
+fn the_open_states_in_sql_are_the_rules_open_states() {
+    assert_eq!(OPEN, crate::runs::sql_states(|s| !s.is_final()));
 }

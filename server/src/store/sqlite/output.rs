@@ -170,9 +170,7 @@ async fn run_infos(tx: &mut sqlx::Transaction<'_, Sqlite>, ids: &[&str]) -> Resu
         let rows: Vec<Row> = q.build_query_as().fetch_all(&mut **tx).await?;
         for (id, job_id, agent_id, limit, out_len, out_t, err_len, err_t, state) in rows {
             let held = [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }];
-            // Final states a later result may still replace (`lost`, `cancelled`) take output;
-            // the others are settled.
-            let settled = matches!(state.as_str(), "succeeded" | "failed" | "timed_out" | "expired" | "skipped");
+            let settled = !crate::runs::takes_result(super::parse_run_state(&state)?);
             out.insert(id, RunInfo { job_id, agent_id, limit: to_u64(limit), held, settled });
         }
     }

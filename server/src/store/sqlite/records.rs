@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use shared::AgentId;
 use shared::api::AgentStatus;
 use shared::job::{RunId, RunState};
-use shared::protocol::{Metrics, Outcome, RunFinished};
+use shared::protocol::{Metrics, RunFinished};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::output::insert_outputs;
 use super::{ROWS_PER_STATEMENT, labels_json, parse_agent_id, parse_run_state, push_in_list, to_i64, to_u64, trust, update_from};
+use crate::output::Held;
+use crate::runs::{self, Forget, Settlement};
 use crate::store::{Effect, Record, Result};
 
 pub(super) async fn record(pool: &SqlitePool, batch: &[Record]) -> Result<Vec<Effect>> {
@@ -153,7 +155,7 @@ async fn write_run_progress(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Rec
         tx,
         "UPDATE runs SET accepted = 1, state = CASE WHEN runs.state = 'pending' THEN 'dispatched' ELSE runs.state END, \
          dispatched_at = COALESCE(runs.dispatched_at, v.column3)",
-        "WHERE runs.id = v.column2 AND runs.agent_id = v.column1 AND runs.state IN ('pending', 'dispatched')",
+        &format!("WHERE runs.id = v.column2 AND runs.agent_id = v.column1 AND runs.state IN {}", runs::sql_states(runs::takes_progress)),
         &accepted,
         |b, (agent, run, at)| {
             b.push_bind(agent.as_str().to_owned()).push_bind(run.to_string()).push_bind(*at);
@@ -185,10 +187,11 @@ async fn write_run_progress(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Rec
         q.push_values(chunk, |mut b, (agent, run, at)| {
             b.push_bind(agent.as_str().to_owned()).push_bind(run.to_string()).push_bind(*at);
         });
-        q.push(
-            ") AS v WHERE runs.id = v.column2 AND runs.agent_id = v.column1 AND runs.state IN ('pending', 'dispatched') \
+        q.push(format!(
+            ") AS v WHERE runs.id = v.column2 AND runs.agent_id = v.column1 AND runs.state IN {} \
              RETURNING runs.id, runs.job_id, runs.agent_id",
-        );
+            runs::sql_states(runs::takes_progress)
+        ));
         let rows: Vec<(String, String, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
         for (run_id, job_id, agent_id) in rows {
             effects.push(Effect::RunState {
@@ -219,19 +222,24 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
         return Ok(());
     }
     let ids: Vec<&str> = finished.iter().map(|(_, f, _)| f.run_id.as_str()).collect();
-    let mut known: HashMap<String, (String, String, RunState, u64, Option<i64>)> = HashMap::new();
-    let mut have: HashMap<String, [crate::output::Held; 2]> = HashMap::new();
+    let mut known: HashMap<String, (String, runs::StoredRun)> = HashMap::new();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-            "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit, r.dispatched_at,              r.stdout_held, r.stdout_truncated, r.stderr_held, r.stderr_truncated FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
+            "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit, r.dispatched_at, \
+             r.stdout_held, r.stdout_truncated, r.stderr_held, r.stderr_truncated FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
         );
         push_in_list(&mut q, chunk);
         type Row = (String, String, String, String, i64, Option<i64>, i64, bool, i64, bool);
         let rows: Vec<Row> = q.build_query_as().fetch_all(&mut **tx).await?;
         for (id, job, agent, state, limit, dispatched_at, out_len, out_t, err_len, err_t) in rows {
-            use crate::output::Held;
-            have.insert(id.clone(), [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }]);
-            known.insert(id, (job, agent, parse_run_state(&state)?, to_u64(limit), dispatched_at));
+            let run = runs::StoredRun {
+                agent_id: parse_agent_id(&agent)?,
+                state: parse_run_state(&state)?,
+                output_limit: to_u64(limit),
+                dispatched_at,
+                held: [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }],
+            };
+            known.insert(id, (job, run));
         }
     }
     let started_at: HashMap<&str, i64> = batch
@@ -244,61 +252,34 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
     let mut updates = Vec::new();
     for (agent_id, f, at) in finished {
         let ack = Effect::Ack { agent_id: agent_id.clone(), run_id: f.run_id.clone() };
-        let Some((job_id, owner, state, limit, dispatched_at)) = known.get(&f.run_id) else {
-            tracing::warn!(agent = %agent_id, run = %f.run_id, "result for an unknown run");
-            effects.push(ack);
-            continue;
-        };
-        if owner != agent_id.as_str() {
-            // Not this agent's run: store nothing, and let it forget the run.
-            tracing::warn!(agent = %agent_id, run = %f.run_id, "result for another agent's run refused");
-            effects.push(ack);
-            continue;
+        let stored = known.get(&f.run_id);
+        match runs::settle(stored.map(|(_, run)| run), agent_id, f, at) {
+            Settlement::Forget(why) => {
+                match why {
+                    Forget::UnknownRun => tracing::warn!(agent = %agent_id, run = %f.run_id, "result for an unknown run"),
+                    Forget::NotOwner => tracing::warn!(agent = %agent_id, run = %f.run_id, "result for another agent's run refused"),
+                    Forget::Settled => {}
+                }
+                effects.push(ack);
+            }
+            Settlement::Resend { stdout_from, stderr_from } => {
+                effects.push(Effect::Resend { agent_id: agent_id.clone(), run_id: f.run_id.clone(), stdout_from, stderr_from });
+            }
+            Settlement::Store(result) => {
+                let job_id = stored.map(|(job, _)| job.clone()).unwrap_or_default();
+                effects.push(Effect::RunState {
+                    job_id,
+                    run_id: f.run_id.clone(),
+                    agent_id: agent_id.clone(),
+                    state: result.state,
+                    exit_code: f.exit_code,
+                    error: f.error.clone(),
+                    latency_ms: result.latency_ms,
+                });
+                effects.push(ack);
+                updates.push((f, result, at, started_at.get(f.run_id.as_str()).copied()));
+            }
         }
-        if state.is_final() && !matches!(state, RunState::Lost | RunState::Cancelled) {
-            effects.push(ack);
-            continue;
-        }
-        let [out, err] = have.get(&f.run_id).copied().unwrap_or_default();
-        if !crate::output::complete(out, f.stdout_len, *limit) || !crate::output::complete(err, f.stderr_len, *limit) {
-            effects.push(Effect::Resend {
-                agent_id: agent_id.clone(),
-                run_id: f.run_id.clone(),
-                stdout_from: out.len,
-                stderr_from: err.len,
-            });
-            continue;
-        }
-        // What is kept: all the agent reported, or what the server held when it cut the stream.
-        let (want_out, want_err) = (f.stdout_len.min(out.len), f.stderr_len.min(err.len));
-        let new_state = match f.outcome {
-            Outcome::Succeeded => RunState::Succeeded,
-            Outcome::Failed => RunState::Failed,
-            Outcome::TimedOut => RunState::TimedOut,
-            Outcome::Cancelled => RunState::Cancelled,
-            Outcome::Lost => RunState::Lost,
-        };
-        let started = started_at.get(f.run_id.as_str()).copied();
-        updates.push((
-            f,
-            new_state,
-            at,
-            want_out,
-            want_err,
-            f.stdout_truncated || out.truncated || f.stdout_len > *limit,
-            f.stderr_truncated || err.truncated || f.stderr_len > *limit,
-            started,
-        ));
-        effects.push(Effect::RunState {
-            job_id: job_id.clone(),
-            run_id: f.run_id.clone(),
-            agent_id: agent_id.clone(),
-            state: new_state,
-            exit_code: f.exit_code,
-            error: f.error.clone(),
-            latency_ms: dispatched_at.map(|d| to_u64(at - d)),
-        });
-        effects.push(ack);
     }
     update_from(
         tx,
@@ -307,17 +288,17 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, batch: &[Record], e
          started_at = COALESCE(runs.started_at, v.column11), dispatched_at = COALESCE(runs.dispatched_at, v.column11)",
         "WHERE runs.id = v.column1",
         &updates,
-        |b, (f, state, at, out_len, err_len, out_t, err_t, started)| {
+        |b, (f, r, at, started)| {
             b.push_bind(f.run_id.clone())
-                .push_bind(state.as_str())
+                .push_bind(r.state.as_str())
                 .push_bind(f.exit_code)
                 .push_bind(f.signal)
                 .push_bind(f.error.clone())
                 .push_bind(*at)
-                .push_bind(to_i64(*out_len))
-                .push_bind(to_i64(*err_len))
-                .push_bind(*out_t)
-                .push_bind(*err_t)
+                .push_bind(to_i64(r.stdout_len))
+                .push_bind(to_i64(r.stderr_len))
+                .push_bind(r.stdout_truncated)
+                .push_bind(r.stderr_truncated)
                 .push_bind(*started);
         },
     )
