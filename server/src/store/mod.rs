@@ -5,6 +5,7 @@
 //! **Invariant:** all SQL lives below this module. Callers see row types, never SQL errors:
 //! [`StoreError`] says what kind of failure happened without leaking statement text.
 
+pub mod batch;
 pub mod sqlite;
 
 use async_trait::async_trait;
