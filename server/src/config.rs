@@ -63,6 +63,15 @@ pub struct Settings {
     /// names added later need a new CA.
     #[arg(long, global = true, env = "MUSTER_TLS_HOSTNAMES", value_delimiter = ',')]
     pub tls_hostnames: Option<Vec<String>>,
+    /// The PostgreSQL database several servers share, as a URL: `postgres://USER@HOST:PORT/DB`,
+    /// with libpq's parameters (`sslmode=verify-full`, `sslrootcert=...`) in its query. Without
+    /// it, SQLite in the data directory. A password in it shows in the process list: prefer
+    /// --database-password-file.
+    #[arg(long, global = true, env = "MUSTER_DATABASE", hide_env_values = true)]
+    pub database: Option<String>,
+    /// Read the PostgreSQL password from this file (one line).
+    #[arg(long, global = true, env = "MUSTER_DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<PathBuf>,
     /// Name of this server process among several sharing a database. [default: local]
     #[arg(long, global = true, env = "MUSTER_NODE_ID")]
     pub node_id: Option<String>,
@@ -195,6 +204,8 @@ struct FileSettings {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_hostnames: Option<Vec<String>>,
+    database: Option<String>,
+    database_password_file: Option<PathBuf>,
     node_id: Option<String>,
     ping_interval: Option<String>,
     heartbeat_retention: Option<String>,
@@ -234,6 +245,7 @@ struct FileSettings {
 pub struct Config {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    pub database: Database,
     pub tls: TlsSource,
     pub node_id: String,
     pub ping_interval: Duration,
@@ -251,6 +263,53 @@ pub struct Config {
     pub alert_hold_down: Duration,
     pub log: String,
     pub limits: Limits,
+}
+
+/// Where the server keeps its state.
+#[derive(Clone)]
+pub enum Database {
+    /// The embedded default: one file in the data directory.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, for several servers sharing one. Its password (in the URL or from
+    /// a file) is never printed: see [`Database::describe`].
+    Postgres(sqlx::postgres::PgConnectOptions),
+}
+
+impl Database {
+    /// A `postgres://` (or `postgresql://`) URL, checked now so that a typo fails at start with
+    /// a clear message rather than at the first query.
+    pub fn postgres(url: &str, password: Option<String>) -> Result<Database, ConfigError> {
+        use std::str::FromStr;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid(
+                "database must be a postgres:// URL (without it, SQLite in the data directory is used)".into(),
+            ));
+        }
+        // sqlx's message may quote the URL, password and all: say only what is wrong.
+        let options = sqlx::postgres::PgConnectOptions::from_str(url)
+            .map_err(|_| ConfigError::Invalid("database is not a valid postgres:// URL".into()))?;
+        let options = match password {
+            Some(p) => options.password(&p),
+            None => options,
+        };
+        Ok(Database::Postgres(options.application_name("muster-server")))
+    }
+
+    /// The database for messages and logs, without any password.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(path) => path.display().to_string(),
+            Database::Postgres(o) => {
+                format!("postgres://{}@{}:{}/{}", o.get_username(), o.get_host(), o.get_port(), o.get_database().unwrap_or(""))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 /// What any one peer may cost the server (see `LimitSettings` for each one's meaning).
@@ -368,9 +427,26 @@ impl Config {
             (None, None) => TlsSource::Generated { hostnames: settings.tls_hostnames.clone().or(file.tls_hostnames).unwrap_or_default() },
             _ => return Err(ConfigError::Invalid("tls_cert and tls_key must be given together".into())),
         };
+        let data_dir = settings.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("muster-data"));
+        let database = match settings.database.clone().or(file.database) {
+            None => Database::Sqlite(data_dir.join("muster.db")),
+            Some(url) => {
+                let password = match settings.database_password_file.as_ref().or(file.database_password_file.as_ref()) {
+                    Some(path) => Some(
+                        std::fs::File::open(path)
+                            .map_err(Into::into)
+                            .and_then(shared::secret::read)
+                            .map_err(|e| ConfigError::Invalid(format!("database password file {}: {e}", path.display())))?,
+                    ),
+                    None => None,
+                };
+                Database::postgres(&url, password)?
+            }
+        };
         let config = Config {
             listen: settings.listen.or(file.listen).unwrap_or_else(Self::default_listen),
-            data_dir: settings.data_dir.clone().or(file.data_dir).unwrap_or_else(|| PathBuf::from("muster-data")),
+            data_dir,
+            database,
             tls,
             node_id: settings.node_id.clone().or(file.node_id).unwrap_or_else(|| "local".into()),
             ping_interval: dur(settings.ping_interval, &file.ping_interval, "ping_interval", Duration::from_secs(15))?,
@@ -435,6 +511,8 @@ impl Config {
         Ok(())
     }
 
+    /// Where the embedded SQLite database lives in the data directory (used unless a
+    /// PostgreSQL database is configured).
     pub fn database_path(&self) -> PathBuf {
         self.data_dir.join("muster.db")
     }
@@ -598,6 +676,31 @@ mod tests {
         assert_eq!(c.audit_file, Some(PathBuf::from("/var/log/muster/audit.jsonl")));
         let s = Settings { config: Some(path), audit_retention: Some(Duration::from_secs(365)), ..Settings::default() };
         assert!(Config::resolve(&s).unwrap_err().to_string().contains("audit_retention"));
+    }
+
+    #[test]
+    fn the_database_is_sqlite_in_the_data_directory_unless_a_postgres_url_is_given_and_its_password_never_shows() {
+        let c = Config::resolve(&Settings { data_dir: Some("/srv/m".into()), ..Settings::default() }).unwrap();
+        assert!(matches!(&c.database, Database::Sqlite(p) if p == Path::new("/srv/m/muster.db")));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, "database = \"postgres://muster:hunter2@db.example:6543/fleet?sslmode=verify-full\"\n").unwrap();
+        let c = Config::resolve(&Settings { config: Some(path.clone()), ..Settings::default() }).unwrap();
+        assert_eq!(c.database.describe(), "postgres://muster@db.example:6543/fleet");
+        assert!(!format!("{c:?}").contains("hunter2"), "the password shows in the config's Debug");
+
+        let secret = dir.path().join("db-password");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        let s =
+            Settings { database: Some("postgresql://muster@db/fleet".into()), database_password_file: Some(secret), ..Settings::default() };
+        let Database::Postgres(o) = Config::resolve(&s).unwrap().database else { panic!("not postgres") };
+        assert_eq!(o.get_database(), Some("fleet"));
+
+        for bad in ["mysql://x/y", "/var/lib/muster.db", "postgres://u:hunter2@[bad/x"] {
+            let err = Config::resolve(&Settings { database: Some(bad.into()), ..Settings::default() }).unwrap_err().to_string();
+            assert!(err.contains("postgres://") && !err.contains("hunter2"), "{bad}: {err}");
+        }
     }
 
     #[test]
