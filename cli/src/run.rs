@@ -371,13 +371,15 @@ impl View {
         }
         let total = self.runs.len();
         let done = self.runs.values().filter(|r| r.state == RunState::Succeeded).count();
-        let failed = self.runs.values().filter(|r| r.state.is_final() && r.state != RunState::Succeeded).count();
+        let failed = self.runs.values().filter(|r| r.state.is_failure()).count();
+        let stopped = self.runs.values().filter(|r| r.state.is_final() && r.state != RunState::Succeeded && !r.state.is_failure()).count();
         let running = self.runs.values().filter(|r| matches!(r.state, RunState::Dispatched | RunState::Running)).count();
-        let pending = total - done - failed - running;
+        let pending = total - done - failed - stopped - running;
+        let stopped = if stopped > 0 { format!(", {stopped} cancelled or skipped") } else { String::new() };
         let _ = write!(
             std::io::stderr(),
-            "\r\x1b[2K[{}/{total}] {done} ok, {failed} failed, {running} running, {pending} pending",
-            done + failed
+            "\r\x1b[2K[{}/{total}] {done} ok, {failed} failed{stopped}, {running} running, {pending} pending",
+            total - pending - running
         );
     }
 

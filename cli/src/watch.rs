@@ -33,13 +33,12 @@ fn line(e: &FleetEvent) -> String {
                 crate::output::percent(*mem_used_bytes, *mem_total_bytes)
             )
         }
-        FleetEvent::JobCreated { job_id, command, target, total, created_by, at } => {
+        FleetEvent::JobCreated { job_id, command, target, total, created_by, at, .. } => {
             format!("{at}  job {job_id}  created by {created_by}: {command} on {} ({target})", crate::output::agents(*total))
         }
-        FleetEvent::JobProgress { job_id, counts } | FleetEvent::JobFinished { job_id, counts } => {
-            let done = if matches!(e, FleetEvent::JobFinished { .. }) { "finished" } else { "progress" };
+        FleetEvent::JobProgress { job_id, counts, status, .. } | FleetEvent::JobFinished { job_id, counts, status, .. } => {
             let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
-            format!("job {job_id}  {done}: {}", counts.join(", "))
+            format!("job {job_id}  {}: {}", status.as_str().replace('_', " "), counts.join(", "))
         }
         FleetEvent::Resync => "(some events were missed; `muster agents` and `muster jobs` show the current state)".into(),
     };

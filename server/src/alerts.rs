@@ -21,7 +21,7 @@ use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
 use shared::api::{AgentStatus, FleetEvent};
-use shared::job::{RunState, StateCounts};
+use shared::job::StateCounts;
 use shared::{AgentId, Timestamp};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
@@ -202,8 +202,8 @@ impl Policy {
                 format!("a credential this agent gave up in a rotation was presented from {from_addr}; it was refused"),
                 now,
             ),
-            FleetEvent::JobFinished { job_id, counts } => {
-                let failed = counts.iter().any(|(s, n)| *n > 0 && (s.is_error() || *s == RunState::Expired));
+            FleetEvent::JobFinished { job_id, counts, .. } => {
+                let failed = shared::job::failures(counts) > 0;
                 failed.then(|| Alert {
                     event: "job.failed",
                     at: Timestamp::now(),

@@ -272,7 +272,7 @@ pub enum Database {
     Sqlite(PathBuf),
     /// A PostgreSQL database, for several servers sharing one. Its password (in the URL or from
     /// a file) is never printed: see [`Database::describe`].
-    Postgres(sqlx::postgres::PgConnectOptions),
+    Postgres(Box<sqlx::postgres::PgConnectOptions>),
 }
 
 impl Database {
@@ -292,7 +292,7 @@ impl Database {
             Some(p) => options.password(&p),
             None => options,
         };
-        Ok(Database::Postgres(options.application_name("muster-server")))
+        Ok(Database::Postgres(Box::new(options.application_name("muster-server"))))
     }
 
     /// The database for messages and logs, without any password.

@@ -76,13 +76,18 @@ impl Dispatcher {
         }
     }
 
-    fn announce_progress(&self, job_id: &str, counts: &shared::job::StateCounts) {
+    fn announce_progress(&self, job_id: &str, counts: &shared::job::StateCounts, status: shared::job::JobStatus) {
         let mut progress = self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = tokio::time::Instant::now();
         let due = progress.get(job_id).is_none_or(|(t, last)| last != counts && now.duration_since(*t) >= PROGRESS_EVERY);
         if due {
             progress.insert(job_id.to_owned(), (now, counts.clone()));
-            self.fleet.publish(shared::api::FleetEvent::JobProgress { job_id: job_id.to_owned(), counts: counts.clone() });
+            self.fleet.publish(shared::api::FleetEvent::JobProgress {
+                job_id: job_id.to_owned(),
+                counts: counts.clone(),
+                status,
+                failed: shared::job::failures(counts),
+            });
         }
     }
 
@@ -152,13 +157,19 @@ impl Dispatcher {
                         })
                         .await;
                     self.events.publish(&job.id, JobEvent::Finished { counts: c.clone() });
-                    self.fleet.publish(shared::api::FleetEvent::JobFinished { job_id: job.id.clone(), counts: c });
+                    let status = shared::job::JobStatus::of(true, job.cancelled_at.is_some(), false, &c);
+                    self.fleet.publish(shared::api::FleetEvent::JobFinished {
+                        job_id: job.id.clone(),
+                        failed: shared::job::failures(&c),
+                        counts: c,
+                        status,
+                    });
                     self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.id);
                     self.signed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&job.id);
                 }
                 continue;
             }
-            self.announce_progress(&job.id, &c);
+            self.announce_progress(&job.id, &c, shared::job::JobStatus::of(false, job.cancelled_at.is_some(), job.awaiting_approval(), &c));
             if pending == 0 {
                 continue;
             }
@@ -179,7 +190,7 @@ impl Dispatcher {
             let t = std::time::Instant::now();
             let waiting = self.store.pending_runs(&job.id).await?;
             tracing::debug!(runs = waiting.len(), ms = t.elapsed().as_millis() as u64, "read pending runs");
-            let errors = n(RunState::Failed) + n(RunState::TimedOut) + n(RunState::Lost);
+            let errors = shared::job::failures(&c);
             if job.max_errors.is_some_and(|m| errors >= u64::from(m)) {
                 self.end(&job.id, &waiting, RunState::Skipped, "the job reached its max_errors").await?;
                 continue;

@@ -1123,21 +1123,22 @@ function jobModel(j) {
     created_at: j.created_at,
     total: j.total,
     counts: j.counts || {},
-    finished: !!j.finished_at,
-    cancelled: !!j.cancelled_at,
-    awaiting: !!j.approval && !j.approval.approved_by,
+    status: j.status,
+    failed: j.failed || 0,
   };
 }
 
+// The server decides a job's status and what counts as failed (shared::job::JobStatus); the
+// page only shows it.
 function jobStatus(j) {
   const done = Object.entries(j.counts).filter(([s]) => FINAL_STATES.has(s)).reduce((a, [, n]) => a + n, 0);
-  const failed = (j.counts.failed || 0) + (j.counts.timed_out || 0) + (j.counts.lost || 0);
-  if (!j.finished && j.awaiting && !j.cancelled) return pill('state', 'pending', 'awaiting approval');
-  if (!j.finished) return h('span', {}, pill('state', 'running', `running ${done}/${j.total}`));
-  if (failed) return pill('state', 'failed', `${failed} failed`);
-  if (j.cancelled) return pill('state', 'cancelled');
-  if ((j.counts.succeeded || 0) === j.total) return pill('state', 'succeeded');
-  return pill('state', 'expired', 'finished');
+  switch (j.status) {
+    case 'awaiting_approval': return pill('state', 'pending', 'awaiting approval');
+    case 'running': return h('span', {}, pill('state', 'running', `running ${done}/${j.total}`));
+    case 'failed': return pill('state', 'failed', `${j.failed} failed`);
+    case 'cancelled': return pill('state', 'cancelled');
+    default: return pill('state', 'succeeded');
+  }
 }
 
 async function jobsView(ctx) {
@@ -1177,12 +1178,13 @@ async function jobsView(ctx) {
 
   ctx.subscribe((e) => {
     if (e.type === 'job_created') {
-      jobs.set(e.job_id, { id: e.job_id, command: e.command, target: e.target, created_by: e.created_by, created_at: e.at, total: e.total, counts: { pending: e.total }, finished: false, cancelled: false });
+      jobs.set(e.job_id, { id: e.job_id, command: e.command, target: e.target, created_by: e.created_by, created_at: e.at, total: e.total, counts: { pending: e.total }, status: e.status, failed: 0 });
     } else if (e.type === 'job_progress' || e.type === 'job_finished') {
       const j = jobs.get(e.job_id);
       if (!j) return;
       j.counts = e.counts;
-      if (e.type === 'job_finished') j.finished = true;
+      j.status = e.status;
+      j.failed = e.failed;
     } else if (e.type === 'resync') {
       load().catch(() => {});
       return;

@@ -453,15 +453,22 @@ pub enum FleetEvent {
         total: u64,
         created_by: String,
         at: Timestamp,
+        status: crate::job::JobStatus,
     },
     /// Run counts of a running job, at most once a second per job.
     JobProgress {
         job_id: String,
         counts: crate::job::StateCounts,
+        status: crate::job::JobStatus,
+        /// Runs that are failures ([`crate::job::RunState::is_failure`]).
+        failed: u64,
     },
     JobFinished {
         job_id: String,
         counts: crate::job::StateCounts,
+        status: crate::job::JobStatus,
+        /// Runs that are failures ([`crate::job::RunState::is_failure`]).
+        failed: u64,
     },
     /// The client asked to resume from an event this server no longer holds (too old, or from
     /// before a restart): fetch the state again.

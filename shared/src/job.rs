@@ -251,9 +251,12 @@ impl RunState {
         !matches!(self, RunState::Pending | RunState::Dispatched | RunState::Running)
     }
 
-    /// Counts toward a job's `max_errors`.
-    pub fn is_error(self) -> bool {
-        matches!(self, RunState::Failed | RunState::TimedOut | RunState::Lost)
+    /// The run did not succeed, for a reason the operator did not choose: it failed, timed out,
+    /// was lost, or never reached its agent before the job's ttl. One rule for everyone: it
+    /// counts toward `max_errors`, makes its job `failed`, and raises `job.failed`. Cancelled
+    /// and skipped runs are not failures (an operator, or max_errors, stopped them).
+    pub fn is_failure(self) -> bool {
+        matches!(self, RunState::Failed | RunState::TimedOut | RunState::Lost | RunState::Expired)
     }
 }
 
@@ -273,6 +276,53 @@ impl std::str::FromStr for RunState {
 /// Runs of a job by state; states with no runs are left out.
 pub type StateCounts = BTreeMap<RunState, u64>;
 
+/// How many of these runs are failures ([`RunState::is_failure`]).
+pub fn failures(counts: &StateCounts) -> u64 {
+    counts.iter().filter(|(s, _)| s.is_failure()).map(|(_, n)| n).sum()
+}
+
+/// Where a job is, as the API reports it, so no client derives it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// Waiting for a second admin's approval: nothing dispatched.
+    AwaitingApproval,
+    /// Some runs are not final yet (a cancelled job runs until its agents stop).
+    Running,
+    /// Every run succeeded.
+    Succeeded,
+    /// Finished with at least one failure.
+    Failed,
+    /// Cancelled, and finished without a failure.
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn of(finished: bool, cancelled: bool, awaiting_approval: bool, counts: &StateCounts) -> JobStatus {
+        if !finished {
+            return if awaiting_approval && !cancelled { JobStatus::AwaitingApproval } else { JobStatus::Running };
+        }
+        if failures(counts) > 0 {
+            JobStatus::Failed
+        } else if cancelled || counts.iter().any(|(s, n)| *n > 0 && *s != RunState::Succeeded) {
+            // Skipped runs without a failure cannot happen; cancelled ones mean a cancel.
+            JobStatus::Cancelled
+        } else {
+            JobStatus::Succeeded
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::AwaitingApproval => "awaiting_approval",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobSummary {
     pub id: JobId,
@@ -289,6 +339,9 @@ pub struct JobSummary {
     pub finished_at: Option<Timestamp>,
     pub total: u64,
     pub counts: StateCounts,
+    pub status: JobStatus,
+    /// Runs that are failures ([`RunState::is_failure`]).
+    pub failed: u64,
     /// The operator key that signed the job, if it is signed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signed_by: Option<crate::signing::PublicKey>,
@@ -499,9 +552,24 @@ mod tests {
     #[test]
     fn states_know_whether_they_are_final() {
         assert!(!RunState::Dispatched.is_final());
-        assert!(RunState::Expired.is_final() && !RunState::Expired.is_error());
-        assert!(RunState::TimedOut.is_error());
+        assert!(RunState::Expired.is_final() && RunState::Expired.is_failure());
+        assert!(RunState::TimedOut.is_failure() && !RunState::Cancelled.is_failure() && !RunState::Skipped.is_failure());
         assert_eq!("timed_out".parse::<RunState>(), Ok(RunState::TimedOut));
+    }
+
+    #[test]
+    fn a_jobs_status_follows_one_rule() {
+        let c = |pairs: &[(RunState, u64)]| pairs.iter().copied().collect::<StateCounts>();
+        let ok = c(&[(RunState::Succeeded, 3)]);
+        assert_eq!(JobStatus::of(true, false, false, &ok), JobStatus::Succeeded);
+        assert_eq!(JobStatus::of(false, false, true, &c(&[(RunState::Pending, 3)])), JobStatus::AwaitingApproval);
+        assert_eq!(JobStatus::of(false, true, true, &c(&[(RunState::Pending, 3)])), JobStatus::Running);
+        let expired = c(&[(RunState::Succeeded, 2), (RunState::Expired, 1)]);
+        assert_eq!((JobStatus::of(true, false, false, &expired), failures(&expired)), (JobStatus::Failed, 1));
+        let cancelled = c(&[(RunState::Succeeded, 2), (RunState::Cancelled, 1)]);
+        assert_eq!(JobStatus::of(true, true, false, &cancelled), JobStatus::Cancelled);
+        let both = c(&[(RunState::Failed, 1), (RunState::Cancelled, 1)]);
+        assert_eq!(JobStatus::of(true, true, false, &both), JobStatus::Failed);
     }
 
     #[test]

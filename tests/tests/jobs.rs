@@ -132,6 +132,7 @@ async fn concurrency_limits_runs_in_flight_and_max_errors_skips_the_rest() {
     let limited = server.api.create_job(&limited).await;
     let done = server.api.wait_job_finished(&limited.id, SOON).await;
     assert!(states(&done).iter().all(|s| *s == RunState::Succeeded));
+    assert_eq!((done.job.status, done.job.failed), (shared::job::JobStatus::Succeeded, 0));
     // Dispatch-to-finish intervals, as the server recorded them: never more than 2 overlap.
     let spans: Vec<(i64, i64)> =
         done.runs.iter().map(|r| (r.dispatched_at.unwrap().unix_millis(), r.finished_at.unwrap().unix_millis())).collect();
@@ -145,6 +146,8 @@ async fn concurrency_limits_runs_in_flight_and_max_errors_skips_the_rest() {
     let done = server.api.wait_job_finished(&failing.id, SOON).await;
     assert_eq!(done.job.counts.get(&RunState::Failed), Some(&2), "{:?}", done.job.counts);
     assert_eq!(done.job.counts.get(&RunState::Skipped), Some(&4), "{:?}", done.job.counts);
+    // The server says what the job came to: skipped runs are not failures, failed ones are.
+    assert_eq!((done.job.status, done.job.failed), (shared::job::JobStatus::Failed, 2));
 }
 
 #[tokio::test]

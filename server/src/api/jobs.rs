@@ -45,6 +45,8 @@ pub fn summary(job: &JobRow, counts: StateCounts) -> JobSummary {
         cancelled_at: job.cancelled_at,
         finished_at: job.finished_at,
         total: counts.values().sum(),
+        status: shared::job::JobStatus::of(job.finished_at.is_some(), job.cancelled_at.is_some(), job.awaiting_approval(), &counts),
+        failed: shared::job::failures(&counts),
         counts,
         signed_by: job.signature.as_ref().map(|s| s.key.clone()),
         approval: job.approval.as_ref().map(|a| shared::job::Approval {
@@ -247,6 +249,7 @@ pub async fn create(
         total: runs.len() as u64,
         created_by: job.created_by.clone(),
         at: now,
+        status: if job.awaiting_approval() { shared::job::JobStatus::AwaitingApproval } else { shared::job::JobStatus::Running },
     });
     app.dispatcher.kick.notify_one();
     // The summary, not every run: a broadcast's detail is large, and dispatch is running now.
