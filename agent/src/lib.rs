@@ -4,7 +4,6 @@
 //! followed by a jittered, capped backoff and another attempt, so an agent left alone recovers
 //! by itself when the server or the network comes back.
 
-pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod credential;
@@ -22,9 +21,9 @@ pub mod trust;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::{Backoff, HEALTHY_AFTER};
 use crate::config::Config;
 use crate::session::{Outcome, Presenting, Session};
+use shared::backoff::{self, Backoff, HEALTHY_AFTER};
 
 pub async fn run(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let tls = tls::client_config(config.ca.as_deref()).context("TLS")?;

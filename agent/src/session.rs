@@ -417,12 +417,12 @@ async fn collect(collector: &mut Collector, last: &mut Option<shared::protocol::
 fn rotation_due(current: Option<&Credential>, period: Option<Duration>) -> Option<Instant> {
     let (issued_at, period) = (current?.issued_at?, period?);
     let age = issued_at.age(shared::Timestamp::now());
-    let spread = (period / 10).min(Duration::from_secs(60)).mul_f64(crate::backoff::random_fraction());
+    let spread = (period / 10).min(Duration::from_secs(60)).mul_f64(shared::backoff::random_fraction());
     Some(Instant::now() + period.saturating_sub(age) + spread)
 }
 
 fn jittered(interval: Duration) -> Duration {
-    interval.mul_f64(0.9 + 0.2 * crate::backoff::random_fraction())
+    interval.mul_f64(0.9 + 0.2 * shared::backoff::random_fraction())
 }
 
 fn describe_close(f: Option<&CloseFrame>) -> String {

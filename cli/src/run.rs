@@ -173,10 +173,14 @@ fn all_succeeded(job: &JobDetail) -> bool {
 async fn follow(client: &Client, id: &str, live: bool, out: Out<'_>) -> anyhow::Result<JobDetail> {
     let mut view = View::new(live);
     let mut failures = 0;
+    let mut backoff = shared::backoff::Backoff::new(crate::watch::RECONNECT_INITIAL, crate::watch::RECONNECT_MAX);
     loop {
         match stream_once(client, id, &mut view, out).await {
             Ok(true) => break,
-            Ok(false) => failures = 0,
+            Ok(false) => {
+                failures = 0;
+                backoff.reset();
+            }
             Err(e) => {
                 failures += 1;
                 if failures > 30 {
@@ -184,7 +188,7 @@ async fn follow(client: &Client, id: &str, live: bool, out: Out<'_>) -> anyhow::
                 }
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
     view.clear_progress();
     // The final state, from the database: what the summary and the exit status rest on.

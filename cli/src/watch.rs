@@ -49,6 +49,9 @@ fn line(e: &FleetEvent) -> String {
 pub async fn watch(client: &Client, json: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let mut last_id: Option<String> = None;
     let mut failures = 0u32;
+    // The agent's reconnect schedule (shared::backoff): capped exponential with full jitter, so
+    // operators' streams cut by a server restart do not all come back at once.
+    let mut backoff = shared::backoff::Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
     loop {
         let mut req = client.request(Method::GET, "/events");
         if let Some(id) = &last_id {
@@ -61,11 +64,12 @@ pub async fn watch(client: &Client, json: bool, out: &mut dyn Write) -> anyhow::
                 if failures > 30 {
                     return Err(e.context("the event stream is gone"));
                 }
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
         failures = 0;
+        backoff.reset();
         let mut body = resp.bytes_stream();
         let mut buf = Vec::new();
         while let Some(chunk) = body.next().await {
@@ -84,6 +88,10 @@ pub async fn watch(client: &Client, json: bool, out: &mut dyn Write) -> anyhow::
                 out.flush()?;
             }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
+
+/// The first reconnect waits up to this (jittered), doubling to [`RECONNECT_MAX`].
+pub const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(10);

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod backoff;
 pub mod duration;
 pub mod id;
 pub mod job;

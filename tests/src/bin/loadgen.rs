@@ -559,14 +559,14 @@ async fn attempt(addr: SocketAddr, source: IpAddr, cred: &str, tls: Arc<rustls::
 /// Holds a session like an agent: heartbeats every 10 s with jitter, until the link drops.
 async fn hold(conn: &mut ws::Ws, stop: &tokio_util::sync::CancellationToken) -> bool {
     let mut seq = 0u64;
-    let mut next = tokio::time::Instant::now() + Duration::from_secs(10).mul_f64(agent::backoff::random_fraction());
+    let mut next = tokio::time::Instant::now() + Duration::from_secs(10).mul_f64(shared::backoff::random_fraction());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return false,
             _ = tokio::time::sleep_until(next) => {
                 seq += 1;
                 if ws::send(conn, &ws::heartbeat(seq, "sim")).await.is_err() { return true; }
-                next += Duration::from_secs(10).mul_f64(0.9 + 0.2 * agent::backoff::random_fraction());
+                next += Duration::from_secs(10).mul_f64(0.9 + 0.2 * shared::backoff::random_fraction());
             }
             m = conn.next() => match m {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return true,
@@ -610,7 +610,7 @@ async fn storm(
                 g.push(ms());
             }
             // The agent's own schedule: what `muster-agent` does after a session ends.
-            let mut backoff = agent::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+            let mut backoff = shared::backoff::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
             loop {
                 let delay = backoff.next_delay();
                 tokio::select! {
@@ -635,7 +635,7 @@ async fn storm(
                         }
                         (Attempt::Busy(wait), _) => {
                             tokio::select! {
-                                _ = tokio::time::sleep(agent::backoff::after_busy(wait)) => {}
+                                _ = tokio::time::sleep(shared::backoff::after_busy(wait)) => {}
                                 _ = stop.cancelled() => return,
                             }
                         }

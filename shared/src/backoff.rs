@@ -45,7 +45,7 @@ impl Backoff {
 /// its message budget (4005). Uniform in [60 s, 180 s]; None for any other code, which takes
 /// the ordinary schedule.
 pub fn after_close(code: u16) -> Option<Duration> {
-    use shared::protocol::close;
+    use crate::protocol::close;
     matches!(code, close::REPLACED | close::RATE_LIMITED).then(|| HARD_BACKOFF_MIN + HARD_BACKOFF_SPREAD.mul_f64(random_fraction()))
 }
 
@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn replaced_and_rate_limited_sessions_wait_at_least_a_minute() {
-        use shared::protocol::close;
+        use crate::protocol::close;
         for _ in 0..100 {
             let d = after_close(close::REPLACED).unwrap();
             assert!((HARD_BACKOFF_MIN..=HARD_BACKOFF_MIN + HARD_BACKOFF_SPREAD).contains(&d), "{d:?}");
