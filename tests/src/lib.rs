@@ -126,8 +126,43 @@ impl Drop for Process {
 /// Server knobs tests turn down so that liveness shows within a second or two.
 pub const TEST_PING_INTERVAL: &str = "500ms";
 
+/// Where a test server keeps its state: the embedded SQLite file, or a private PostgreSQL
+/// cluster the test starts (`testdb`), one database per server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs each named scenario, an `async fn(Backend)`, once per backend: as `sqlite::NAME` and
+/// `postgres::NAME` tests.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
 pub struct TestServer {
     pub dir: TempDir,
+    pub backend: Backend,
+    /// The PostgreSQL cluster of a `Postgres` server, and its database's URL.
+    pub postgres: Option<(Arc<testdb::Cluster>, String)>,
     pub port: u16,
     pub url: String,
     pub ca: PathBuf,
@@ -147,11 +182,29 @@ impl TestServer {
 
     /// A fresh server started with extra flags.
     pub async fn spawn_with(extra_args: &[&str]) -> TestServer {
+        Self::spawn_on(Backend::Sqlite, extra_args).await
+    }
+
+    /// A fresh server on this backend: with `Postgres`, a private cluster of its own.
+    pub async fn spawn_on(backend: Backend, extra_args: &[&str]) -> TestServer {
         tls_provider();
         let dir = tempfile::tempdir().expect("tempdir");
+        let postgres = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => {
+                let cluster = tokio::task::spawn_blocking(testdb::Cluster::start).await.expect("start PostgreSQL");
+                let url = cluster.fresh_database();
+                Some((Arc::new(cluster), url))
+            }
+        };
+        let mut extra_args: Vec<String> = extra_args.iter().map(|s| s.to_string()).collect();
+        if let Some((_, url)) = &postgres {
+            extra_args.extend(["--database".to_owned(), url.clone()]);
+        }
         let out = Command::new(bin("muster-server"))
             .arg("--data-dir")
             .arg(dir.path())
+            .args(&extra_args)
             .arg("bootstrap")
             .arg("--name")
             .arg("test-admin")
@@ -165,12 +218,14 @@ impl TestServer {
         let mut server = TestServer {
             api: Api::placeholder(&url, &admin_token),
             dir,
+            backend,
+            postgres,
             port,
             url,
             ca,
             admin_token,
             process: None,
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            extra_args,
         };
         server.start().await;
         server
@@ -276,10 +331,17 @@ impl TestServer {
         }
     }
 
-    /// Runs one SQL statement straight on the server's SQLite file, as anyone holding the data
-    /// directory could; returns the rows it changed.
+    /// Runs one SQL statement straight on the server's database (its SQLite file, or its
+    /// PostgreSQL database), as anyone holding the data directory or the database could;
+    /// returns the rows it changed.
     pub async fn sql(&self, statement: &str) -> u64 {
         use sqlx::ConnectOptions;
+        if let Some((_, url)) = &self.postgres {
+            let mut conn: sqlx::PgConnection =
+                url.parse::<sqlx::postgres::PgConnectOptions>().expect("url").connect().await.expect("connect");
+            let done = sqlx::query(sqlx::AssertSqlSafe(statement.to_owned())).execute(&mut conn).await.expect(statement);
+            return done.rows_affected();
+        }
         let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
             .filename(self.dir.path().join("muster.db"))
             .busy_timeout(Duration::from_secs(10))

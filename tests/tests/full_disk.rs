@@ -62,7 +62,18 @@ exec "$3" --data-dir "$2" --listen "127.0.0.1:$5" --ping-interval "$6" --sweep-i
         async move { api.healthz().await.then_some(()) }
     })
     .await;
-    let server = TestServer { dir, port, url, ca, admin_token, process: Some(process), api, extra_args: Vec::new() };
+    let server = TestServer {
+        dir,
+        backend: tests::Backend::Sqlite,
+        postgres: None,
+        port,
+        url,
+        ca,
+        admin_token,
+        process: Some(process),
+        api,
+        extra_args: Vec::new(),
+    };
     (server, inside)
 }
 
