@@ -7,6 +7,9 @@
 
 pub mod sqlite;
 
+#[cfg(test)]
+pub(crate) mod conformance;
+
 use async_trait::async_trait;
 use shared::api::{AgentStatus, FleetCounts, HeartbeatSample, Role, Transition};
 use shared::job::{JobId, RunId, RunState, StateCounts, Stream};
