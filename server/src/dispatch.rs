@@ -390,7 +390,7 @@ mod tests {
             .unwrap();
         assert!(store.enroll_agent("00000000000000aa", &agent).await.unwrap());
         let now = Timestamp::now();
-        let mut job = crate::store::sqlite::test_job_row("00000000000000d1", now.unix_millis());
+        let mut job = crate::store::conformance::job_row("00000000000000d1", now.unix_millis());
         job.expires_at = now.saturating_add(Duration::from_secs(600));
         store.create_job(&job, &[("r1".into(), agent.id.clone())]).await.unwrap();
         let d = dispatcher(store.clone());

@@ -8,6 +8,9 @@
 pub mod batch;
 pub mod sqlite;
 
+#[cfg(test)]
+pub(crate) mod conformance;
+
 use async_trait::async_trait;
 use shared::api::{AgentStatus, FleetCounts, HeartbeatSample, Role, Transition};
 use shared::job::{JobId, RunId, RunState, StateCounts, Stream};

@@ -436,11 +436,5 @@ where
     Ok(())
 }
 
-/// A job for tests elsewhere in the server (the dispatcher's).
-#[cfg(test)]
-pub fn test_job_row(id: &str, created_at: i64) -> JobRow {
-    tests::job_row(id, created_at)
-}
-
 #[cfg(test)]
 mod tests;

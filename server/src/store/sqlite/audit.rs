@@ -243,49 +243,15 @@ impl SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use shared::AgentId;
-    use shared::audit::{Break, Start, Verifier};
-    use shared::job::RunState;
+    //! What only SQLite shows: rows from before the chain, and rows changed behind the store's
+    //! back. The chain's guarantees are checked for every backend in `conformance::audit`.
 
+    use shared::audit::{Break, Start};
+
+    use super::super::tests::open;
     use super::*;
     use crate::store::Store;
-
-    async fn open() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
-        (dir, store)
-    }
-
-    fn entry(at: i64, action: &str) -> AuditEntry {
-        AuditEntry {
-            at: Timestamp::from_unix_millis(at),
-            actor: "alice (0123456789abcdef)".into(),
-            address: Some("127.0.0.1:4000".into()),
-            action: action.into(),
-            target: Some("fedcba9876543210".into()),
-            detail: serde_json::json!({ "at": at, "text": "a\nb" }),
-        }
-    }
-
-    /// Every entry, newest first, through the paged read the API uses.
-    async fn all(store: &SqliteStore) -> Vec<shared::api::AuditEntry> {
-        let mut out = Vec::new();
-        let mut before = None;
-        loop {
-            let page = store.audit_entries(&AuditQuery { before, limit: 3, ..AuditQuery::default() }).await.unwrap();
-            let Some(last) = page.last() else { return out };
-            before = Some(last.id);
-            out.extend(page);
-        }
-    }
-
-    async fn verify(store: &SqliteStore) -> Result<shared::audit::Summary, Break> {
-        let mut v = Verifier::new(None);
-        for e in all(store).await {
-            v.push(&e)?;
-        }
-        v.finish()
-    }
+    use crate::store::conformance::audit::{all, entry, verify};
 
     #[tokio::test]
     async fn entries_form_one_chain_that_starts_with_a_genesis_after_older_unchained_rows() {
@@ -323,92 +289,5 @@ mod tests {
         }
         sqlx::query("DELETE FROM audit_log WHERE id = 3").execute(&store.pool).await.unwrap();
         assert!(matches!(verify(&store).await, Err(Break::Link { newer: 4, older: 2, .. })));
-    }
-
-    #[tokio::test]
-    async fn filters_and_pages_read_newest_first() {
-        let (_dir, store) = open().await;
-        for n in 0..6 {
-            store.audit(&entry(100 + n, if n % 2 == 0 { "token.create" } else { "job.create" })).await.unwrap();
-        }
-        let q = |f: fn(&mut AuditQuery)| {
-            let mut q = AuditQuery { limit: 100, ..AuditQuery::default() };
-            f(&mut q);
-            q
-        };
-        let ids = |v: Vec<shared::api::AuditEntry>| v.into_iter().map(|e| e.id).collect::<Vec<_>>();
-        assert_eq!(ids(store.audit_entries(&q(|q| q.action = Some("job.create".into()))).await.unwrap()), [7, 5, 3]);
-        assert_eq!(ids(store.audit_entries(&q(|q| q.action = Some("token".into()))).await.unwrap()), [6, 4, 2]);
-        assert!(store.audit_entries(&q(|q| q.action = Some("toke".into()))).await.unwrap().is_empty());
-        assert_eq!(store.audit_entries(&q(|q| q.actor = Some("0123456789abcdef".into()))).await.unwrap().len(), 6);
-        assert_eq!(store.audit_entries(&q(|q| q.actor = Some("alice (0123456789abcdef)".into()))).await.unwrap().len(), 6);
-        assert!(store.audit_entries(&q(|q| q.actor = Some("alice".into()))).await.unwrap().is_empty());
-        let window = q(|q| {
-            q.since = Some(Timestamp::from_unix_millis(102));
-            q.until = Some(Timestamp::from_unix_millis(104));
-        });
-        assert_eq!(ids(store.audit_entries(&window).await.unwrap()), [5, 4]);
-        assert_eq!(
-            ids(store
-                .audit_entries(&q(|q| {
-                    q.before = Some(4);
-                    q.limit = 2
-                }))
-                .await
-                .unwrap()),
-            [3, 2]
-        );
-    }
-
-    #[tokio::test]
-    async fn pruning_removes_the_oldest_entries_and_the_chain_still_verifies() {
-        let (_dir, store) = open().await;
-        for n in 0..10 {
-            store.audit(&entry(n * 1000, "token.create")).await.unwrap();
-        }
-        // Entries 1 (genesis, at 0) to 6 (at 4000) are older than 4500; three at a time.
-        let now = Timestamp::from_unix_millis(100_000);
-        let first = store.prune_audit(Timestamp::from_unix_millis(4500), 3, now).await.unwrap();
-        assert_eq!(first.len(), 1);
-        assert_eq!(first[0].action, PRUNED);
-        assert_eq!(first[0].detail["last_removed_id"], 3);
-        assert_eq!(verify(&store).await.unwrap().start, Start::Pruned { last_removed_id: 3 });
-        assert_eq!(store.prune_audit(Timestamp::from_unix_millis(4500), 3, now).await.unwrap().len(), 1);
-        assert!(store.prune_audit(Timestamp::from_unix_millis(4500), 3, now).await.unwrap().is_empty());
-        let s = verify(&store).await.unwrap();
-        assert_eq!((s.oldest_id, s.start), (7, Start::Pruned { last_removed_id: 6 }));
-        // Everything older, the pruning entries too: the chain goes on from the head.
-        store.prune_audit(Timestamp::from_unix_millis(1_000_000), 100, now).await.unwrap();
-        store.audit(&entry(200_000, "token.revoke")).await.unwrap();
-        let kept = all(&store).await;
-        assert_eq!(kept.len(), 2, "the pruning entry and the new one");
-        verify(&store).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn retention_removes_old_finished_jobs_with_their_runs_and_output_and_keeps_open_ones() {
-        let (_dir, store) = open().await;
-        let agent = AgentId::from_bytes([1; 8]);
-        for (id, finished) in [("00000000000000a1", Some(1_000)), ("00000000000000a2", Some(50_000)), ("00000000000000a3", None)] {
-            store.create_job(&super::super::tests::job_row(id, 0), &[(format!("r{id}"), agent.clone())]).await.unwrap();
-            if let Some(t) = finished {
-                store.end_runs(&[format!("r{id}")], RunState::Succeeded, "", Timestamp::from_unix_millis(t)).await.unwrap();
-                assert!(store.finish_job_if_done(id, Timestamp::from_unix_millis(t)).await.unwrap());
-            }
-            sqlx::query("INSERT INTO run_output (run_id, stream, offset, data) VALUES (?, 0, 0, 'out')")
-                .bind(format!("r{id}"))
-                .execute(&store.pool)
-                .await
-                .unwrap();
-        }
-        assert_eq!(store.prune_jobs(Timestamp::from_unix_millis(10_000), 50).await.unwrap(), 1);
-        assert!(store.job("00000000000000a1").await.unwrap().is_none());
-        assert!(store.run("r00000000000000a1").await.unwrap().is_none());
-        let (outputs,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM run_output").fetch_one(&store.pool).await.unwrap();
-        assert_eq!(outputs, 2);
-        // However old, an open job stays.
-        assert_eq!(store.prune_jobs(Timestamp::from_unix_millis(i64::MAX), 50).await.unwrap(), 1);
-        assert!(store.job("00000000000000a3").await.unwrap().is_some());
-        assert!(store.job("00000000000000a2").await.unwrap().is_none());
     }
 }

@@ -31,32 +31,3 @@ pub(super) async fn agent_trusted_keys(pool: &SqlitePool, ids: &[AgentId]) -> Re
     .await?;
     rows.into_iter().map(|(id, keys)| Ok((parse_agent_id(&id)?, parse_keys(&keys)?))).collect()
 }
-
-#[cfg(test)]
-mod tests {
-    use super::super::tests::{connected, enrolled};
-    use crate::store::{Record, Store};
-    use shared::signing::PublicKey;
-
-    #[tokio::test]
-    async fn the_keys_an_agent_reports_are_kept_until_it_reports_others() {
-        let (_dir, store, a) = enrolled().await;
-        let row = store.agent(&a.id).await.unwrap().unwrap();
-        assert!(row.trusted_keys.is_empty(), "an agent that never connected requires nothing");
-
-        let keys = vec![PublicKey::from_bytes([7; 32]), PublicKey::from_bytes([8; 32])];
-        let mut hello = connected(&a.id, 5_000);
-        if let Record::Connected { trusted_keys, .. } = &mut hello {
-            *trusted_keys = keys.clone();
-        }
-        store.record(&[hello]).await.unwrap();
-        assert_eq!(store.agent(&a.id).await.unwrap().unwrap().trusted_keys, keys);
-        let found = store.agent_trusted_keys(std::slice::from_ref(&a.id)).await.unwrap();
-        assert_eq!(found.get(&a.id), Some(&keys));
-
-        // Its owner took trusted_keys out of agent.toml: the next hello says so.
-        store.record(&[connected(&a.id, 6_000)]).await.unwrap();
-        assert!(store.agent(&a.id).await.unwrap().unwrap().trusted_keys.is_empty());
-        assert!(store.agent_trusted_keys(std::slice::from_ref(&a.id)).await.unwrap().is_empty());
-    }
-}
