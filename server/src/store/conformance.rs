@@ -78,6 +78,7 @@ macro_rules! checks {
             jobs::a_run_is_overdue_once_its_timeout_and_grace_have_passed,
             jobs::a_job_finishes_once_every_run_is_final,
             jobs::cancelling_ends_only_runs_never_sent_and_names_the_ones_agents_must_stop,
+            jobs::a_finished_job_is_never_marked_cancelled,
             jobs::cancelling_while_runs_are_marked_never_both_ends_and_sends_a_run,
             jobs::concurrent_dispatch_marks_move_each_run_once,
             jobs::approving_a_job_takes_another_token_and_an_open_job,

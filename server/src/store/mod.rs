@@ -436,7 +436,8 @@ pub trait Store: Send + Sync + 'static {
     async fn overdue_runs(&self, now: Timestamp, grace_ms: u64) -> Result<Vec<OpenRun>>;
     /// Sets `finished_at` if every run of the job is final; true if it did.
     async fn finish_job_if_done(&self, job_id: &str, at: Timestamp) -> Result<bool>;
-    /// Marks the job cancelled and ends its pending runs `cancelled`, in one transaction.
+    /// Marks the job cancelled and ends its pending runs `cancelled`, in one transaction. A
+    /// finished job is left as it is (two empty lists).
     /// Returns those, and the runs already sent (dispatched or running), which only their agent
     /// can stop: the caller sends them `cancel`.
     async fn cancel_job(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>>;

@@ -368,6 +368,18 @@ pub(crate) async fn cancelling_ends_only_runs_never_sent_and_names_the_ones_agen
     assert!(store.cancel_job("00000000000000c9", ts(3)).await.unwrap().is_none());
 }
 
+pub(crate) async fn a_finished_job_is_never_marked_cancelled(store: Arc<dyn Store>) {
+    let agents = fleet(&*store, 1).await;
+    let job = job_row("00000000000000c2", 1);
+    store.create_job(&job, &runs_for("f", &agents)).await.unwrap();
+    assert_eq!(store.mark_dispatched(&id_list(&["f0"]), ts(2)).await.unwrap().len(), 1);
+    store.record(&[finished(&agents[0].id, "f0", Outcome::Succeeded, 0, 0, 3)]).await.unwrap();
+    assert!(store.finish_job_if_done(&job.id, ts(4)).await.unwrap());
+    let (ended, on_agents) = store.cancel_job(&job.id, ts(5)).await.unwrap().expect("the job exists");
+    assert!(ended.is_empty() && on_agents.is_empty());
+    assert_eq!(store.job(&job.id).await.unwrap().unwrap().cancelled_at, None, "finished as it finished");
+}
+
 pub(crate) async fn cancelling_while_runs_are_marked_never_both_ends_and_sends_a_run(store: Arc<dyn Store>) {
     let agents = fleet(&*store, 40).await;
     let runs = runs_for("r", &agents);

@@ -292,13 +292,15 @@ pub(super) async fn cancel_job(pool: &SqlitePool, job_id: &str, at: Timestamp) -
     // accepted or not) is left to its agent, which is told to stop it and reports how it
     // ended; only a run never sent ends here.
     let mut tx = pool.begin().await?;
-    let done = sqlx::query("UPDATE jobs SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ?")
+    // A finished job stays as it finished: nothing to cancel, nothing marked.
+    let done = sqlx::query("UPDATE jobs SET cancelled_at = COALESCE(cancelled_at, ?) WHERE id = ? AND finished_at IS NULL")
         .bind(at.unix_millis())
         .bind(job_id)
         .execute(&mut *tx)
         .await?;
     if done.rows_affected() == 0 {
-        return Ok(None);
+        let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM jobs WHERE id = ?").bind(job_id).fetch_optional(&mut *tx).await?;
+        return Ok(exists.map(|_| (Vec::new(), Vec::new())));
     }
     let sql = format!("{OPEN_RUN_SELECT} WHERE job_id = ? AND state IN {OPEN} ORDER BY seq");
     let rows: Vec<OpenRunDb> = sqlx::query_as(AssertSqlSafe(sql)).bind(job_id).fetch_all(&mut *tx).await?;
