@@ -1,0 +1,3 @@
+//! The API's tests, a file per concern.
+
+mod openapi;
