@@ -127,8 +127,7 @@ async fn bounded_body(
     let limits = &app.config.limits;
     let too_large = || {
         crate::telemetry::body_refused("too_large");
-        let message = format!("the request body is larger than {} bytes", limits.max_body_bytes);
-        (StatusCode::PAYLOAD_TOO_LARGE, Json(ApiError { error: "too_large".into(), message })).into_response()
+        refusal(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the request body is larger than {} bytes", limits.max_body_bytes))
     };
     let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if announced.is_some_and(|n| n > limits.max_body_bytes as u64) {
@@ -145,15 +144,12 @@ async fn bounded_body(
         Err(_) => {
             crate::telemetry::body_refused("timeout");
             let message = format!("the request body did not arrive within {}", shared::duration::format(limits.body_timeout));
-            let mut resp = (StatusCode::REQUEST_TIMEOUT, Json(ApiError { error: "timeout".into(), message })).into_response();
+            let mut resp = refusal(StatusCode::REQUEST_TIMEOUT, "timeout", message);
             resp.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
             resp
         }
         Ok(Err(e)) if is_length_limit(&e) => too_large(),
-        Ok(Err(_)) => {
-            let message = "the request body could not be read".to_owned();
-            (StatusCode::BAD_REQUEST, Json(ApiError { error: "bad_request".into(), message })).into_response()
-        }
+        Ok(Err(_)) => refusal(StatusCode::BAD_REQUEST, "bad_request", "the request body could not be read".to_owned()),
         Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
     }
 }
@@ -204,8 +200,18 @@ async fn metrics(
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
-async fn not_found(uri: axum::http::Uri) -> (StatusCode, Json<ApiError>) {
-    (StatusCode::NOT_FOUND, Json(ApiError { error: "not_found".into(), message: format!("no route for {}", uri.path()) }))
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    refusal(StatusCode::NOT_FOUND, "not_found", format!("no route for {}", uri.path()))
+}
+
+/// A refusal made outside a handler (a body past its bounds, a path with no route): the API's
+/// error with `X-Muster-Error`, as [`Error`] answers everything else, so that a client can tell
+/// the server's 413 or 404 from a proxy's (docs/protocol.md).
+fn refusal(status: StatusCode, kind: &'static str, message: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut resp = (status, Json(ApiError { error: kind.into(), message })).into_response();
+    resp.headers_mut().insert(shared::protocol::MUSTER_ERROR_HEADER, axum::http::HeaderValue::from_static(kind));
+    resp
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! no TLS. Each file holds what API users rely on for one concern.
 
 mod auth;
+mod bodies;
 mod enroll_tokens;
 mod jobs;
 mod openapi;
