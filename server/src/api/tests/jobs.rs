@@ -240,6 +240,28 @@ async fn cancelling_ends_runs_not_sent_tells_agents_to_stop_the_rest_and_can_be_
 }
 
 #[tokio::test]
+async fn cancelling_a_finished_job_leaves_it_finished_not_cancelled() {
+    let app = TestApp::new().await;
+    let agent = app.enroll(1, &[]).await;
+    let mut session = app.connect(&agent);
+    let operator = app.token(Role::Operator).await;
+    let id = id_of(&app.post("/api/v1/jobs", Some(&operator), echo("all".into())).await.json());
+    app.state.dispatcher.round().await.unwrap();
+    let run = runs_sent(&mut session).pop().unwrap();
+    report(app.store(), &agent, Progress::Finished(&run.run_id, Outcome::Succeeded)).await;
+    app.state.dispatcher.round().await.unwrap();
+    assert!(app.store().job(&id).await.unwrap().unwrap().finished_at.is_some());
+
+    let reply = app.post(&format!("/api/v1/jobs/{id}/cancel"), Some(&operator), json!({})).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let job = reply.json();
+    assert_eq!(job["cancelled_at"], serde_json::Value::Null, "a job that succeeded now reads as cancelled: {job}");
+    assert_eq!((job["counts"].clone(), job["status"].as_str()), (json!({ "succeeded": 1 }), Some("succeeded")));
+    assert!(app.store().job(&id).await.unwrap().unwrap().cancelled_at.is_none());
+    assert!(app.audit("job.cancel").await.is_empty(), "a cancel that did nothing is not audited");
+}
+
+#[tokio::test]
 async fn a_job_above_approval_above_waits_for_another_admin_then_dispatches() {
     let app = TestApp::with(|c| c.approval_above = Some(1)).await;
     let mut sessions = Vec::new();
