@@ -26,6 +26,8 @@ pub mod scope;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+#[cfg(test)]
+pub mod testing;
 pub mod tls;
 pub mod web;
 

@@ -414,11 +414,11 @@ pub async fn get(State(app): State<AppState>, caller: Caller, PathId(id): PathId
 pub async fn cancel(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobDetail>> {
     caller.require(Role::Operator)?;
     let now = Timestamp::now();
+    // A finished job has nothing left to stop, and stays as it ended: marking it cancelled
+    // would make a job that succeeded read as cancelled (`muster jobs`, the dashboard).
     if visible_job(&app, &caller, &id).await?.finished_at.is_some() {
-        return Err(Error::Conflict(format!("job {id} already finished; there is nothing to cancel")));
+        return Ok(Json(load(&app, &caller, &id).await?));
     }
-    // The store refuses too if the job finishes meanwhile: a finished job is never marked
-    // cancelled afterwards.
     let (ended, on_agents) = app.dispatcher.cancel(&id, now).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
     app.audit(caller.entry(
         "job.cancel",

@@ -127,8 +127,7 @@ async fn bounded_body(
     let limits = &app.config.limits;
     let too_large = || {
         crate::telemetry::body_refused("too_large");
-        let message = format!("the request body is larger than {} bytes", limits.max_body_bytes);
-        (StatusCode::PAYLOAD_TOO_LARGE, Json(ApiError { error: "too_large".into(), message })).into_response()
+        refusal(StatusCode::PAYLOAD_TOO_LARGE, "too_large", format!("the request body is larger than {} bytes", limits.max_body_bytes))
     };
     let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if announced.is_some_and(|n| n > limits.max_body_bytes as u64) {
@@ -145,15 +144,12 @@ async fn bounded_body(
         Err(_) => {
             crate::telemetry::body_refused("timeout");
             let message = format!("the request body did not arrive within {}", shared::duration::format(limits.body_timeout));
-            let mut resp = (StatusCode::REQUEST_TIMEOUT, Json(ApiError { error: "timeout".into(), message })).into_response();
+            let mut resp = refusal(StatusCode::REQUEST_TIMEOUT, "timeout", message);
             resp.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
             resp
         }
         Ok(Err(e)) if is_length_limit(&e) => too_large(),
-        Ok(Err(_)) => {
-            let message = "the request body could not be read".to_owned();
-            (StatusCode::BAD_REQUEST, Json(ApiError { error: "bad_request".into(), message })).into_response()
-        }
+        Ok(Err(_)) => refusal(StatusCode::BAD_REQUEST, "bad_request", "the request body could not be read".to_owned()),
         Ok(Ok(bytes)) => next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await,
     }
 }
@@ -204,84 +200,19 @@ async fn metrics(
     Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }
 
-async fn not_found(uri: axum::http::Uri) -> (StatusCode, Json<ApiError>) {
-    (StatusCode::NOT_FOUND, Json(ApiError { error: "not_found".into(), message: format!("no route for {}", uri.path()) }))
+async fn not_found(uri: axum::http::Uri) -> axum::response::Response {
+    refusal(StatusCode::NOT_FOUND, "not_found", format!("no route for {}", uri.path()))
+}
+
+/// A refusal made outside a handler (a body past its bounds, a path with no route): the API's
+/// error with `X-Muster-Error`, as [`Error`] answers everything else, so that a client can tell
+/// the server's 413 or 404 from a proxy's (docs/protocol.md).
+fn refusal(status: StatusCode, kind: &'static str, message: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut resp = (status, Json(ApiError { error: kind.into(), message })).into_response();
+    resp.headers_mut().insert(shared::protocol::MUSTER_ERROR_HEADER, axum::http::HeaderValue::from_static(kind));
+    resp
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-
-    use super::*;
-
-    fn documented() -> BTreeSet<(String, String)> {
-        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
-        assert_eq!(doc["openapi"], "3.1.0");
-        doc["paths"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .flat_map(|(path, ops)| ops.as_object().unwrap().keys().map(move |m| (m.to_uppercase(), path.clone())))
-            .collect()
-    }
-
-    #[test]
-    fn every_route_is_in_the_openapi_document_and_every_documented_route_exists() {
-        let served: BTreeSet<(String, String)> = route_table().into_iter().map(|(m, p)| (m.to_owned(), p)).collect();
-        let documented = documented();
-        let undocumented: Vec<_> = served.difference(&documented).collect();
-        let phantom: Vec<_> = documented.difference(&served).collect();
-        assert!(undocumented.is_empty(), "routes missing from openapi.json: {undocumented:?}");
-        assert!(phantom.is_empty(), "openapi.json documents routes the server does not have: {phantom:?}");
-    }
-
-    #[test]
-    fn every_reference_resolves() {
-        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
-        let mut refs = 0;
-        for part in OPENAPI.split("\"$ref\": \"#/").skip(1) {
-            let pointer = format!("/{}", part.split('"').next().unwrap());
-            assert!(doc.pointer(&pointer).is_some(), "dangling $ref #{pointer}");
-            refs += 1;
-        }
-        assert!(refs > 100, "only {refs} references");
-    }
-
-    /// Links (which the stateful API tests follow) name operations that exist, by parameters
-    /// those operations have.
-    #[test]
-    fn every_link_names_an_operation_and_its_parameters() {
-        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
-        let resolve = |p: &serde_json::Value| match p["$ref"].as_str() {
-            Some(r) => doc.pointer(r.trim_start_matches('#')).unwrap().clone(),
-            None => p.clone(),
-        };
-        let mut params: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
-        let mut links = Vec::new();
-        for item in doc["paths"].as_object().unwrap().values() {
-            let shared: Vec<serde_json::Value> = item["parameters"].as_array().cloned().unwrap_or_default();
-            for (method, op) in item.as_object().unwrap() {
-                if method == "parameters" {
-                    continue;
-                }
-                let own = op["parameters"].as_array().cloned().unwrap_or_default();
-                let names = shared.iter().chain(&own).map(|p| resolve(p)["name"].as_str().unwrap().to_owned()).collect();
-                let id = op["operationId"].as_str().unwrap_or_else(|| panic!("{method} without operationId")).to_owned();
-                assert!(params.insert(id.clone(), names).is_none(), "operationId {id} twice");
-                for response in op["responses"].as_object().unwrap().values() {
-                    for link in response["links"].as_object().into_iter().flat_map(|l| l.values()) {
-                        links.push(link.clone());
-                    }
-                }
-            }
-        }
-        assert!(links.len() >= 6, "only {} links", links.len());
-        for link in links {
-            let target = link["operationId"].as_str().unwrap();
-            let names = params.get(target).unwrap_or_else(|| panic!("a link to {target}, which does not exist"));
-            for name in link["parameters"].as_object().unwrap().keys() {
-                assert!(names.contains(name), "a link gives {target} a parameter {name} it does not have");
-            }
-        }
-    }
-}
+mod tests;
