@@ -186,8 +186,8 @@ async fn run(store: Arc<dyn Store>, mut rx: mpsc::Receiver<Queued>, stats: Arc<S
     }
 }
 
-/// Retries a failed batch until it is written: a full disk or a busy database is a pause, not
-/// a loss. Each failure is logged with its cause.
+/// Retries a failed batch until it is written: a full disk or a busy or unreachable database
+/// is a pause, not a loss. Each failure is logged with its cause.
 async fn write_with_retry(store: &dyn Store, batch: &[Record]) -> Vec<Effect> {
     let mut delay = Duration::from_millis(100);
     let mut attempts = 0u32;
@@ -202,7 +202,7 @@ async fn write_with_retry(store: &dyn Store, batch: &[Record]) -> Vec<Effect> {
             Err(e) => {
                 attempts += 1;
                 match e {
-                    StoreError::Full | StoreError::Busy => {
+                    StoreError::Full | StoreError::Busy | StoreError::Unavailable => {
                         tracing::warn!(error = %e, records = batch.len(), "cannot write session records; retrying")
                     }
                     _ => tracing::error!(error = %e, records = batch.len(), "cannot write session records; retrying"),

@@ -72,6 +72,12 @@ impl IntoResponse for Error {
             }
             Error::Store(StoreError::Duplicate) => (StatusCode::CONFLICT, "conflict", "that id is already taken".into()),
             Error::Store(StoreError::Busy) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the database is busy; try again".into()),
+            Error::Store(StoreError::Unavailable) => {
+                if let Some(suppressed) = UNAVAILABLE.admit() {
+                    tracing::warn!(suppressed, "the database is unavailable");
+                }
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the server cannot reach its database; try again".into())
+            }
             Error::Store(e) => {
                 tracing::error!(error = %e, "store error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log".into())
@@ -89,5 +95,8 @@ impl IntoResponse for Error {
         resp
     }
 }
+
+/// An unreachable database fails every request at once: one line a few seconds says so.
+static UNAVAILABLE: crate::logging::Throttle = crate::logging::Throttle::new(std::time::Duration::from_secs(5), 1);
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

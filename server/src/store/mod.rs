@@ -1,11 +1,13 @@
 //! Persistence, behind one seam. [`Store`] is everything the server asks of its database;
 //! [`sqlite::SqliteStore`] is the embedded default. A PostgreSQL store for clustered servers is
-//! another implementation of the same trait.
+//! another implementation of the same trait: backends decode into the row structs of `rows`
+//! and map sqlx's errors through the one `From<sqlx::Error>` here; the SQL is each backend's own.
 //!
 //! **Invariant:** all SQL lives below this module. Callers see row types, never SQL errors:
 //! [`StoreError`] says what kind of failure happened without leaking statement text.
 
 pub mod batch;
+mod rows;
 pub mod sqlite;
 
 #[cfg(test)]
@@ -19,14 +21,29 @@ use shared::{AgentId, Labels, Timestamp};
 
 pub use sqlite::SqliteStore;
 
+/// Who the entries the server writes on its own behalf (genesis, pruning) are by.
+pub const SERVER_ACTOR: &str = "muster-server";
+
+/// Jobs deleted per transaction by retention: each takes its runs and their output along.
+pub const JOBS_PER_PRUNE: u32 = 50;
+
+/// Retired credentials kept per agent. A copy older than this many rotations is refused as an
+/// unknown credential instead of being reported as a clone.
+pub const RETIRED_KEPT: i64 = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The disk is full: nothing was written, and the caller may retry later.
     #[error("the database disk is full")]
     Full,
-    /// Another writer held the database too long.
+    /// Another writer held the database too long (or PostgreSQL gave up a deadlock or a
+    /// serialization conflict): nothing was written, and the caller may retry.
     #[error("the database is busy")]
     Busy,
+    /// The database cannot be reached: the connection failed or was lost, no connection came
+    /// free in time, or the server is shutting down or starting. The caller may retry.
+    #[error("the database is unavailable")]
+    Unavailable,
     #[error("stored data is not valid: {0}")]
     Corrupt(String),
     #[error("database error: {0}")]
@@ -39,6 +56,67 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The one mapping from sqlx's errors to [`StoreError`]: by SQLSTATE for PostgreSQL, by result
+/// code for SQLite, and by kind for failures to reach the database at all.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => return StoreError::Unavailable,
+            sqlx::Error::Database(d) => {
+                let mapped = match d.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                    Some(pg) => from_sqlstate(pg.code()),
+                    None => from_sqlite_code(d.code().and_then(|c| c.parse::<i32>().ok())),
+                };
+                if let Some(mapped) = mapped {
+                    return mapped;
+                }
+            }
+            _ => {}
+        }
+        StoreError::Database(e.to_string())
+    }
+}
+
+/// PostgreSQL's SQLSTATE codes (appendix A of its manual) that mean more than "failed".
+fn from_sqlstate(code: &str) -> Option<StoreError> {
+    Some(match code {
+        "23505" => StoreError::Duplicate, // unique_violation
+        // too_many_connections: the server refuses sessions, which says nothing about its disk.
+        "53300" => StoreError::Unavailable,
+        // disk_full, insufficient_resources, out_of_memory, configuration_limit_exceeded.
+        c if c.starts_with("53") => StoreError::Full,
+        // serialization_failure, deadlock_detected, lock_not_available (our lock_timeout).
+        "40001" | "40P01" | "55P03" => StoreError::Busy,
+        // Connection exceptions; admin_shutdown, crash_shutdown, cannot_connect_now; and a
+        // standby (a failover the pool has not followed yet) refusing a write.
+        c if c.starts_with("08") => StoreError::Unavailable,
+        "57P01" | "57P02" | "57P03" | "25006" => StoreError::Unavailable,
+        _ => return None,
+    })
+}
+
+/// SQLite's result codes (extended for constraints, primary otherwise).
+fn from_sqlite_code(code: Option<i32>) -> Option<StoreError> {
+    let code = code?;
+    // SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE (extended codes).
+    if matches!(code, 1555 | 2067) {
+        return Some(StoreError::Duplicate);
+    }
+    // The primary result code is the low byte of the extended one.
+    match code & 0xff {
+        13 => Some(StoreError::Full),    // SQLITE_FULL
+        5 | 6 => Some(StoreError::Busy), // SQLITE_BUSY, SQLITE_LOCKED
+        _ => None,
+    }
+}
+
+/// Why `muster-server check` could not inspect a database, with sqlx's message.
+#[derive(Debug)]
+pub enum InspectError {
+    Open(String),
+    Read(String),
+}
 
 #[derive(Clone, Debug)]
 pub struct ApiTokenRow {
@@ -464,8 +542,8 @@ pub trait Store: Send + Sync + 'static {
     /// Makes the pending credential `pending_hash` the only one, retiring the old one. False if
     /// that is not the pending credential (already completed, or replaced by a later issue).
     async fn complete_rotation(&self, id: &AgentId, pending_hash: &[u8], at: Timestamp) -> Result<bool>;
-    /// Hashes of the agent's credentials retired by rotations, newest
-    /// [`sqlite::identity::RETIRED_KEPT`] only.
+    /// Hashes of the agent's credentials retired by rotations, newest [`RETIRED_KEPT`] only,
+    /// in byte order of the hashes.
     async fn retired_credentials(&self, id: &AgentId) -> Result<Vec<Vec<u8>>>;
     /// Notes that a retired credential of the agent was presented from `from`.
     async fn clone_seen(&self, id: &AgentId, at: Timestamp, from: &str) -> Result<()>;
@@ -487,5 +565,36 @@ pub trait Store: Send + Sync + 'static {
 pub async fn audit_or_log(store: &dyn Store, entry: AuditEntry) {
     if let Err(e) = store.audit(&entry).await {
         tracing::error!(error = %e, action = %entry.action, actor = %entry.actor, "could not write audit entry");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_errors_map_by_sqlstate() {
+        let kind = |code: &str| from_sqlstate(code).map(|e| e.to_string());
+        assert_eq!(kind("23505"), Some(StoreError::Duplicate.to_string()));
+        assert_eq!(kind("53100"), Some(StoreError::Full.to_string()));
+        assert_eq!(kind("53200"), Some(StoreError::Full.to_string()));
+        assert_eq!(kind("53300"), Some(StoreError::Unavailable.to_string()), "too many connections is not a full disk");
+        for busy in ["40001", "40P01", "55P03"] {
+            assert_eq!(kind(busy), Some(StoreError::Busy.to_string()), "{busy}");
+        }
+        for gone in ["08000", "08006", "57P01", "57P02", "57P03", "25006"] {
+            assert_eq!(kind(gone), Some(StoreError::Unavailable.to_string()), "{gone}");
+        }
+        assert_eq!(kind("23503"), None, "a foreign key violation is a plain database error");
+        assert!(matches!(StoreError::from(sqlx::Error::PoolTimedOut), StoreError::Unavailable));
+    }
+
+    #[test]
+    fn sqlite_errors_map_by_result_code() {
+        assert!(matches!(from_sqlite_code(Some(2067)), Some(StoreError::Duplicate)));
+        assert!(matches!(from_sqlite_code(Some(1555)), Some(StoreError::Duplicate)));
+        assert!(matches!(from_sqlite_code(Some(13)), Some(StoreError::Full)));
+        assert!(matches!(from_sqlite_code(Some(517)), Some(StoreError::Busy)), "SQLITE_BUSY_SNAPSHOT");
+        assert!(from_sqlite_code(Some(787)).is_none(), "a foreign key violation is a plain database error");
     }
 }

@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +21,7 @@ use shared::api::{AgentStatus, FleetCounts, HeartbeatSample, Transition};
 use shared::job::{AgentRun, JobId, RunId, RunState, StateCounts, Stream};
 use shared::{AgentId, Labels, Timestamp};
 
+use super::rows::{labels_json, parse_agent_id, parse_labels, parse_run_state, stream_code, to_i64, to_u64};
 use super::*;
 
 /// Rows per multi-row statement: 10 columns each stays far below SQLite's variable limit.
@@ -38,8 +38,8 @@ mod scope;
 mod signing;
 mod tokens;
 mod trust;
-pub use audit::{JOBS_PER_PRUNE, SERVER_ACTOR};
-pub use check::{InspectError, Inspection, inspect};
+pub use super::{InspectError, JOBS_PER_PRUNE, SERVER_ACTOR};
+pub use check::{Inspection, inspect};
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -54,54 +54,6 @@ impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SqliteStore")
     }
-}
-
-/// The one mapping from sqlx's errors to [`StoreError`], by SQLite's result codes.
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        if let sqlx::Error::Database(d) = &e {
-            // Primary result code is the low byte of the extended one.
-            let code = d.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
-            // SQLITE_CONSTRAINT_PRIMARYKEY, SQLITE_CONSTRAINT_UNIQUE (extended codes).
-            if matches!(d.code().and_then(|c| c.parse::<i32>().ok()), Some(1555 | 2067)) {
-                return StoreError::Duplicate;
-            }
-            match code {
-                Some(13) => return StoreError::Full,    // SQLITE_FULL
-                Some(5 | 6) => return StoreError::Busy, // SQLITE_BUSY, SQLITE_LOCKED
-                _ => {}
-            }
-        }
-        StoreError::Database(e.to_string())
-    }
-}
-
-fn ts(ms: i64) -> Timestamp {
-    Timestamp::from_unix_millis(ms)
-}
-
-fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn parse_labels(json: &str) -> Result<Labels> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("labels: {e}")))
-}
-
-fn labels_json(labels: &Labels) -> String {
-    serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
-}
-
-fn parse_status(s: &str) -> Result<AgentStatus> {
-    AgentStatus::from_str(s).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn parse_agent_id(s: &str) -> Result<AgentId> {
-    AgentId::parse(s).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 impl SqliteStore {
@@ -397,17 +349,6 @@ impl Store for SqliteStore {
         let _gate = self.writer().await;
         jobs::cancel_job(&self.pool, job_id, at).await
     }
-}
-
-fn stream_code(s: Stream) -> i64 {
-    match s {
-        Stream::Stdout => 0,
-        Stream::Stderr => 1,
-    }
-}
-
-fn parse_run_state(s: &str) -> Result<RunState> {
-    RunState::from_str(s).map_err(StoreError::Corrupt)
 }
 
 /// Pushes `(?, ?, ...)` with one bind per id.

@@ -2,118 +2,21 @@
 //! history, fleet counts, and marking a node's agents offline.
 
 use shared::api::{AgentStatus, FleetCounts, HeartbeatSample, Transition};
-use shared::protocol::Metrics;
 use shared::{AgentId, Timestamp};
-use sqlx::{AssertSqlSafe, FromRow, SqlitePool};
+use sqlx::{AssertSqlSafe, SqlitePool};
 
-use super::{parse_agent_id, parse_labels, parse_status, to_u64, trust, ts};
-use crate::store::{AgentCredentialRow, AgentRow, AgentTarget, Result, StoreError};
-
-#[derive(FromRow)]
-struct AgentDb {
-    id: String,
-    hostname: String,
-    labels: String,
-    status: String,
-    status_since: i64,
-    enrolled_at: i64,
-    revoked_at: Option<i64>,
-    heartbeat_interval_ms: Option<i64>,
-    agent_version: Option<String>,
-    last_heartbeat_at: Option<i64>,
-    last_metrics: Option<String>,
-    connected: bool,
-    node: Option<String>,
-    remote_addr: Option<String>,
-    connected_at: Option<i64>,
-    disconnected_at: Option<i64>,
-    approval_pending: bool,
-    credential_issued_at: Option<i64>,
-    rotation_requested_at: Option<i64>,
-    clone_seen_at: Option<i64>,
-    clone_seen_from: Option<String>,
-    trusted_keys: String,
-}
-
-const AGENT_COLUMNS: &str = "id, hostname, labels, status, status_since, enrolled_at, revoked_at, heartbeat_interval_ms, \
-     agent_version, last_heartbeat_at, last_metrics, connected, node, remote_addr, connected_at, disconnected_at, \
-     approval_pending, credential_issued_at, rotation_requested_at, clone_seen_at, clone_seen_from, trusted_keys";
-
-impl TryFrom<AgentDb> for AgentRow {
-    type Error = StoreError;
-    fn try_from(r: AgentDb) -> Result<Self> {
-        let last_metrics = match r.last_metrics {
-            Some(m) => Some(serde_json::from_str::<Metrics>(&m).map_err(|e| StoreError::Corrupt(format!("metrics: {e}")))?),
-            None => None,
-        };
-        Ok(AgentRow {
-            id: parse_agent_id(&r.id)?,
-            hostname: r.hostname,
-            labels: parse_labels(&r.labels)?,
-            status: parse_status(&r.status)?,
-            status_since: ts(r.status_since),
-            enrolled_at: ts(r.enrolled_at),
-            revoked_at: r.revoked_at.map(ts),
-            heartbeat_interval_ms: r.heartbeat_interval_ms.map(to_u64),
-            agent_version: r.agent_version,
-            last_heartbeat_at: r.last_heartbeat_at.map(ts),
-            last_metrics,
-            connected: r.connected,
-            node: r.node,
-            remote_addr: r.remote_addr,
-            connected_at: r.connected_at.map(ts),
-            disconnected_at: r.disconnected_at.map(ts),
-            approval_pending: r.approval_pending,
-            credential_issued_at: ts(r.credential_issued_at.unwrap_or(r.enrolled_at)),
-            rotation_requested_at: r.rotation_requested_at.map(ts),
-            clone_seen: r.clone_seen_at.map(ts).zip(r.clone_seen_from),
-            trusted_keys: trust::parse_keys(&r.trusted_keys)?,
-        })
-    }
-}
-
-#[derive(FromRow)]
-struct TransitionDb {
-    at: i64,
-    from_status: Option<String>,
-    to_status: String,
-    reason: String,
-}
-
-#[derive(FromRow)]
-struct HeartbeatDb {
-    at: i64,
-    seq: i64,
-    cpu_percent: f64,
-    load1: f64,
-    mem_used: i64,
-    mem_total: i64,
-    disk_used: i64,
-    disk_total: i64,
-    process_count: i64,
-}
+use crate::store::rows::{self, AGENT_COLUMNS, AgentDb, CredentialDb, HeartbeatDb, TransitionDb, parse_agent_id, parse_labels};
+use crate::store::{AgentCredentialRow, AgentRow, AgentTarget, Result};
 
 pub(super) async fn agent_credential(pool: &SqlitePool, id: &AgentId) -> Result<Option<AgentCredentialRow>> {
-    type Row = (Vec<u8>, Option<Vec<u8>>, Option<i64>, String, Option<i64>, bool);
-    let row: Option<Row> = sqlx::query_as(
+    let row: Option<CredentialDb> = sqlx::query_as(
         "SELECT secret_hash, pending_secret_hash, revoked_at, token_labels, rotation_requested_at, approval_pending \
          FROM agents WHERE id = ?",
     )
     .bind(id.as_str())
     .fetch_optional(pool)
     .await?;
-    row.map(|(secret_hash, pending_secret_hash, revoked_at, token_labels, rotation_requested_at, approval_pending)| {
-        Ok(AgentCredentialRow {
-            id: id.clone(),
-            secret_hash,
-            pending_secret_hash,
-            revoked: revoked_at.is_some(),
-            token_labels: parse_labels(&token_labels)?,
-            rotation_requested: rotation_requested_at.is_some(),
-            approval_pending,
-        })
-    })
-    .transpose()
+    row.map(|r| r.into_row(id)).transpose()
 }
 
 pub(super) async fn agent(pool: &SqlitePool, id: &AgentId) -> Result<Option<AgentRow>> {
@@ -155,16 +58,7 @@ pub(super) async fn transitions(pool: &SqlitePool, id: &AgentId, limit: u32) -> 
             .bind(i64::from(limit))
             .fetch_all(pool)
             .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(Transition {
-                at: ts(r.at),
-                from: r.from_status.as_deref().map(parse_status).transpose()?,
-                to: parse_status(&r.to_status)?,
-                reason: r.reason,
-            })
-        })
-        .collect()
+    rows.into_iter().map(Transition::try_from).collect()
 }
 
 pub(super) async fn heartbeats(
@@ -192,36 +86,13 @@ pub(super) async fn heartbeats(
         }
     };
     let rows: Vec<HeartbeatDb> = query.bind(id.as_str()).bind(since.unix_millis()).bind(i64::from(limit)).fetch_all(pool).await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| HeartbeatSample {
-            at: ts(r.at),
-            seq: to_u64(r.seq),
-            cpu_percent: r.cpu_percent,
-            load1: r.load1,
-            mem_used_bytes: to_u64(r.mem_used),
-            mem_total_bytes: to_u64(r.mem_total),
-            disk_used_bytes: to_u64(r.disk_used),
-            disk_total_bytes: to_u64(r.disk_total),
-            process_count: to_u64(r.process_count),
-        })
-        .collect())
+    Ok(rows.into_iter().map(HeartbeatSample::from).collect())
 }
 
 pub(super) async fn fleet_counts(pool: &SqlitePool) -> Result<FleetCounts> {
     let rows: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM agents WHERE revoked_at IS NULL GROUP BY status").fetch_all(pool).await?;
-    let mut counts = FleetCounts::default();
-    for (status, n) in rows {
-        let n = to_u64(n);
-        match parse_status(&status)? {
-            AgentStatus::Online => counts.online = n,
-            AgentStatus::Stale => counts.stale = n,
-            AgentStatus::Offline => counts.offline = n,
-        }
-        counts.total += n;
-    }
-    Ok(counts)
+    rows::fleet_counts(rows)
 }
 
 pub(super) async fn mark_node_offline(pool: &SqlitePool, node: &str, at: Timestamp, reason: &str) -> Result<u64> {

@@ -9,49 +9,12 @@
 //! insert and the head's update; see docs/audit.md.)
 
 use shared::Timestamp;
-use shared::audit::{Fields, GENESIS, GENESIS_PREV, PRUNED, canonical_json, entry_hash};
-use sqlx::{FromRow, QueryBuilder, Sqlite};
+use shared::audit::GENESIS_PREV;
+use sqlx::{QueryBuilder, Sqlite};
 
-use super::{SqliteStore, push_in_list, to_i64, to_u64};
+use super::{SqliteStore, push_in_list, to_i64};
+use crate::store::rows::{self, AuditDb};
 use crate::store::{AuditEntry, AuditQuery, Result, StoreError};
-
-/// Who the entries the server writes on its own behalf (genesis, pruning) are by.
-pub const SERVER_ACTOR: &str = "muster-server";
-
-/// Jobs deleted per transaction by retention: each takes its runs and their output along.
-pub const JOBS_PER_PRUNE: u32 = 50;
-
-#[derive(FromRow)]
-struct AuditDb {
-    id: i64,
-    at: i64,
-    actor: String,
-    address: Option<String>,
-    action: String,
-    target: Option<String>,
-    detail: String,
-    prev_hash: Option<String>,
-    hash: Option<String>,
-}
-
-impl From<AuditDb> for shared::api::AuditEntry {
-    fn from(r: AuditDb) -> Self {
-        // A detail that is not JSON any more (changed by hand) is passed on as its text, so that
-        // verification reports the entry as altered instead of the read failing.
-        let detail = serde_json::from_str(&r.detail).unwrap_or(serde_json::Value::String(r.detail));
-        shared::api::AuditEntry {
-            id: to_u64(r.id),
-            at: Timestamp::from_unix_millis(r.at),
-            actor: r.actor,
-            address: r.address,
-            action: r.action,
-            target: r.target,
-            detail,
-            prev_hash: r.prev_hash,
-            hash: r.hash,
-        }
-    }
-}
 
 type Tx<'a> = sqlx::Transaction<'a, Sqlite>;
 
@@ -69,35 +32,14 @@ async fn append(tx: &mut Tx<'_>, entries: &[AuditEntry]) -> Result<Vec<shared::a
     let mut todo: Vec<&AuditEntry> = Vec::with_capacity(entries.len() + 1);
     if last_hash.is_empty() {
         let (unchained,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM audit_log WHERE hash IS NULL").fetch_one(&mut **tx).await?;
-        genesis = AuditEntry {
-            at: entries.first().map_or_else(Timestamp::now, |e| e.at),
-            actor: SERVER_ACTOR.into(),
-            address: None,
-            action: GENESIS.into(),
-            target: None,
-            detail: serde_json::json!({
-                "unchained_entries": unchained,
-                "last_unchained_id": if unchained > 0 { Some(last_id) } else { None },
-            }),
-        };
+        genesis = rows::genesis_entry(entries.first(), unchained, last_id);
         todo.push(&genesis);
         last_hash = GENESIS_PREV.to_owned();
     }
     todo.extend(entries);
     for e in todo {
         let id = last_id + 1;
-        let fields = Fields {
-            id: to_u64(id),
-            at: e.at,
-            actor: &e.actor,
-            address: e.address.as_deref(),
-            action: &e.action,
-            target: e.target.as_deref(),
-            detail: &e.detail,
-            prev_hash: &last_hash,
-        };
-        let hash = entry_hash(&fields);
-        let detail = canonical_json(&e.detail);
+        let rows::Chained { detail, hash, entry } = rows::chain(id, e, &last_hash);
         sqlx::query(
             "INSERT INTO audit_log (id, at, actor, address, action, target, detail, prev_hash, hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
@@ -112,17 +54,7 @@ async fn append(tx: &mut Tx<'_>, entries: &[AuditEntry]) -> Result<Vec<shared::a
         .bind(&hash)
         .execute(&mut **tx)
         .await?;
-        written.push(shared::api::AuditEntry {
-            id: to_u64(id),
-            at: e.at,
-            actor: e.actor.clone(),
-            address: e.address.clone(),
-            action: e.action.clone(),
-            target: e.target.clone(),
-            detail: e.detail.clone(),
-            prev_hash: Some(last_hash),
-            hash: Some(hash.clone()),
-        });
+        written.push(entry);
         last_id = id;
         last_hash = hash;
     }
@@ -193,19 +125,7 @@ impl SqliteStore {
         let (cut_hash,): (Option<String>,) =
             sqlx::query_as("SELECT hash FROM audit_log WHERE id = ?").bind(cut).fetch_one(&mut *tx).await?;
         let removed = sqlx::query("DELETE FROM audit_log WHERE id <= ?").bind(cut).execute(&mut *tx).await?.rows_affected();
-        let entry = AuditEntry {
-            at: now,
-            actor: SERVER_ACTOR.into(),
-            address: None,
-            action: PRUNED.into(),
-            target: None,
-            detail: serde_json::json!({
-                "removed": removed,
-                "before": before.to_string(),
-                "last_removed_id": cut,
-                "last_removed_hash": cut_hash,
-            }),
-        };
+        let entry = rows::pruned_entry(now, before, removed, cut, cut_hash);
         let written = append(&mut tx, std::slice::from_ref(&entry)).await?;
         tx.commit().await?;
         Ok(written)
@@ -246,10 +166,9 @@ mod tests {
     //! What only SQLite shows: rows from before the chain, and rows changed behind the store's
     //! back. The chain's guarantees are checked for every backend in `conformance::audit`.
 
-    use shared::audit::{Break, Start};
+    use shared::audit::{Break, GENESIS, Start};
 
     use super::super::tests::open;
-    use super::*;
     use crate::store::Store;
     use crate::store::conformance::audit::{all, entry, verify};
 

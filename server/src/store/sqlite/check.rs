@@ -7,6 +7,8 @@ use std::path::Path;
 use sqlx::ConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 
+use crate::store::InspectError;
+
 /// A database file as `muster-server check` finds it.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Inspection {
@@ -15,13 +17,6 @@ pub enum Inspection {
     /// Intact. `newer`: a migration applied that this build does not know (the file was
     /// written by a newer version); `pending`: how many of this build's are not applied yet.
     Intact { newer: Option<i64>, pending: usize },
-}
-
-/// Why the file could not be inspected, with sqlx's message.
-#[derive(Debug)]
-pub enum InspectError {
-    Open(String),
-    Read(String),
 }
 
 pub async fn inspect(path: &Path) -> Result<Inspection, InspectError> {

@@ -4,11 +4,8 @@
 use shared::{AgentId, Timestamp};
 use sqlx::SqlitePool;
 
+pub use crate::store::RETIRED_KEPT;
 use crate::store::{Acceptance, Result};
-
-/// Retired credentials kept per agent. A copy older than this many rotations is refused as an
-/// unknown credential instead of being reported as a clone.
-pub const RETIRED_KEPT: i64 = 16;
 
 pub(super) async fn begin_rotation(pool: &SqlitePool, id: &AgentId, pending_hash: &[u8], at: Timestamp, gap_ms: u64) -> Result<bool> {
     let earliest = at.unix_millis().saturating_sub(i64::try_from(gap_ms).unwrap_or(i64::MAX));

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 
 use shared::job::{AgentRun, JobId, RunId, RunState, StateCounts, Stream};
 use shared::{AgentId, Timestamp};
-use sqlx::{AssertSqlSafe, FromRow, QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{AssertSqlSafe, QueryBuilder, Sqlite, SqlitePool};
 
-use super::{ROWS_PER_STATEMENT, parse_agent_id, parse_run_state, push_in_list, stream_code, to_i64, to_u64, ts};
-use crate::store::{JobApproval, JobRow, OpenRun, Result, RunOutputText, RunRow, StoreError};
+use super::{ROWS_PER_STATEMENT, parse_run_state, push_in_list, stream_code, to_i64, to_u64};
+use crate::store::rows::{self, AgentRunDb, Heads, JobDb, OPEN, OPEN_RUN_COLUMNS, OpenRunDb, RUN_COLUMNS, RunDb};
+use crate::store::{JobRow, OpenRun, Result, RunOutputText, RunRow, StoreError};
 
 pub(super) async fn state_totals(pool: &SqlitePool) -> Result<(Vec<(RunState, u64)>, Vec<(&'static str, u64)>)> {
     let runs: Vec<(String, i64)> = sqlx::query_as("SELECT state, COUNT(*) FROM runs GROUP BY state").fetch_all(pool).await?;
@@ -16,8 +17,7 @@ pub(super) async fn state_totals(pool: &SqlitePool) -> Result<(Vec<(RunState, u6
         sqlx::query_as("SELECT COALESCE(SUM(finished_at IS NULL), 0), COALESCE(SUM(finished_at IS NOT NULL), 0) FROM jobs")
             .fetch_one(pool)
             .await?;
-    let runs = runs.into_iter().map(|(s, n)| Ok((parse_run_state(&s)?, to_u64(n)))).collect::<Result<Vec<_>>>()?;
-    Ok((runs, vec![("running", to_u64(running)), ("finished", to_u64(finished))]))
+    rows::state_totals(runs, running, finished)
 }
 
 pub(super) async fn create_job(pool: &SqlitePool, job: &JobRow, runs: &[(RunId, AgentId)]) -> Result<()> {
@@ -48,10 +48,9 @@ pub(super) async fn create_job(pool: &SqlitePool, job: &JobRow, runs: &[(RunId, 
     if job.signature.is_some()
         && let shared::job::Target::Agents(ids) = &job.target
     {
-        let list: Vec<&str> = ids.iter().map(AgentId::as_str).collect();
         sqlx::query("INSERT INTO job_signed_agents (job_id, agents) VALUES (?, ?)")
             .bind(&job.id)
-            .bind(list.join(","))
+            .bind(rows::signed_agents_text(ids))
             .execute(&mut *tx)
             .await?;
     }
@@ -118,23 +117,7 @@ pub(super) async fn agent_runs(pool: &SqlitePool, agent_id: &AgentId, limit: u32
     .bind(i64::from(limit))
     .fetch_all(pool)
     .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(AgentRun {
-                command: serde_json::from_str(&r.command).map_err(|e| StoreError::Corrupt(format!("job {}: command: {e}", r.job_id)))?,
-                state: parse_run_state(&r.state)?,
-                job_id: r.job_id,
-                run_id: r.run_id,
-                created_at: ts(r.created_at),
-                created_by: r.created_by,
-                exit_code: r.exit_code.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
-                signal: r.signal.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
-                error: r.error,
-                started_at: r.started_at.map(ts),
-                finished_at: r.finished_at.map(ts),
-            })
-        })
-        .collect()
+    rows.into_iter().map(AgentRun::try_from).collect()
 }
 
 pub(super) async fn run_output_heads(pool: &SqlitePool, job_id: &str, head: u64, total: u64) -> Result<HashMap<RunId, RunOutputText>> {
@@ -148,25 +131,11 @@ pub(super) async fn run_output_heads(pool: &SqlitePool, job_id: &str, head: u64,
     .bind(job_id)
     .bind(to_i64(head))
     .fetch(pool);
-    let mut out: HashMap<RunId, RunOutputText> = HashMap::new();
-    let mut spent = 0u64;
+    let mut heads = Heads::new(head, total);
     while let Some((run, stream, offset, data)) = rows.try_next().await? {
-        let e = out.entry(run).or_default();
-        let text = if stream == 0 { &mut e.stdout } else { &mut e.stderr };
-        let (offset, have) = (to_u64(offset), text.len() as u64);
-        if offset > have || spent >= total {
-            continue;
-        }
-        let want = usize::try_from(head.min(have + (total - spent)) - have).unwrap_or(0);
-        let fresh = data.get(usize::try_from(have - offset).unwrap_or(usize::MAX)..).unwrap_or_default();
-        let mut cut = want.min(fresh.len());
-        while !fresh.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.push_str(&fresh[..cut]);
-        spent += cut as u64;
+        heads.push(run, stream, offset, &data);
     }
-    Ok(out)
+    Ok(heads.finish())
 }
 
 pub(super) async fn run_output(
@@ -193,17 +162,7 @@ pub(super) async fn run_output(
         Stream::Stdout => run.stdout_len,
         Stream::Stderr => run.stderr_len,
     };
-    let bytes = crate::output::extract(&pieces, offset.min(held), end.min(held)).unwrap_or_default();
-    // Pages end on a character boundary: the next page starts where this one stops.
-    let text = match String::from_utf8(bytes) {
-        Ok(t) => t,
-        Err(e) => {
-            let valid = e.utf8_error().valid_up_to();
-            let mut b = e.into_bytes();
-            b.truncate(valid);
-            String::from_utf8(b).unwrap_or_default()
-        }
-    };
+    let text = rows::output_page(&pieces, offset, end, held);
     Ok(Some((run, text)))
 }
 
@@ -302,7 +261,7 @@ pub(super) async fn cancel_job(pool: &SqlitePool, job_id: &str, at: Timestamp) -
         let exists: Option<(i64,)> = sqlx::query_as("SELECT 1 FROM jobs WHERE id = ?").bind(job_id).fetch_optional(&mut *tx).await?;
         return Ok(exists.map(|_| (Vec::new(), Vec::new())));
     }
-    let sql = format!("{OPEN_RUN_SELECT} WHERE job_id = ? AND state IN {OPEN} ORDER BY seq");
+    let sql = format!("SELECT {OPEN_RUN_COLUMNS} FROM runs WHERE job_id = ? AND state IN {OPEN} ORDER BY seq");
     let rows: Vec<OpenRunDb> = sqlx::query_as(AssertSqlSafe(sql)).bind(job_id).fetch_all(&mut *tx).await?;
     let open = rows.into_iter().map(OpenRun::try_from).collect::<Result<Vec<_>>>()?;
     sqlx::query("UPDATE runs SET state = 'cancelled', error = 'cancelled before it started', finished_at = ? WHERE job_id = ? AND state = 'pending'")
@@ -315,153 +274,13 @@ pub(super) async fn cancel_job(pool: &SqlitePool, job_id: &str, at: Timestamp) -
 }
 
 async fn runs_where(pool: &SqlitePool, sql_where: &'static str, bind: &str) -> Result<Vec<RunRow>> {
-    let head = "SELECT r.id, r.job_id, r.agent_id, a.hostname, r.state, r.accepted, r.dispatched_at, r.started_at, r.finished_at, \
-         r.exit_code, r.signal, r.error, r.stdout_truncated, r.stderr_truncated, r.stdout_held, r.stderr_held \
-         FROM runs r LEFT JOIN agents a ON a.id = r.agent_id WHERE ";
-    let rows: Vec<RunDb> = sqlx::query_as(AssertSqlSafe(format!("{head}{sql_where}"))).bind(bind).fetch_all(pool).await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(RunRow {
-                state: parse_run_state(&r.state)?,
-                agent_id: parse_agent_id(&r.agent_id)?,
-                id: r.id,
-                job_id: r.job_id,
-                hostname: r.hostname.unwrap_or_default(),
-                accepted: r.accepted,
-                dispatched_at: r.dispatched_at.map(ts),
-                started_at: r.started_at.map(ts),
-                finished_at: r.finished_at.map(ts),
-                exit_code: r.exit_code.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
-                signal: r.signal.map(|c| i32::try_from(c).unwrap_or(i32::MAX)),
-                error: r.error,
-                stdout_truncated: r.stdout_truncated,
-                stderr_truncated: r.stderr_truncated,
-                stdout_len: to_u64(r.stdout_held),
-                stderr_len: to_u64(r.stderr_held),
-            })
-        })
-        .collect()
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs r LEFT JOIN agents a ON a.id = r.agent_id WHERE {sql_where}");
+    let rows: Vec<RunDb> = sqlx::query_as(AssertSqlSafe(sql)).bind(bind).fetch_all(pool).await?;
+    rows.into_iter().map(RunRow::try_from).collect()
 }
-
-#[derive(FromRow)]
-struct JobDb {
-    id: String,
-    created_at: i64,
-    created_by: String,
-    target: String,
-    command: String,
-    timeout_ms: i64,
-    ttl_ms: i64,
-    concurrency: Option<String>,
-    max_in_flight: Option<i64>,
-    max_errors: Option<i64>,
-    output_limit: i64,
-    expires_at: i64,
-    cancelled_at: Option<i64>,
-    finished_at: Option<i64>,
-    signature: Option<String>,
-    scope: Option<String>,
-    approval_required: bool,
-    creator_token: Option<String>,
-    approved_by: Option<String>,
-    approved_at: Option<i64>,
-}
-
-impl TryFrom<JobDb> for JobRow {
-    type Error = StoreError;
-    fn try_from(r: JobDb) -> Result<Self> {
-        let corrupt = |what: &str, e: String| StoreError::Corrupt(format!("job {}: {what}: {e}", r.id));
-        let signature = r.signature.as_deref().map(serde_json::from_str).transpose().map_err(|e| corrupt("signature", e.to_string()))?;
-        let scope = r.scope.as_deref().map(shared::Selector::parse).transpose().map_err(|e| corrupt("scope", e.to_string()))?;
-        Ok(JobRow {
-            target: serde_json::from_str(&r.target).map_err(|e| corrupt("target", e.to_string()))?,
-            command: serde_json::from_str(&r.command).map_err(|e| corrupt("command", e.to_string()))?,
-            concurrency: r.concurrency.as_deref().map(str::parse).transpose().map_err(|e: String| corrupt("concurrency", e))?,
-            id: r.id,
-            created_at: ts(r.created_at),
-            created_by: r.created_by,
-            timeout_ms: to_u64(r.timeout_ms),
-            ttl_ms: to_u64(r.ttl_ms),
-            max_in_flight: r.max_in_flight.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-            max_errors: r.max_errors.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-            output_limit: to_u64(r.output_limit),
-            expires_at: ts(r.expires_at),
-            cancelled_at: r.cancelled_at.map(ts),
-            finished_at: r.finished_at.map(ts),
-            signature,
-            scope,
-            approval: r.approval_required.then(|| JobApproval {
-                creator_token: r.creator_token.unwrap_or_default(),
-                approved: r.approved_by.zip(r.approved_at.map(ts)),
-            }),
-        })
-    }
-}
-
-#[derive(FromRow)]
-struct AgentRunDb {
-    job_id: String,
-    run_id: String,
-    created_at: i64,
-    created_by: String,
-    command: String,
-    state: String,
-    exit_code: Option<i64>,
-    signal: Option<i64>,
-    error: Option<String>,
-    started_at: Option<i64>,
-    finished_at: Option<i64>,
-}
-
-#[derive(FromRow)]
-struct RunDb {
-    id: String,
-    job_id: String,
-    agent_id: String,
-    hostname: Option<String>,
-    state: String,
-    accepted: bool,
-    dispatched_at: Option<i64>,
-    started_at: Option<i64>,
-    finished_at: Option<i64>,
-    exit_code: Option<i64>,
-    signal: Option<i64>,
-    error: Option<String>,
-    stdout_truncated: bool,
-    stderr_truncated: bool,
-    stdout_held: i64,
-    stderr_held: i64,
-}
-
-const OPEN_RUN_SELECT: &str = "SELECT id, job_id, agent_id, state, accepted FROM runs";
-
-#[derive(FromRow)]
-struct OpenRunDb {
-    id: String,
-    job_id: String,
-    agent_id: String,
-    state: String,
-    accepted: bool,
-}
-
-impl TryFrom<OpenRunDb> for OpenRun {
-    type Error = StoreError;
-    fn try_from(r: OpenRunDb) -> Result<Self> {
-        Ok(OpenRun {
-            state: parse_run_state(&r.state)?,
-            agent_id: parse_agent_id(&r.agent_id)?,
-            id: r.id,
-            job_id: r.job_id,
-            accepted: r.accepted,
-        })
-    }
-}
-
-/// The open states (not [`RunState::is_final`]) as an SQL list; a test holds it to the rule.
-pub(super) const OPEN: &str = "('pending', 'dispatched', 'running')";
 
 async fn open_runs_where(pool: &SqlitePool, sql_where: &str, binds: &[&str]) -> Result<Vec<OpenRun>> {
-    let sql = format!("{OPEN_RUN_SELECT} WHERE {sql_where}");
+    let sql = format!("SELECT {OPEN_RUN_COLUMNS} FROM runs WHERE {sql_where}");
     let mut q = sqlx::query_as::<_, OpenRunDb>(AssertSqlSafe(sql));
     for b in binds {
         q = q.bind(b.to_string());
@@ -488,10 +307,4 @@ where
         changed.extend(rows.into_iter().map(|(id,)| id));
     }
     Ok(changed)
-}
-
-#[cfg(test)]
-#[test]
-fn the_open_states_in_sql_are_the_rules_open_states() {
-    assert_eq!(OPEN, crate::runs::sql_states(|s| !s.is_final()));
 }

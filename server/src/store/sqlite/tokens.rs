@@ -1,82 +1,10 @@
 //! Operator and enrollment tokens, and enrolling an agent with one.
 
-use std::str::FromStr;
-
 use shared::Timestamp;
-use shared::api::Role;
-use sqlx::{FromRow, SqlitePool};
+use sqlx::SqlitePool;
 
-use super::{labels_json, parse_labels, ts};
-use crate::store::{ApiTokenRow, EnrollTokenRow, NewAgent, Result, StoreError};
-
-#[derive(FromRow)]
-struct ApiTokenDb {
-    id: String,
-    name: String,
-    role: String,
-    secret_hash: Vec<u8>,
-    created_by: String,
-    created_at: i64,
-    expires_at: Option<i64>,
-    revoked_at: Option<i64>,
-    last_used_at: Option<i64>,
-    scope: Option<String>,
-}
-
-impl TryFrom<ApiTokenDb> for ApiTokenRow {
-    type Error = StoreError;
-    fn try_from(r: ApiTokenDb) -> Result<Self> {
-        Ok(ApiTokenRow {
-            role: Role::from_str(&r.role).map_err(StoreError::Corrupt)?,
-            id: r.id,
-            name: r.name,
-            secret_hash: r.secret_hash,
-            created_by: r.created_by,
-            created_at: ts(r.created_at),
-            expires_at: r.expires_at.map(ts),
-            revoked_at: r.revoked_at.map(ts),
-            last_used_at: r.last_used_at.map(ts),
-            scope: r
-                .scope
-                .as_deref()
-                .map(shared::Selector::parse)
-                .transpose()
-                .map_err(|e| StoreError::Corrupt(format!("token scope: {e}")))?,
-        })
-    }
-}
-
-#[derive(FromRow)]
-struct EnrollTokenDb {
-    id: String,
-    secret_hash: Vec<u8>,
-    created_by: String,
-    created_at: i64,
-    expires_at: i64,
-    uses_total: i64,
-    uses_left: i64,
-    labels: String,
-    revoked_at: Option<i64>,
-    approve: bool,
-}
-
-impl TryFrom<EnrollTokenDb> for EnrollTokenRow {
-    type Error = StoreError;
-    fn try_from(r: EnrollTokenDb) -> Result<Self> {
-        Ok(EnrollTokenRow {
-            labels: parse_labels(&r.labels)?,
-            id: r.id,
-            secret_hash: r.secret_hash,
-            created_by: r.created_by,
-            created_at: ts(r.created_at),
-            expires_at: ts(r.expires_at),
-            uses_total: u32::try_from(r.uses_total).unwrap_or(0),
-            uses_left: u32::try_from(r.uses_left).unwrap_or(0),
-            revoked_at: r.revoked_at.map(ts),
-            approve: r.approve,
-        })
-    }
-}
+use crate::store::rows::{ApiTokenDb, EnrollTokenDb, labels_json};
+use crate::store::{ApiTokenRow, EnrollTokenRow, NewAgent, Result};
 
 pub(super) async fn insert_api_token(pool: &SqlitePool, r: &ApiTokenRow) -> Result<()> {
     sqlx::query(

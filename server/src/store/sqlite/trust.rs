@@ -8,15 +8,9 @@ use shared::signing::PublicKey;
 use sqlx::SqlitePool;
 
 use super::parse_agent_id;
-use crate::store::{Result, StoreError};
-
-pub(super) fn keys_json(keys: &[PublicKey]) -> String {
-    serde_json::to_string(keys).unwrap_or_else(|_| "[]".into())
-}
-
-pub(super) fn parse_keys(json: &str) -> Result<Vec<PublicKey>> {
-    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("trusted_keys: {e}")))
-}
+use crate::store::Result;
+pub(super) use crate::store::rows::keys_json;
+use crate::store::rows::parse_keys;
 
 /// The reported keys of those of `ids` that reported any (unrevoked agents only).
 pub(super) async fn agent_trusted_keys(pool: &SqlitePool, ids: &[AgentId]) -> Result<HashMap<AgentId, Vec<PublicKey>>> {
