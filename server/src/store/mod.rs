@@ -428,6 +428,7 @@ pub trait Store: Send + Sync + 'static {
     // Operator tokens.
     async fn insert_api_token(&self, row: &ApiTokenRow) -> Result<()>;
     async fn api_token(&self, id: &str) -> Result<Option<ApiTokenRow>>;
+    /// Oldest first; tokens created in the same millisecond by id.
     async fn list_api_tokens(&self) -> Result<Vec<ApiTokenRow>>;
     async fn revoke_api_token(&self, id: &str, at: Timestamp) -> Result<bool>;
     async fn touch_api_token(&self, id: &str, at: Timestamp) -> Result<()>;
@@ -435,6 +436,7 @@ pub trait Store: Send + Sync + 'static {
     // Enrollment.
     async fn insert_enroll_token(&self, row: &EnrollTokenRow) -> Result<()>;
     async fn enroll_token(&self, id: &str) -> Result<Option<EnrollTokenRow>>;
+    /// Oldest first; tokens created in the same millisecond by id.
     async fn list_enroll_tokens(&self) -> Result<Vec<EnrollTokenRow>>;
     async fn revoke_enroll_token(&self, id: &str, at: Timestamp) -> Result<bool>;
     /// Takes one use of the token and creates the agent, atomically. False, and nothing
@@ -448,8 +450,9 @@ pub trait Store: Send + Sync + 'static {
     /// Every agent that is not revoked, with only what a target matches on.
     async fn agent_targets(&self) -> Result<Vec<AgentTarget>>;
     async fn transitions(&self, id: &AgentId, limit: u32) -> Result<Vec<Transition>>;
-    /// Stored heartbeats since `since`, oldest first. With a `step`, one sample per step-long
-    /// bucket: each field the highest in the bucket, `at` the bucket's start.
+    /// Stored heartbeats since `since`, oldest first (by `seq` within a millisecond). With a
+    /// `step`, one sample per step-long bucket: each field the highest in the bucket, `at` the
+    /// bucket's start.
     async fn heartbeats(
         &self,
         id: &AgentId,
@@ -458,7 +461,8 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<HeartbeatSample>>;
     async fn fleet_counts(&self) -> Result<FleetCounts>;
-    /// Runs by state, and jobs by `running`/`finished`, over everything stored.
+    /// Runs by state (in order of the state's name), and jobs by `running`/`finished`, over
+    /// everything stored.
     async fn state_totals(&self) -> Result<(Vec<(RunState, u64)>, Vec<(&'static str, u64)>)>;
     async fn revoke_agent(&self, id: &AgentId, at: Timestamp) -> Result<bool>;
 
@@ -466,7 +470,8 @@ pub trait Store: Send + Sync + 'static {
     async fn record(&self, batch: &[Record]) -> Result<Vec<Effect>>;
     /// At start-up: agents this node held are no longer connected. Returns how many changed.
     async fn mark_node_offline(&self, node: &str, at: Timestamp, reason: &str) -> Result<u64>;
-    /// Deletes up to `max_rows` heartbeats older than `before`; returns how many went.
+    /// Deletes up to `max_rows` of the oldest heartbeats older than `before`; returns how many
+    /// went.
     async fn prune_heartbeats(&self, before: Timestamp, max_rows: u32) -> Result<u64>;
 
     /// Appends an entry to the audit chain in one transaction with reading the chain's head.
@@ -476,8 +481,9 @@ pub trait Store: Send + Sync + 'static {
     /// Removes up to `max_rows` of the oldest audit entries older than `before` and appends an
     /// `audit.pruned` entry naming the last one removed (returned; nothing if none was old).
     async fn prune_audit(&self, before: Timestamp, max_rows: u32, now: Timestamp) -> Result<Vec<shared::api::AuditEntry>>;
-    /// Deletes up to `max_jobs` jobs that finished before `before`, with their runs and output;
-    /// returns how many jobs went. Jobs still open are never deleted.
+    /// Deletes up to `max_jobs` jobs that finished before `before` (the earliest finished first,
+    /// by id within a millisecond), with their runs and output; returns how many jobs went.
+    /// Jobs still open are never deleted.
     async fn prune_jobs(&self, before: Timestamp, max_jobs: u32) -> Result<u64>;
 
     // Jobs.
@@ -486,6 +492,7 @@ pub trait Store: Send + Sync + 'static {
     async fn job(&self, id: &str) -> Result<Option<JobRow>>;
     /// Newest first.
     async fn list_jobs(&self, limit: u32) -> Result<Vec<JobRow>>;
+    /// Jobs not finished, oldest first; jobs created in the same millisecond by id.
     async fn active_jobs(&self) -> Result<Vec<JobRow>>;
     async fn run_counts(&self, job_ids: &[JobId]) -> Result<std::collections::HashMap<JobId, StateCounts>>;
     async fn runs(&self, job_id: &str) -> Result<Vec<RunRow>>;
@@ -500,17 +507,19 @@ pub trait Store: Send + Sync + 'static {
     async fn run_output(&self, run_id: &str, stream: Stream, offset: u64, limit: u64) -> Result<Option<(RunRow, String)>>;
     /// Pending runs of a job in dispatch order.
     async fn pending_runs(&self, job_id: &str) -> Result<Vec<OpenRun>>;
-    /// Moves pending runs to `dispatched`; returns the ones that moved.
+    /// Moves pending runs to `dispatched`; returns the ones that moved, in id order.
     async fn mark_dispatched(&self, run_ids: &[RunId], at: Timestamp) -> Result<Vec<RunId>>;
-    /// Moves every pending run of a job to `dispatched`; returns the ones that moved.
+    /// Moves every pending run of a job to `dispatched`; returns the ones that moved, in id
+    /// order.
     async fn mark_job_dispatched(&self, job_id: &str, at: Timestamp) -> Result<Vec<RunId>>;
-    /// Ends runs that are not final yet with `state`; returns the ones that changed.
+    /// Ends runs that are not final yet with `state`; returns the ones that changed, in id order.
     async fn end_runs(&self, run_ids: &[RunId], state: RunState, error: &str, at: Timestamp) -> Result<Vec<RunId>>;
     /// Moves dispatched runs the agent never accepted back to `pending`, for redelivery.
     async fn redeliver(&self, run_ids: &[RunId]) -> Result<()>;
+    /// The agent's runs not final yet, by job id, then in dispatch order.
     async fn open_runs_for_agent(&self, agent_id: &AgentId) -> Result<Vec<OpenRun>>;
     /// Dispatched or running runs whose report is overdue: no result by `dispatched_at` (or
-    /// `started_at`) + the job's timeout + `grace`.
+    /// `started_at`) + the job's timeout + `grace`. By job id, then in dispatch order.
     async fn overdue_runs(&self, now: Timestamp, grace_ms: u64) -> Result<Vec<OpenRun>>;
     /// Sets `finished_at` if every run of the job is final; true if it did.
     async fn finish_job_if_done(&self, job_id: &str, at: Timestamp) -> Result<bool>;

@@ -71,7 +71,7 @@ pub(super) async fn heartbeats(
     let query = match step {
         None => sqlx::query_as(
             "SELECT at, seq, cpu_percent, load1, mem_used, mem_total, disk_used, disk_total, process_count \
-             FROM heartbeats WHERE agent_id = ? AND at >= ? ORDER BY at LIMIT ?",
+             FROM heartbeats WHERE agent_id = ? AND at >= ? ORDER BY at, seq LIMIT ?",
         ),
         Some(step) => {
             let ms = i64::try_from(step.as_millis()).unwrap_or(i64::MAX).max(1);
@@ -121,7 +121,7 @@ pub(super) async fn mark_node_offline(pool: &SqlitePool, node: &str, at: Timesta
 }
 
 pub(super) async fn prune_heartbeats(pool: &SqlitePool, before: Timestamp, max_rows: u32) -> Result<u64> {
-    let done = sqlx::query("DELETE FROM heartbeats WHERE rowid IN (SELECT rowid FROM heartbeats WHERE at < ? LIMIT ?)")
+    let done = sqlx::query("DELETE FROM heartbeats WHERE rowid IN (SELECT rowid FROM heartbeats WHERE at < ? ORDER BY at LIMIT ?)")
         .bind(before.unix_millis())
         .bind(i64::from(max_rows))
         .execute(pool)

@@ -137,7 +137,7 @@ impl SqliteStore {
         let _gate = self.writer().await;
         let mut tx = self.pool.begin().await?;
         let ids: Vec<(String,)> =
-            sqlx::query_as("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at LIMIT ?")
+            sqlx::query_as("SELECT id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ? ORDER BY finished_at, id LIMIT ?")
                 .bind(before.unix_millis())
                 .bind(i64::from(max_jobs))
                 .fetch_all(&mut *tx)

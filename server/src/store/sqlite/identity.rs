@@ -49,7 +49,7 @@ pub(super) async fn complete_rotation(pool: &SqlitePool, id: &AgentId, pending_h
         .await?;
     sqlx::query(
         "DELETE FROM agent_retired_credentials WHERE agent_id = ? AND secret_hash NOT IN \
-         (SELECT secret_hash FROM agent_retired_credentials WHERE agent_id = ? ORDER BY retired_at DESC LIMIT ?)",
+         (SELECT secret_hash FROM agent_retired_credentials WHERE agent_id = ? ORDER BY retired_at DESC, secret_hash DESC LIMIT ?)",
     )
     .bind(id.as_str())
     .bind(id.as_str())
@@ -61,8 +61,10 @@ pub(super) async fn complete_rotation(pool: &SqlitePool, id: &AgentId, pending_h
 }
 
 pub(super) async fn retired_credentials(pool: &SqlitePool, id: &AgentId) -> Result<Vec<Vec<u8>>> {
-    let rows: Vec<(Vec<u8>,)> =
-        sqlx::query_as("SELECT secret_hash FROM agent_retired_credentials WHERE agent_id = ?").bind(id.as_str()).fetch_all(pool).await?;
+    let rows: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT secret_hash FROM agent_retired_credentials WHERE agent_id = ? ORDER BY secret_hash")
+        .bind(id.as_str())
+        .fetch_all(pool)
+        .await?;
     Ok(rows.into_iter().map(|(h,)| h).collect())
 }
 

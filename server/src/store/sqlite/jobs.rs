@@ -12,7 +12,7 @@ use crate::store::rows::{self, AgentRunDb, Heads, JobDb, OPEN, OPEN_RUN_COLUMNS,
 use crate::store::{JobRow, OpenRun, Result, RunOutputText, RunRow, StoreError};
 
 pub(super) async fn state_totals(pool: &SqlitePool) -> Result<(Vec<(RunState, u64)>, Vec<(&'static str, u64)>)> {
-    let runs: Vec<(String, i64)> = sqlx::query_as("SELECT state, COUNT(*) FROM runs GROUP BY state").fetch_all(pool).await?;
+    let runs: Vec<(String, i64)> = sqlx::query_as("SELECT state, COUNT(*) FROM runs GROUP BY state ORDER BY state").fetch_all(pool).await?;
     let (running, finished): (i64, i64) =
         sqlx::query_as("SELECT COALESCE(SUM(finished_at IS NULL), 0), COALESCE(SUM(finished_at IS NOT NULL), 0) FROM jobs")
             .fetch_one(pool)
@@ -81,7 +81,7 @@ pub(super) async fn list_jobs(pool: &SqlitePool, limit: u32) -> Result<Vec<JobRo
 }
 
 pub(super) async fn active_jobs(pool: &SqlitePool) -> Result<Vec<JobRow>> {
-    let rows: Vec<JobDb> = sqlx::query_as("SELECT * FROM jobs WHERE finished_at IS NULL ORDER BY created_at").fetch_all(pool).await?;
+    let rows: Vec<JobDb> = sqlx::query_as("SELECT * FROM jobs WHERE finished_at IS NULL ORDER BY created_at, id").fetch_all(pool).await?;
     rows.into_iter().map(JobRow::try_from).collect()
 }
 
@@ -184,7 +184,9 @@ pub(super) async fn mark_job_dispatched(pool: &SqlitePool, job_id: &str, at: Tim
             .bind(job_id)
             .fetch_all(pool)
             .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
+    let mut ids: Vec<RunId> = rows.into_iter().map(|(id,)| id).collect();
+    ids.sort_unstable();
+    Ok(ids)
 }
 
 pub(super) async fn end_runs(pool: &SqlitePool, run_ids: &[RunId], state: RunState, error: &str, at: Timestamp) -> Result<Vec<RunId>> {
@@ -206,7 +208,7 @@ pub(super) async fn redeliver(pool: &SqlitePool, run_ids: &[RunId]) -> Result<()
 }
 
 pub(super) async fn open_runs_for_agent(pool: &SqlitePool, agent_id: &AgentId) -> Result<Vec<OpenRun>> {
-    let sql = format!("agent_id = ? AND state IN {OPEN}");
+    let sql = format!("agent_id = ? AND state IN {OPEN} ORDER BY job_id, seq");
     open_runs_where(pool, &sql, &[agent_id.as_str()]).await
 }
 
@@ -214,7 +216,7 @@ pub(super) async fn overdue_runs(pool: &SqlitePool, now: Timestamp, grace_ms: u6
     let rows: Vec<OpenRunDb> = sqlx::query_as(
         "SELECT r.id, r.job_id, r.agent_id, r.state, r.accepted FROM runs r JOIN jobs j ON j.id = r.job_id \
          WHERE r.state IN ('dispatched', 'running') AND j.finished_at IS NULL \
-         AND COALESCE(r.started_at, r.dispatched_at) + j.timeout_ms + ? < ?",
+         AND COALESCE(r.started_at, r.dispatched_at) + j.timeout_ms + ? < ? ORDER BY r.job_id, r.seq",
     )
     .bind(to_i64(grace_ms))
     .bind(now.unix_millis())
@@ -289,7 +291,7 @@ async fn open_runs_where(pool: &SqlitePool, sql_where: &str, binds: &[&str]) -> 
 }
 
 /// Runs `UPDATE runs SET <set> WHERE <guard> AND id IN (...) RETURNING id` over chunks of
-/// ids; `set` pushes the assignments and their binds.
+/// ids; `set` pushes the assignments and their binds. Returns the changed ids in order.
 async fn update_runs<F>(pool: &SqlitePool, ids: &[RunId], guard: &str, set: F) -> Result<Vec<RunId>>
 where
     F: Fn(&mut QueryBuilder<Sqlite>),
@@ -306,5 +308,6 @@ where
         let rows: Vec<(String,)> = q.build_query_as().fetch_all(pool).await?;
         changed.extend(rows.into_iter().map(|(id,)| id));
     }
+    changed.sort_unstable();
     Ok(changed)
 }

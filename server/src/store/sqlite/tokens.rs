@@ -29,7 +29,7 @@ pub(super) async fn api_token(pool: &SqlitePool, id: &str) -> Result<Option<ApiT
 }
 
 pub(super) async fn list_api_tokens(pool: &SqlitePool) -> Result<Vec<ApiTokenRow>> {
-    let rows: Vec<ApiTokenDb> = sqlx::query_as("SELECT * FROM api_tokens ORDER BY created_at").fetch_all(pool).await?;
+    let rows: Vec<ApiTokenDb> = sqlx::query_as("SELECT * FROM api_tokens ORDER BY created_at, id").fetch_all(pool).await?;
     rows.into_iter().map(ApiTokenRow::try_from).collect()
 }
 
@@ -63,7 +63,7 @@ pub(super) async fn enroll_token(pool: &SqlitePool, id: &str) -> Result<Option<E
 }
 
 pub(super) async fn list_enroll_tokens(pool: &SqlitePool) -> Result<Vec<EnrollTokenRow>> {
-    let rows: Vec<EnrollTokenDb> = sqlx::query_as("SELECT * FROM enroll_tokens ORDER BY created_at").fetch_all(pool).await?;
+    let rows: Vec<EnrollTokenDb> = sqlx::query_as("SELECT * FROM enroll_tokens ORDER BY created_at, id").fetch_all(pool).await?;
     rows.into_iter().map(EnrollTokenRow::try_from).collect()
 }
 
