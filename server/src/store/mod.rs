@@ -1,12 +1,13 @@
 //! Persistence, behind one seam. [`Store`] is everything the server asks of its database;
-//! [`sqlite::SqliteStore`] is the embedded default. A PostgreSQL store for clustered servers is
-//! another implementation of the same trait: backends decode into the row structs of `rows`
-//! and map sqlx's errors through the one `From<sqlx::Error>` here; the SQL is each backend's own.
+//! [`sqlite::SqliteStore`] is the embedded default, [`postgres::PostgresStore`] the one for
+//! several servers on one database. Both decode into the row structs of `rows` and map sqlx's
+//! errors through the one `From<sqlx::Error>` here; the SQL is each backend's own.
 //!
 //! **Invariant:** all SQL lives below this module. Callers see row types, never SQL errors:
 //! [`StoreError`] says what kind of failure happened without leaking statement text.
 
 pub mod batch;
+pub mod postgres;
 mod rows;
 pub mod sqlite;
 
@@ -19,6 +20,7 @@ use shared::job::{JobId, RunId, RunState, StateCounts, Stream};
 use shared::protocol::{Metrics, RunFinished};
 use shared::{AgentId, Labels, Timestamp};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Who the entries the server writes on its own behalf (genesis, pruning) are by.
