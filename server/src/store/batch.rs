@@ -210,7 +210,15 @@ impl<'a> Plan<'a> {
                         latency_ms: result.latency_ms,
                     });
                     effects.push(ack);
-                    rows.push(ResultRow { finished: f, result, at, started_at: self.started_at.get(f.run_id.as_str()).copied() });
+                    rows.push(ResultRow {
+                        finished: f,
+                        result,
+                        at,
+                        started_at: self.started_at.get(f.run_id.as_str()).copied(),
+                        // NUL is the one character PostgreSQL's TEXT cannot hold: one agent's odd
+                        // message must not fail every batch it is in. Both backends store the same.
+                        error: f.error.as_ref().map(|e| e.replace('\0', "\u{FFFD}")),
+                    });
                 }
             }
         }
@@ -225,4 +233,6 @@ pub struct ResultRow<'a> {
     pub at: i64,
     /// The run's start, when it arrived in the same batch.
     pub started_at: Option<i64>,
+    /// The report's error text as stored.
+    pub error: Option<String>,
 }

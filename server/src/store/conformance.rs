@@ -53,6 +53,7 @@ macro_rules! checks {
             records::a_connection_stores_what_the_hello_said,
             records::run_progress_moves_a_run_forward_only_and_only_for_its_agent,
             records::a_result_is_stored_once_with_its_state_change_and_acked,
+            records::a_nul_in_an_agents_error_text_is_stored_replaced_and_fails_no_batch,
             records::a_result_replaces_lost_and_cancelled_but_no_other_final_state,
             records::results_for_unknown_runs_or_other_agents_runs_are_acked_and_change_nothing,
             records::a_result_whose_output_has_a_gap_asks_for_the_rest_before_it_is_stored,
@@ -142,8 +143,7 @@ macro_rules! backend {
 }
 
 backend!(sqlite);
-// The PostgreSQL store joins the suite with this line, once `PostgresStore::open(&url)` exists:
-// backend!(postgres);
+backend!(postgres);
 
 /// The enrollment token [`enroll_token`] makes.
 pub(crate) const TOKEN: &str = "00000000000000aa";

@@ -427,6 +427,9 @@ pub struct AuditQuery {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Closes the pool: waits for queries in flight, then lets connections go.
+    async fn close(&self);
+
     // Operator tokens.
     async fn insert_api_token(&self, row: &ApiTokenRow) -> Result<()>;
     async fn api_token(&self, id: &str) -> Result<Option<ApiTokenRow>>;

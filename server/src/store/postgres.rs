@@ -51,6 +51,7 @@ mod audit;
 mod check;
 mod identity;
 mod jobs;
+mod output;
 mod records;
 mod scope;
 mod signing;
@@ -81,9 +82,14 @@ impl PostgresStore {
     /// migrations.
     pub async fn open(url: &str) -> Result<Self> {
         // The URL may hold a password: sqlx's message about it is passed on, the URL never.
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Database(format!("the database URL: {e}")))?
-            .application_name("muster-server");
+        let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Database(format!("the database URL: {e}")))?;
+        Self::open_with(&options).await
+    }
+
+    /// As [`PostgresStore::open`], with options already parsed (`--database`, and a password
+    /// from a file).
+    pub async fn open_with(options: &PgConnectOptions) -> Result<Self> {
+        let options = options.clone().application_name("muster-server");
         let pool_options = || PgPoolOptions::new().min_connections(1).acquire_timeout(WAIT);
         // Servers starting together take turns under sqlx's advisory lock: the second waits for
         // the first's migrations however long they take, so they run on a connection of their
@@ -112,6 +118,10 @@ impl PostgresStore {
 
 #[async_trait]
 impl Store for PostgresStore {
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn insert_api_token(&self, r: &ApiTokenRow) -> Result<()> {
         tokens::insert_api_token(&self.pool, r).await
     }

@@ -91,6 +91,10 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+
     async fn insert_api_token(&self, r: &ApiTokenRow) -> Result<()> {
         let _gate = self.writer().await;
         tokens::insert_api_token(&self.pool, r).await

@@ -160,6 +160,21 @@ pub(crate) async fn a_result_is_stored_once_with_its_state_change_and_acked(stor
     assert_eq!((run.state, run.finished_at), (RunState::Failed, Some(ts(400))));
 }
 
+pub(crate) async fn a_nul_in_an_agents_error_text_is_stored_replaced_and_fails_no_batch(store: Arc<dyn Store>) {
+    let a = enrolled(&*store).await;
+    store.create_job(&job_row(JOB, 1), &[("r1".into(), a.id.clone())]).await.unwrap();
+    store.mark_dispatched(&["r1".into()], ts(100)).await.unwrap();
+    let mut result = finished(&a.id, "r1", Outcome::Failed, 0, 0, 400);
+    if let Record::RunFinished { finished, .. } = &mut result {
+        finished.error = Some("exec: bad\0name".into());
+    }
+    let effects = store.record(&[result, super::heartbeat(&a.id, 1, 401, "host", 5.0)]).await.expect("the batch is written");
+    assert!(effects.contains(&ack(&a.id, "r1")), "{effects:?}");
+    let run = store.run("r1").await.unwrap().unwrap();
+    assert_eq!((run.state, run.error.as_deref()), (RunState::Failed, Some("exec: bad\u{FFFD}name")));
+    assert_eq!(store.agent(&a.id).await.unwrap().unwrap().last_heartbeat_at, Some(ts(401)), "the rest of the batch landed");
+}
+
 pub(crate) async fn a_result_replaces_lost_and_cancelled_but_no_other_final_state(store: Arc<dyn Store>) {
     let agents = fleet(&*store, 4).await;
     let [a, b, c, d] = [&agents[0].id, &agents[1].id, &agents[2].id, &agents[3].id];

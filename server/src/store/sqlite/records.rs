@@ -173,7 +173,7 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, plan: &Plan<'_>, ef
                 .push_bind(r.state.as_str())
                 .push_bind(f.exit_code)
                 .push_bind(f.signal)
-                .push_bind(f.error.clone())
+                .push_bind(u.error.clone())
                 .push_bind(u.at)
                 .push_bind(to_i64(r.stdout_len))
                 .push_bind(to_i64(r.stderr_len))
