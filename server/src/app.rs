@@ -17,11 +17,12 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::config::Config;
+use crate::config::Database;
 use crate::dispatch::Dispatcher;
 use crate::events::Events;
 use crate::recorder::{Hooks, Recorder};
 use crate::registry::Registry;
-use crate::store::{AuditEntry, SqliteStore, Store};
+use crate::store::{AuditEntry, PostgresStore, SqliteStore, Store};
 use crate::{api, health, tls};
 
 /// How long shutdown waits for open connections and sessions before giving up on them.
@@ -106,7 +107,7 @@ pub struct Application {
     acceptor: TlsAcceptor,
     state: AppState,
     recorder_task: tokio::task::JoinHandle<()>,
-    store: SqliteStore,
+    store: Arc<dyn Store>,
     ca_file: Option<PathBuf>,
     renewer: Option<tls::Renewer>,
 }
@@ -115,23 +116,31 @@ pub struct Application {
 pub enum StartError {
     #[error("cannot create data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
-    #[error("database {path}: {source}")]
-    Store { path: PathBuf, source: crate::store::StoreError },
+    #[error("database {database}: {source}")]
+    /// `database` as [`Database::describe`] gives it: never a password.
+    Store { database: String, source: crate::store::StoreError },
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
-/// Opens the database under the data directory, creating both if needed: the directory 0700
-/// (it holds the database, the CA's key and dev.env) and the database file 0600, which SQLite
-/// gives its `-wal` and `-shm` files too.
-pub async fn open_store(config: &Config) -> Result<SqliteStore, StartError> {
+/// Opens the configured database and applies its pending migrations: SQLite under the data
+/// directory by default, creating both if needed (the directory 0700: it holds the database,
+/// the CA's key and dev.env; the database file 0600, which SQLite gives its `-wal` and `-shm`
+/// files too), or the PostgreSQL database `--database` names. The data directory is created
+/// either way: the TLS identity and dev files live there.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
     let dir_err = |source| StartError::DataDir { path: config.data_dir.clone(), source };
     create_private_dir(&config.data_dir).map_err(dir_err)?;
-    let path = config.database_path();
-    create_private_file(&path).map_err(|source| StartError::DataDir { path: path.clone(), source })?;
-    SqliteStore::open(&path).await.map_err(|source| StartError::Store { path, source })
+    let failed = |source| StartError::Store { database: config.database.describe(), source };
+    match &config.database {
+        Database::Sqlite(path) => {
+            create_private_file(path).map_err(|source| StartError::DataDir { path: path.clone(), source })?;
+            Ok(Arc::new(SqliteStore::open(path).await.map_err(failed)?))
+        }
+        Database::Postgres(options) => Ok(Arc::new(PostgresStore::open_with(options).await.map_err(failed)?)),
+    }
 }
 
 /// Creates `dir` with mode 0700 if it is missing (its parents as usual). One that exists is
@@ -175,10 +184,10 @@ impl Application {
         match store.mark_node_offline(&config.node_id, now, "server restarted").await {
             Ok(0) => {}
             Ok(n) => tracing::info!(agents = n, "agents held by this node before the restart marked offline"),
-            Err(source) => return Err(StartError::Store { path: config.database_path(), source }),
+            Err(source) => return Err(StartError::Store { database: config.database.describe(), source }),
         }
 
-        let shared_store: Arc<dyn Store> = Arc::new(store.clone());
+        let shared_store: Arc<dyn Store> = store.clone();
         let registry = Registry::new();
         let events = Events::default();
         let kick = Arc::new(tokio::sync::Notify::new());

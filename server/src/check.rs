@@ -18,7 +18,13 @@ pub async fn run(config: &Config) -> Result<Vec<String>, String> {
         let _ = std::fs::remove_file(&probe);
     }
 
-    let db = config.database_path();
+    let db = match &config.database {
+        crate::config::Database::Sqlite(path) => path.clone(),
+        crate::config::Database::Postgres(options) => {
+            ok.push(postgres(options, &config.database.describe()).await?);
+            return Ok(ok);
+        }
+    };
     if !db.exists() {
         ok.push(format!("database: none yet at {}; it is created at first start", db.display()));
         return Ok(ok);
@@ -39,4 +45,28 @@ pub async fn run(config: &Config) -> Result<Vec<String>, String> {
             Ok(ok)
         }
     }
+}
+
+async fn postgres(options: &sqlx::postgres::PgConnectOptions, name: &str) -> Result<String, String> {
+    use crate::store::postgres::inspect_postgres;
+    let i = match inspect_postgres(options).await {
+        Err(InspectError::Open(e)) => return Err(format!("database: cannot connect to {name}: {e}")),
+        Err(InspectError::Read(e)) => return Err(format!("database: {name}: {e}")),
+        Ok(i) => i,
+    };
+    if i.standby {
+        return Err(format!("database: {name} is a standby (in recovery) and takes no writes"));
+    }
+    if let Some(v) = i.failed.first() {
+        return Err(format!("database: {name}: migration {v} began and failed; it needs a look before the server starts"));
+    }
+    if let Some(v) = i.unknown.first() {
+        return Err(format!(
+            "database: {name} has migration {v}, which this muster-server does not know: it was written by a newer version"
+        ));
+    }
+    Ok(match i.pending.len() {
+        0 => format!("database: {name} (PostgreSQL {}) is reachable and up to date", i.server_version),
+        n => format!("database: {name} (PostgreSQL {}) is reachable; {n} migration(s) will be applied at start", i.server_version),
+    })
 }

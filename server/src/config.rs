@@ -31,6 +31,18 @@ pub enum Command {
     /// Check the config, the TLS identity, the data directory and the database, changing
     /// nothing. Prints what is wrong in one line and exits non-zero.
     Check,
+    /// Copy this server's SQLite database (in the data directory), history included, into an
+    /// empty PostgreSQL database, to move to a cluster without losing anything. Stop the
+    /// server first; then start it (or the cluster's nodes) with `--database` set to the same
+    /// URL.
+    MigrateDb {
+        /// The PostgreSQL database to copy into: `postgres://USER@HOST:PORT/DB`.
+        #[arg(long)]
+        to: String,
+        /// Read the PostgreSQL password from this file (one line), not from the URL.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
     /// Create an admin token directly in the database and print it once. Needs write access to
     /// the data directory, which is the root of trust; works while the server runs.
     Bootstrap {

@@ -18,6 +18,7 @@ pub mod gateway;
 pub mod health;
 pub mod identity;
 pub mod logging;
+pub mod migrate_db;
 pub mod output;
 pub mod recorder;
 pub mod registry;
@@ -46,6 +47,15 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     shutdown::cancel_on_signal(cancel.clone()).context("installing signal handlers")?;
     match (cli.command, cli.dev) {
         (Some(Command::Bootstrap { name }), _) => bootstrap(&config, &name).await,
+        (Some(Command::MigrateDb { to, password_file }), _) => {
+            let copied = migrate_db::run(&config, &to, password_file.as_deref()).await?;
+            let mut out = std::io::stdout().lock();
+            for (table, rows) in &copied {
+                writeln!(out, "{table}: {rows} rows")?;
+            }
+            writeln!(out, "copied {} tables into {}", copied.len(), config::Database::postgres(&to, None)?.describe())?;
+            Ok(())
+        }
         (Some(Command::Check), _) => {
             let lines = check::run(&config).await.map_err(|problem| anyhow::anyhow!("check: {problem}"))?;
             let mut out = std::io::stdout().lock();
@@ -63,9 +73,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
 async fn bootstrap(config: &Config, name: &str) -> anyhow::Result<()> {
     let store = app::open_store(config).await?;
     let req = CreateToken { name: name.to_owned(), role: Role::Admin, ttl_secs: None, scope: None };
-    let (created, entry) = api::create_token_row(&store, &req, "muster-server bootstrap").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (created, entry) = api::create_token_row(&*store, &req, "muster-server bootstrap").await.map_err(|e| anyhow::anyhow!("{e}"))?;
     // Beside a running server, through the database's own lock: one chain either way.
-    store::audit_or_log(&store, entry).await;
+    store::audit_or_log(&*store, entry).await;
     store.close().await;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", created.token)?;

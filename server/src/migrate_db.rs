@@ -16,12 +16,16 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::{Context, bail};
 use futures_util::TryStreamExt;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, QueryBuilder, Row};
 
 use crate::config::{Config, Database};
 use crate::store::{PostgresStore, SqliteStore};
+
+/// Tables whose one row the migrations write (the audit chain's head): the copy replaces it,
+/// and it does not make a database count as holding data.
+const SEEDED: [&str; 1] = ["audit_head"];
 
 /// Rows per INSERT: far below PostgreSQL's 65,535 parameters for the widest table.
 const ROWS_PER_INSERT: usize = 500;
@@ -53,11 +57,15 @@ pub async fn run(config: &Config, to: &str, password_file: Option<&std::path::Pa
     let tables = tables(&pool).await?;
     let mut pg = pool.begin().await?;
     let mut snapshot = sqlite.begin().await?;
-    for (table, _) in &tables {
+    for (table, _) in tables.iter().filter(|(t, _)| !SEEDED.contains(&t.as_str())) {
         let (n,): (i64,) = sqlx::query_as(AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"))).fetch_one(&mut *pg).await?;
         if n > 0 {
             bail!("the PostgreSQL database already holds data ({n} rows in {table}); migrate-db copies into an empty database only");
         }
+    }
+    // The rows the migrations seed are replaced by the source's own.
+    for table in SEEDED {
+        sqlx::query(AssertSqlSafe(format!("DELETE FROM {table}"))).execute(&mut *pg).await?;
     }
     let mut copied = Vec::new();
     for (table, columns) in &tables {
@@ -92,11 +100,9 @@ pub async fn run(config: &Config, to: &str, password_file: Option<&std::path::Pa
     .fetch_all(&mut *pg)
     .await?;
     for (table, column, sequence) in serial {
-        sqlx::query(AssertSqlSafe(format!(
-            "SELECT setval('{sequence}', COALESCE((SELECT MAX(\"{column}\") FROM {table}), 0) + 1, false)"
-        )))
-        .execute(&mut *pg)
-        .await?;
+        sqlx::query(AssertSqlSafe(format!("SELECT setval('{sequence}', COALESCE((SELECT MAX(\"{column}\") FROM {table}), 0) + 1, false)")))
+            .execute(&mut *pg)
+            .await?;
     }
     for (table, n) in &copied {
         let (m,): (i64,) = sqlx::query_as(AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}"))).fetch_one(&mut *pg).await?;
@@ -133,7 +139,12 @@ async fn insert(
 }
 
 /// Binds column `i` of an SQLite row as the PostgreSQL column's type wants it.
-fn push(b: &mut sqlx::query_builder::Separated<'_, '_, Postgres, &'static str>, row: &sqlx::sqlite::SqliteRow, i: usize, kind: &str) -> Result<(), sqlx::Error> {
+fn push(
+    b: &mut sqlx::query_builder::Separated<'_, Postgres, &'static str>,
+    row: &sqlx::sqlite::SqliteRow,
+    i: usize,
+    kind: &str,
+) -> Result<(), sqlx::Error> {
     match kind {
         "bigint" | "integer" | "smallint" => {
             b.push_bind(row.try_get::<Option<i64>, _>(i)?);

@@ -1,19 +1,20 @@
 //! Agents dialing in: enrollment, credentials, liveness, restarts and hostile input.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use shared::api::AgentStatus;
 use shared::protocol::close;
 use tests::ws::{self, Handshake};
-use tests::{TestServer, wait_for};
+use tests::{Backend, TestServer, wait_for};
 use tokio_tungstenite::tungstenite::Message;
 
 const SOON: Duration = Duration::from_secs(15);
 
-#[tokio::test]
-async fn agent_enrolls_once_then_reconnects_with_its_stored_credential() {
-    let server = TestServer::spawn().await;
+async fn agent_enrolls_once_then_reconnects_with_its_stored_credential(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let token = server.enroll_token(1, &["site=lab"]).await;
     let mut agent = server.spawn_agent(Some(&token), &["role=pos", "site=ignored"]);
     let id = agent.id().await;
@@ -39,9 +40,8 @@ async fn agent_enrolls_once_then_reconnects_with_its_stored_credential() {
     drop(agent);
 }
 
-#[tokio::test]
-async fn wrong_expired_and_used_up_credentials_are_refused_with_401_before_the_upgrade() {
-    let server = TestServer::spawn().await;
+async fn wrong_expired_and_used_up_credentials_are_refused_with_401_before_the_upgrade(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let used = server.enroll_token(1, &[]).await;
     let Handshake::Open(mut ws) = ws::connect_ca(&server.url, Some(&used), &server.ca).await else { panic!("first use is accepted") };
     let welcome = ws::open(&mut ws, "first", 1000).await;
@@ -90,9 +90,8 @@ async fn wrong_expired_and_used_up_credentials_are_refused_with_401_before_the_u
     assert!(log.matches("agent handshake refused").count() >= 7, "refusals are logged:\n{log}");
 }
 
-#[tokio::test]
-async fn agent_comes_back_online_by_itself_after_the_server_restarts() {
-    let mut server = TestServer::spawn().await;
+async fn agent_comes_back_online_by_itself_after_the_server_restarts(backend: Backend) {
+    let mut server = TestServer::spawn_on(backend, &[]).await;
     let token = server.enroll_token(1, &[]).await;
     let agent = server.spawn_agent(Some(&token), &[]);
     let id = agent.id().await;
@@ -106,9 +105,8 @@ async fn agent_comes_back_online_by_itself_after_the_server_restarts() {
     drop(agent);
 }
 
-#[tokio::test]
-async fn agent_killed_with_sigkill_is_marked_offline() {
-    let server = TestServer::spawn().await;
+async fn agent_killed_with_sigkill_is_marked_offline(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let token = server.enroll_token(1, &[]).await;
     let mut agent = server.spawn_agent(Some(&token), &[]);
     let id = agent.id().await;
@@ -123,9 +121,8 @@ async fn agent_killed_with_sigkill_is_marked_offline() {
     assert!(!a.connection.expect("connection info").connected);
 }
 
-#[tokio::test]
-async fn agent_that_stops_heartbeating_while_connected_goes_stale_then_offline() {
-    let server = TestServer::spawn().await;
+async fn agent_that_stops_heartbeating_while_connected_goes_stale_then_offline(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let token = server.enroll_token(1, &[]).await;
     let Handshake::Open(mut ws) = ws::connect_ca(&server.url, Some(&token), &server.ca).await else { panic!("enroll") };
     let welcome = ws::open(&mut ws, "quiet", 300).await;
@@ -142,9 +139,8 @@ async fn agent_that_stops_heartbeating_while_connected_goes_stale_then_offline()
     assert_eq!(reader.await.unwrap(), Some(close::TIMEOUT));
 }
 
-#[tokio::test]
-async fn malformed_input_closes_only_that_connection_with_its_close_code() {
-    let server = TestServer::spawn().await;
+async fn malformed_input_closes_only_that_connection_with_its_close_code(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let token = server.enroll_token(10, &[]).await;
     let good = server.spawn_agent(Some(&token), &[]);
     let good_id = good.id().await;
@@ -183,9 +179,8 @@ async fn malformed_input_closes_only_that_connection_with_its_close_code() {
     drop(good);
 }
 
-#[tokio::test]
-async fn heartbeat_history_is_kept_and_served() {
-    let server = TestServer::spawn().await;
+async fn heartbeat_history_is_kept_and_served(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let token = server.enroll_token(1, &[]).await;
     let agent = server.spawn_agent(Some(&token), &[]);
     let id = agent.id().await;
@@ -210,9 +205,8 @@ async fn heartbeat_history_is_kept_and_served() {
     drop(agent);
 }
 
-#[tokio::test]
-async fn an_agent_reports_the_hostname_it_is_given_in_hello_and_heartbeats() {
-    let server = TestServer::spawn().await;
+async fn an_agent_reports_the_hostname_it_is_given_in_hello_and_heartbeats(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let token = server.enroll_token(1, &[]).await;
     let agent = server.spawn_agent_as(Some("kiosk-7"), Some(&token), &[]);
     let id = agent.id().await;
@@ -228,3 +222,14 @@ async fn an_agent_reports_the_hostname_it_is_given_in_hello_and_heartbeats() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("kiosk-7"));
     drop(agent);
 }
+
+tests::on_both_backends!(
+    agent_enrolls_once_then_reconnects_with_its_stored_credential,
+    wrong_expired_and_used_up_credentials_are_refused_with_401_before_the_upgrade,
+    agent_comes_back_online_by_itself_after_the_server_restarts,
+    agent_killed_with_sigkill_is_marked_offline,
+    agent_that_stops_heartbeating_while_connected_goes_stale_then_offline,
+    malformed_input_closes_only_that_connection_with_its_close_code,
+    heartbeat_history_is_kept_and_served,
+    an_agent_reports_the_hostname_it_is_given_in_hello_and_heartbeats,
+);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use shared::AgentId;
 use shared::api::{AgentStatus, CreateToken, Role, TokenCreated};
-use tests::{TestAgent, TestServer};
+use tests::{Backend, TestAgent, TestServer};
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// The script stops itself after 150 s; this is the test's own bound on top of that.
@@ -61,8 +61,7 @@ async fn signed_agent(server: &TestServer, dir: &Path) -> (TestAgent, AgentId, S
     (agent, id, public)
 }
 
-#[tokio::test]
-async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
+async fn the_dashboard_shows_the_fleet_live_and_runs_a_command(backend: Backend) {
     let chromium = std::env::var("MUSTER_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned());
     assert!(
         Path::new(&chromium).exists(),
@@ -70,7 +69,7 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
     );
     ensure_playwright();
 
-    let server = TestServer::spawn().await;
+    let server = TestServer::spawn_on(backend, &[]).await;
     let (mut victim, victim_id) = named_agent(&server, "kiosk-victim", "role=victim").await;
     let (_worker, worker_id) = named_agent(&server, "pos-worker", "role=worker").await;
     let keys = tempfile::tempdir().unwrap();
@@ -158,13 +157,12 @@ async fn the_dashboard_shows_the_fleet_live_and_runs_a_command() {
     assert!(edits.iter().all(|e| e.actor.contains("browser")), "{edits:?}");
 }
 
-#[tokio::test]
-async fn the_audit_page_pages_through_the_log_for_admins_only() {
+async fn the_audit_page_pages_through_the_log_for_admins_only(backend: Backend) {
     let chromium = std::env::var("MUSTER_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned());
     assert!(Path::new(&chromium).exists(), "{chromium} is missing: the dashboard test needs Debian's chromium (apt-get install chromium)");
     ensure_playwright();
 
-    let server = TestServer::spawn().await;
+    let server = TestServer::spawn_on(backend, &[]).await;
     let operator: TokenCreated = server
         .api
         .post("/tokens", &CreateToken { name: "<img src=x onerror=alert(1)>".into(), role: Role::Operator, ttl_secs: None, scope: None })
@@ -229,13 +227,12 @@ async fn run_script(script: &str, envs: &[(&str, String)]) -> String {
     said
 }
 
-#[tokio::test]
-async fn admins_accept_agents_rotate_credentials_see_clones_and_approve_jobs_from_the_dashboard() {
+async fn admins_accept_agents_rotate_credentials_see_clones_and_approve_jobs_from_the_dashboard(backend: Backend) {
     let chromium = std::env::var("MUSTER_CHROMIUM").unwrap_or_else(|_| CHROMIUM.to_owned());
     assert!(Path::new(&chromium).exists(), "{chromium} is missing: the dashboard test needs Debian's chromium (apt-get install chromium)");
     ensure_playwright();
 
-    let server = TestServer::spawn_with(&["--approval-above", "1"]).await;
+    let server = TestServer::spawn_on(backend, &["--approval-above", "1"]).await;
     // An agent enrolled with an approve token, waiting.
     let approve: shared::api::EnrollTokenCreated = server
         .api
@@ -301,3 +298,9 @@ async fn admins_accept_agents_rotate_credentials_see_clones_and_approve_jobs_fro
     rotated.process().kill();
     other.process().kill();
 }
+
+tests::on_both_backends!(
+    the_dashboard_shows_the_fleet_live_and_runs_a_command,
+    the_audit_page_pages_through_the_log_for_admins_only,
+    admins_accept_agents_rotate_credentials_see_clones_and_approve_jobs_from_the_dashboard,
+);

@@ -1,12 +1,14 @@
 //! Commands: broadcast and targeted jobs, delivery across restarts, limits, and results.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::HashSet;
 use std::time::Duration;
 
 use shared::Selector;
 use shared::api::AgentStatus;
 use shared::job::{AgentRun, Concurrency, DryRun, JobDetail, Program, RunState, Target};
-use tests::{TestServer, job, processes_with, shell, wait_for};
+use tests::{Backend, TestServer, job, processes_with, shell, wait_for};
 
 const SOON: Duration = Duration::from_secs(30);
 
@@ -14,9 +16,8 @@ fn states(j: &JobDetail) -> Vec<RunState> {
     j.runs.iter().map(|r| r.state).collect()
 }
 
-#[tokio::test]
-async fn broadcast_to_twenty_agents_runs_once_on_each_and_the_cli_reports_it() {
-    let server = TestServer::spawn().await;
+async fn broadcast_to_twenty_agents_runs_once_on_each_and_the_cli_reports_it(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let agents = server.spawn_agents(20, &["fleet=test"]).await;
     let ids: HashSet<String> = agents.iter().map(|(_, id)| id.to_string()).collect();
 
@@ -43,9 +44,8 @@ async fn broadcast_to_twenty_agents_runs_once_on_each_and_the_cli_reports_it() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("1 agent failed (exit 1)"));
 }
 
-#[tokio::test]
-async fn a_label_selector_targets_exactly_the_matching_agents() {
-    let server = TestServer::spawn().await;
+async fn a_label_selector_targets_exactly_the_matching_agents(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let pos = server.spawn_agents(2, &["role=pos", "site=paris"]).await;
     let kiosk = server.spawn_agents(1, &["role=kiosk", "site=paris"]).await;
     let canary = server.spawn_agents(1, &["role=pos", "site=paris", "canary=yes"]).await;
@@ -81,9 +81,8 @@ async fn a_label_selector_targets_exactly_the_matching_agents() {
     assert_eq!(resp.json::<shared::api::ApiError>().await.unwrap().error, "conflict");
 }
 
-#[tokio::test]
-async fn an_offline_agent_gets_its_run_when_it_reconnects_and_one_away_past_the_ttl_expires() {
-    let server = TestServer::spawn().await;
+async fn an_offline_agent_gets_its_run_when_it_reconnects_and_one_away_past_the_ttl_expires(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let mut agents = server.spawn_agents(2, &[]).await;
     let (mut late, late_id) = agents.remove(0);
     let (mut gone, gone_id) = agents.remove(0);
@@ -122,9 +121,8 @@ async fn an_offline_agent_gets_its_run_when_it_reconnects_and_one_away_past_the_
     assert!(stdout.contains("Recent runs:") && stdout.contains("succeeded") && stdout.contains("echo delivered"), "{stdout}");
 }
 
-#[tokio::test]
-async fn concurrency_limits_runs_in_flight_and_max_errors_skips_the_rest() {
-    let server = TestServer::spawn().await;
+async fn concurrency_limits_runs_in_flight_and_max_errors_skips_the_rest(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let _agents = server.spawn_agents(6, &[]).await;
 
     let mut limited = job(Target::All, shell("sleep 0.4"));
@@ -150,9 +148,8 @@ async fn concurrency_limits_runs_in_flight_and_max_errors_skips_the_rest() {
     assert_eq!((done.job.status, done.job.failed), (shared::job::JobStatus::Failed, 2));
 }
 
-#[tokio::test]
-async fn timeout_and_cancel_kill_the_command_and_its_children() {
-    let server = TestServer::spawn().await;
+async fn timeout_and_cancel_kill_the_command_and_its_children(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let agents = server.spawn_agents(1, &[]).await;
     let target = Target::Agents(vec![agents[0].1.clone()]);
 
@@ -177,9 +174,8 @@ async fn timeout_and_cancel_kill_the_command_and_its_children() {
         .await;
 }
 
-#[tokio::test]
-async fn output_over_the_cap_is_truncated_and_flagged() {
-    let server = TestServer::spawn().await;
+async fn output_over_the_cap_is_truncated_and_flagged(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let agents = server.spawn_agents(1, &[]).await;
     let mut big = job(Target::Agents(vec![agents[0].1.clone()]), shell("head -c 50000 /dev/zero | tr '\\0' x; echo tail >&2"));
     big.output_limit = Some(1000);
@@ -193,9 +189,8 @@ async fn output_over_the_cap_is_truncated_and_flagged() {
     assert_eq!(run.stderr, "tail\n");
 }
 
-#[tokio::test]
-async fn server_killed_mid_broadcast_loses_no_run_and_runs_none_twice() {
-    let mut server = TestServer::spawn().await;
+async fn server_killed_mid_broadcast_loses_no_run_and_runs_none_twice(backend: Backend) {
+    let mut server = TestServer::spawn_on(backend, &[]).await;
     let agents = server.spawn_agents(8, &[]).await;
     let effects = tempfile::tempdir().unwrap();
     let script = format!("echo $MUSTER_RUN_ID >> {}/$MUSTER_AGENT_ID; sleep 0.5; echo done", effects.path().display());
@@ -219,9 +214,8 @@ async fn server_killed_mid_broadcast_loses_no_run_and_runs_none_twice() {
     }
 }
 
-#[tokio::test]
-async fn agent_killed_mid_run_ends_the_run_in_a_definite_state() {
-    let server = TestServer::spawn().await;
+async fn agent_killed_mid_run_ends_the_run_in_a_definite_state(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let mut agents = server.spawn_agents(1, &[]).await;
     let (mut agent, id) = agents.remove(0);
     let created = server.api.create_job(&job(Target::Agents(vec![id.clone()]), shell("echo started; sleep 30.4713"))).await;
@@ -241,9 +235,8 @@ async fn agent_killed_mid_run_ends_the_run_in_a_definite_state() {
     drop(agent);
 }
 
-#[tokio::test]
-async fn the_job_event_stream_starts_with_a_snapshot_and_ends_when_the_job_does() {
-    let server = TestServer::spawn().await;
+async fn the_job_event_stream_starts_with_a_snapshot_and_ends_when_the_job_does(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let agents = server.spawn_agents(1, &[]).await;
     let created = server.api.create_job(&job(Target::Agents(vec![agents[0].1.clone()]), shell("echo one; sleep 0.3; echo two"))).await;
     let resp = server.api.raw_get(&format!("/jobs/{}/events", created.id)).await;
@@ -257,9 +250,8 @@ async fn the_job_event_stream_starts_with_a_snapshot_and_ends_when_the_job_does(
     assert!(body.contains(r#""data":"one\n""#) || body.contains("one\\n"), "{body}");
 }
 
-#[tokio::test]
-async fn a_secret_variable_reaches_the_command_and_nobody_else() {
-    let server = TestServer::spawn().await;
+async fn a_secret_variable_reaches_the_command_and_nobody_else(backend: Backend) {
+    let server = TestServer::spawn_on(backend, &[]).await;
     let token = server.enroll_token(1, &[]).await;
     let agent = server.spawn_agent(Some(&token), &[]);
     let id = agent.id().await;
@@ -299,3 +291,16 @@ async fn a_secret_variable_reaches_the_command_and_nobody_else() {
     bad.command.secret_env.insert("MISSING".into());
     assert_eq!(server.api.raw_post("/jobs", &bad).await.status(), 400);
 }
+
+tests::on_both_backends!(
+    broadcast_to_twenty_agents_runs_once_on_each_and_the_cli_reports_it,
+    a_label_selector_targets_exactly_the_matching_agents,
+    an_offline_agent_gets_its_run_when_it_reconnects_and_one_away_past_the_ttl_expires,
+    concurrency_limits_runs_in_flight_and_max_errors_skips_the_rest,
+    timeout_and_cancel_kill_the_command_and_its_children,
+    output_over_the_cap_is_truncated_and_flagged,
+    server_killed_mid_broadcast_loses_no_run_and_runs_none_twice,
+    agent_killed_mid_run_ends_the_run_in_a_definite_state,
+    the_job_event_stream_starts_with_a_snapshot_and_ends_when_the_job_does,
+    a_secret_variable_reaches_the_command_and_nobody_else,
+);

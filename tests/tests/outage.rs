@@ -1,6 +1,8 @@
 //! PostgreSQL going away mid-test and coming back: what a clustered installation relies on
 //! when its database fails over or restarts.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -56,8 +58,7 @@ async fn the_database_away_for_ten_seconds_keeps_agents_connected_answers_503_an
     // The server catches up by itself: every result stored, the job finished.
     let done = server.api.wait_job_finished(&created.id, Duration::from_secs(60)).await;
     assert_eq!(done.job.counts.get(&RunState::Succeeded), Some(&3), "{:?}", done.job.counts);
-    let outputs = server.cli(&["job", &created.id]);
-    assert_eq!(String::from_utf8_lossy(&outputs.stdout).matches("survived").count(), 3, "{}", String::from_utf8_lossy(&outputs.stdout));
+    assert!(done.runs.iter().all(|r| r.stdout == "survived\n"), "{:?}", done.runs);
     // Nobody reconnected: the sessions outlived the database's absence.
     for ((_, id), connected_at) in agents.iter().zip(before) {
         let a = server.api.wait_status(id, AgentStatus::Online, Duration::from_secs(10)).await;

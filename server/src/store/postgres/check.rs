@@ -3,7 +3,6 @@
 //! `default_transaction_read_only`, and only SELECTs are sent.
 
 use std::collections::BTreeSet;
-use std::str::FromStr;
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
@@ -28,11 +27,8 @@ pub struct PgInspection {
     pub failed: Vec<i64>,
 }
 
-pub async fn inspect_postgres(url: &str) -> Result<PgInspection, InspectError> {
-    let options = PgConnectOptions::from_str(url)
-        .map_err(|e| InspectError::Open(format!("the database URL: {e}")))?
-        .application_name("muster-server check")
-        .options([("default_transaction_read_only", "on")]);
+pub async fn inspect_postgres(options: &PgConnectOptions) -> Result<PgInspection, InspectError> {
+    let options = options.clone().application_name("muster-server check").options([("default_transaction_read_only", "on")]);
     let mut conn = tokio::time::timeout(WAIT, options.connect())
         .await
         .map_err(|_| InspectError::Open(format!("no answer within {} s", WAIT.as_secs())))?
