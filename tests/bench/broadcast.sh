@@ -13,4 +13,4 @@ PORT=${PORT:-18544}
 source tests/bench/lib.sh
 
 "$bin"/muster-loadgen --server "https://127.0.0.1:$PORT" --ca "$dir/tls/ca.pem" --token "$token" \
-  --agents-file "$dir/agents.json" --agents "$AGENTS" broadcast --db "$dir/muster.db" --rounds "$ROUNDS"
+  --agents-file "$dir/agents.json" --agents "$AGENTS" broadcast --db "$db" --rounds "$ROUNDS"

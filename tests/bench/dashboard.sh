@@ -17,7 +17,7 @@ source tests/bench/lib.sh
 # The simulated fleet stays up for the whole measurement, then stops by itself.
 "$bin"/muster-loadgen --server "https://127.0.0.1:$PORT" --ca "$dir/tls/ca.pem" --token "$token" \
   --agents-file "$dir/agents.json" --agents "$AGENTS" \
-  heartbeats --interval "$INTERVAL" --duration "$((WATCH + 150))s" --db "$dir/muster.db" >"$dir/loadgen.log" 2>&1 &
+  heartbeats --interval "$INTERVAL" --duration "$((WATCH + 150))s" --db "$db" >"$dir/loadgen.log" 2>&1 &
 loadgen_pid=$!
 
 online=0

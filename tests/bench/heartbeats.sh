@@ -17,4 +17,4 @@ source tests/bench/lib.sh
 
 "$bin"/muster-loadgen --server "https://127.0.0.1:$PORT" --ca "$dir/tls/ca.pem" --token "$token" \
   --agents-file "$dir/agents.json" --agents "$AGENTS" \
-  heartbeats --interval "$INTERVAL" --duration "$DURATION" --db "$dir/muster.db"
+  heartbeats --interval "$INTERVAL" --duration "$DURATION" --db "$db"

@@ -73,17 +73,19 @@ enum Cmd {
         /// How long to send.
         #[arg(long, default_value = "20s", value_parser = parse_duration)]
         duration: Duration,
-        /// The server's SQLite file, read to see what was stored.
+        /// The server's database, read to see what was stored: its SQLite file, or a
+        /// postgres:// URL.
         #[arg(long)]
-        db: PathBuf,
+        db: String,
     },
     /// Create one job for every simulated agent and measure until each result is stored. The
     /// simulated agents answer at the protocol level (started, output, finished) without
     /// starting a process, so this measures the server.
     Broadcast {
-        /// The server's SQLite file, read to see what was stored.
+        /// The server's database, read to see what was stored: its SQLite file, or a
+        /// postgres:// URL.
         #[arg(long)]
-        db: PathBuf,
+        db: String,
         /// Jobs to run, one after another.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
@@ -259,7 +261,7 @@ async fn heartbeats(
     addr: SocketAddr,
     interval: Duration,
     duration: Duration,
-    db: &Path,
+    db: &str,
 ) -> anyhow::Result<()> {
     let conns = connect_all(cli, agents, tls, addr, interval).await?;
     let sent = Arc::new(AtomicU64::new(0));
@@ -302,19 +304,13 @@ async fn heartbeats(
     let total = sent.load(Ordering::Relaxed);
 
     // Wait (bounded) until the database holds every heartbeat sent since t0.
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true))
-        .await
-        .context("opening the server's database")?;
+    let pool = Db::open(db).await?;
     // Stop when everything is there, or when the count has not moved for 2 s (the server
     // dropped some under overload); the rate counts up to the last row that arrived.
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut stored, mut last_change) = (0u64, start.elapsed());
     loop {
-        let (count,): (i64,) =
-            sqlx::query_as("SELECT COUNT(*) FROM heartbeats WHERE at >= ?").bind(t0.unix_millis()).fetch_one(&pool).await?;
-        let count = count as u64;
+        let count = pool.count("SELECT COUNT(*) FROM heartbeats WHERE at >= $1", &t0.unix_millis().to_string()).await?;
         if count != stored {
             stored = count;
             last_change = start.elapsed();
@@ -337,6 +333,59 @@ async fn heartbeats(
         bail!("{} heartbeats sent but not stored", total - stored);
     }
     Ok(())
+}
+
+/// The server's database, read-only, to see what was stored: SQLite or PostgreSQL.
+enum Db {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+impl Db {
+    async fn open(db: &str) -> anyhow::Result<Db> {
+        if db.starts_with("postgres://") || db.starts_with("postgresql://") {
+            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(db).await.context("connecting to PostgreSQL")?;
+            return Ok(Db::Postgres(pool));
+        }
+        let pool = sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true))
+            .await
+            .context("opening the server's database")?;
+        Ok(Db::Sqlite(pool))
+    }
+
+    /// `SELECT COUNT(*) ... $1` with one bind, a number or a text.
+    async fn count(&self, sql: &'static str, arg: &str) -> anyhow::Result<u64> {
+        let n: i64 = match self {
+            Db::Sqlite(p) => {
+                let q = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(sql.replace("$1", "?")));
+                match arg.parse::<i64>() {
+                    Ok(v) => q.bind(v).fetch_one(p).await?.0,
+                    Err(_) => q.bind(arg).fetch_one(p).await?.0,
+                }
+            }
+            Db::Postgres(p) => {
+                let q = sqlx::query_as::<_, (i64,)>(sql);
+                match arg.parse::<i64>() {
+                    Ok(v) => q.bind(v).fetch_one(p).await?.0,
+                    Err(_) => q.bind(arg).fetch_one(p).await?.0,
+                }
+            }
+        };
+        Ok(n as u64)
+    }
+
+    /// Per run of the job: dispatched and finished, in ms after the job's creation, and how
+    /// many output rows it has.
+    async fn timings(&self, job: &str) -> anyhow::Result<Vec<(i64, i64, i64)>> {
+        const SQL: &str = "SELECT r.dispatched_at - j.created_at, r.finished_at - j.created_at, \
+             (SELECT COUNT(*) FROM run_output o WHERE o.run_id = r.id) FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = $1";
+        Ok(match self {
+            Db::Sqlite(p) => sqlx::query_as(sqlx::AssertSqlSafe(SQL.replace("$1", "?"))).bind(job).fetch_all(p).await?,
+            Db::Postgres(p) => sqlx::query_as(SQL).bind(job).fetch_all(p).await?,
+        })
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -362,7 +411,7 @@ async fn broadcast(
     agents: &[SimAgent],
     tls: Arc<rustls::ClientConfig>,
     addr: SocketAddr,
-    db: &Path,
+    db: &str,
     rounds: u32,
 ) -> anyhow::Result<()> {
     use shared::job::{CommandSpec, CreateJob, JobSummary, Program, Stream, Target};
@@ -421,11 +470,7 @@ async fn broadcast(
     }
 
     let api = tests::Api::new(&cli.server, &cli.token, &cli.ca);
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(1)
-        .connect_with(sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true))
-        .await
-        .context("opening the server's database")?;
+    let pool = Db::open(db).await?;
     for round in 1..=rounds {
         if let Ok(mut r) = received.lock() {
             r.clear();
@@ -455,11 +500,9 @@ async fn broadcast(
         let posted_ms = started.elapsed().as_secs_f64() * 1000.0;
         let deadline = started + Duration::from_secs(120);
         let (all_stored_ms, from_creation_ms) = loop {
-            let (done,): (i64,) =
-                sqlx::query_as("SELECT COUNT(*) FROM runs WHERE job_id = ? AND state NOT IN ('pending', 'dispatched', 'running')")
-                    .bind(&job.id)
-                    .fetch_one(&pool)
-                    .await?;
+            let done = pool
+                .count("SELECT COUNT(*) FROM runs WHERE job_id = $1 AND state NOT IN ('pending', 'dispatched', 'running')", &job.id)
+                .await?;
             if done as usize >= n {
                 break (started.elapsed().as_secs_f64() * 1000.0, Timestamp::now().unix_millis() - job.created_at.unix_millis());
             }
@@ -468,10 +511,7 @@ async fn broadcast(
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
-            "SELECT r.dispatched_at - j.created_at, r.finished_at - j.created_at, (SELECT COUNT(*) FROM run_output o WHERE o.run_id = r.id) \
-             FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.job_id = ?",
-        ).bind(&job.id).fetch_all(&pool).await?;
+        let rows = pool.timings(&job.id).await?;
         let received_ms = received.lock().map(|r| r.clone()).unwrap_or_default();
         let ok = rows.iter().filter(|r| r.2 == 1).count();
         println!("round {round}: {n} agents, job {}", job.id);
