@@ -226,6 +226,29 @@ impl<'a> Plan<'a> {
     }
 }
 
+/// What a backend fetches for each run a batch's results name: id, job id, agent id, state,
+/// the job's output limit, dispatched_at, then held length and truncated flag of stdout and
+/// stderr.
+pub type SettleRow = (String, String, String, String, i64, Option<i64>, i64, bool, i64, bool);
+
+/// The fetched rows as [`Plan::settle`] takes them.
+pub fn stored_runs(rows: Vec<SettleRow>) -> super::Result<HashMap<String, (JobId, StoredRun)>> {
+    use super::rows::{parse_agent_id, parse_run_state, to_u64};
+    use crate::output::Held;
+    let mut known = HashMap::with_capacity(rows.len());
+    for (id, job, agent, state, limit, dispatched_at, out_len, out_t, err_len, err_t) in rows {
+        let run = StoredRun {
+            agent_id: parse_agent_id(&agent)?,
+            state: parse_run_state(&state)?,
+            output_limit: to_u64(limit),
+            dispatched_at,
+            held: [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }],
+        };
+        known.insert(id, (job, run));
+    }
+    Ok(known)
+}
+
 /// A result to write: the run's columns from [`StoredResult`] and the report.
 pub struct ResultRow<'a> {
     pub finished: &'a RunFinished,

@@ -39,6 +39,21 @@ impl RunInfo {
     }
 }
 
+/// What a backend fetches for each run the chunks name: id, job id, agent id, the job's output
+/// limit, held length and truncated flag of stdout and stderr, state.
+pub type InfoRow = (String, String, String, i64, i64, bool, i64, bool, String);
+
+/// The fetched rows as [`plan`] takes them.
+pub fn run_infos(rows: Vec<InfoRow>) -> Result<HashMap<String, RunInfo>> {
+    use crate::store::rows::{parse_run_state, to_u64};
+    let mut out = HashMap::with_capacity(rows.len());
+    for (id, job_id, agent_id, limit, out_len, out_t, err_len, err_t, state) in rows {
+        let held = [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }];
+        out.insert(id, RunInfo::new(job_id, agent_id, parse_run_state(&state)?, to_u64(limit), held));
+    }
+    Ok(out)
+}
+
 /// Rows are merged up to this size, so that reading an overlap touches a few rows at most.
 pub const ROW_BYTES: usize = 64 * 1024;
 

@@ -7,9 +7,8 @@ use shared::job::Stream;
 use sqlx::{Postgres, QueryBuilder};
 
 use super::records::{ROWS_PER_STATEMENT, update_from};
-use crate::output::Held;
-use crate::store::batch::output::{self, Chunk, OutputReads, RunInfo};
-use crate::store::rows::{parse_run_state, stream_code, to_i64, to_u64};
+use crate::store::batch::output::{self, Chunk, InfoRow, OutputReads, RunInfo};
+use crate::store::rows::{stream_code, to_i64, to_u64};
 use crate::store::{Effect, Result, StoreError};
 
 /// Judges and stores a batch's output chunks, in order.
@@ -52,20 +51,14 @@ pub(super) async fn insert_outputs(
 /// The runs the chunks name, locked in id order to commit: held lengths are read, judged and
 /// written back, and another node may be appending to the same run.
 async fn run_infos(tx: &mut sqlx::Transaction<'_, Postgres>, ids: &[&str]) -> Result<HashMap<String, RunInfo>> {
-    type Row = (String, String, String, i64, i64, bool, i64, bool, String);
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<InfoRow> = sqlx::query_as(
         "SELECT r.id, r.job_id, r.agent_id, j.output_limit, r.stdout_held, r.stdout_truncated, r.stderr_held, r.stderr_truncated, \
          r.state FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id = ANY($1) ORDER BY r.id FOR UPDATE OF r",
     )
     .bind(ids)
     .fetch_all(&mut **tx)
     .await?;
-    let mut out = HashMap::new();
-    for (id, job_id, agent_id, limit, out_len, out_t, err_len, err_t, state) in rows {
-        let held = [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }];
-        out.insert(id, RunInfo::new(job_id, agent_id, parse_run_state(&state)?, to_u64(limit), held));
-    }
-    Ok(out)
+    output::run_infos(rows)
 }
 
 fn text(data: Vec<u8>) -> Result<String> {

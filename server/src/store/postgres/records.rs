@@ -3,17 +3,14 @@
 //! results touch are locked (`FOR UPDATE`, in id order so two batches cannot deadlock on them)
 //! before they are read: another node may be writing the same run (an agent that moved).
 
-use std::collections::HashMap;
-
 use shared::api::AgentStatus;
-use shared::job::{JobId, RunState};
+use shared::job::RunState;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use super::output::insert_outputs;
-use crate::output::Held;
-use crate::runs::{self, StoredRun};
-use crate::store::batch::{Plan, Progress};
-use crate::store::rows::{keys_json, labels_json, parse_agent_id, parse_run_state, to_i64, to_u64};
+use crate::runs::{self};
+use crate::store::batch::{Plan, Progress, SettleRow, stored_runs};
+use crate::store::rows::{keys_json, labels_json, parse_agent_id, to_i64};
 use crate::store::{Effect, Record, Result};
 
 pub(super) async fn record(pool: &PgPool, batch: &[Record]) -> Result<Vec<Effect>> {
@@ -140,12 +137,10 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Postgres>, plan: &Plan<'_>, 
     if plan.finished.is_empty() {
         return Ok(());
     }
-    let mut known: HashMap<String, (JobId, StoredRun)> = HashMap::new();
     // Locked in id order to commit: another node may be settling the same run (an agent that
     // moved), and two batches locking in one order cannot deadlock on each other.
     let ids: Vec<&str> = plan.finished_ids();
-    type Row = (String, String, String, String, i64, Option<i64>, i64, bool, i64, bool);
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<SettleRow> = sqlx::query_as(
         "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit, r.dispatched_at, \
          r.stdout_held, r.stdout_truncated, r.stderr_held, r.stderr_truncated FROM runs r JOIN jobs j ON j.id = r.job_id \
          WHERE r.id = ANY($1) ORDER BY r.id FOR UPDATE OF r",
@@ -153,16 +148,7 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Postgres>, plan: &Plan<'_>, 
     .bind(&ids)
     .fetch_all(&mut **tx)
     .await?;
-    for (id, job, agent, state, limit, dispatched_at, out_len, out_t, err_len, err_t) in rows {
-        let run = StoredRun {
-            agent_id: parse_agent_id(&agent)?,
-            state: parse_run_state(&state)?,
-            output_limit: to_u64(limit),
-            dispatched_at,
-            held: [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }],
-        };
-        known.insert(id, (job, run));
-    }
+    let known = stored_runs(rows)?;
     let (settled, updates) = plan.settle(&known);
     effects.extend(settled);
     update_from(

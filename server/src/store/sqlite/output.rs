@@ -6,9 +6,8 @@ use std::collections::{HashMap, HashSet};
 use shared::job::Stream;
 use sqlx::{QueryBuilder, Sqlite};
 
-use super::{ROWS_PER_STATEMENT, parse_run_state, push_in_list, stream_code, to_i64, to_u64, update_from};
-use crate::output::Held;
-use crate::store::batch::output::{self, Chunk, OutputReads, RunInfo};
+use super::{ROWS_PER_STATEMENT, push_in_list, stream_code, to_i64, to_u64, update_from};
+use crate::store::batch::output::{self, Chunk, InfoRow, OutputReads, RunInfo};
 use crate::store::{Effect, Result};
 
 /// Judges and stores a batch's output chunks, in order.
@@ -48,12 +47,8 @@ async fn run_infos(tx: &mut sqlx::Transaction<'_, Sqlite>, ids: &[&str]) -> Resu
              r.state FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
         );
         push_in_list(&mut q, chunk);
-        type Row = (String, String, String, i64, i64, bool, i64, bool, String);
-        let rows: Vec<Row> = q.build_query_as().fetch_all(&mut **tx).await?;
-        for (id, job_id, agent_id, limit, out_len, out_t, err_len, err_t, state) in rows {
-            let held = [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }];
-            out.insert(id, RunInfo::new(job_id, agent_id, parse_run_state(&state)?, to_u64(limit), held));
-        }
+        let rows: Vec<InfoRow> = q.build_query_as().fetch_all(&mut **tx).await?;
+        out.extend(output::run_infos(rows)?);
     }
     Ok(out)
 }

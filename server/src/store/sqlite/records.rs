@@ -8,10 +8,9 @@ use shared::job::{JobId, RunState};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::output::insert_outputs;
-use super::{ROWS_PER_STATEMENT, labels_json, parse_agent_id, parse_run_state, push_in_list, to_i64, to_u64, trust, update_from};
-use crate::output::Held;
+use super::{ROWS_PER_STATEMENT, labels_json, parse_agent_id, push_in_list, to_i64, trust, update_from};
 use crate::runs::{self, StoredRun};
-use crate::store::batch::{Plan, Progress};
+use crate::store::batch::{Plan, Progress, SettleRow, stored_runs};
 use crate::store::{Effect, Record, Result};
 
 pub(super) async fn record(pool: &SqlitePool, batch: &[Record]) -> Result<Vec<Effect>> {
@@ -145,18 +144,8 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, plan: &Plan<'_>, ef
              r.stdout_held, r.stdout_truncated, r.stderr_held, r.stderr_truncated FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id IN ",
         );
         push_in_list(&mut q, chunk);
-        type Row = (String, String, String, String, i64, Option<i64>, i64, bool, i64, bool);
-        let rows: Vec<Row> = q.build_query_as().fetch_all(&mut **tx).await?;
-        for (id, job, agent, state, limit, dispatched_at, out_len, out_t, err_len, err_t) in rows {
-            let run = StoredRun {
-                agent_id: parse_agent_id(&agent)?,
-                state: parse_run_state(&state)?,
-                output_limit: to_u64(limit),
-                dispatched_at,
-                held: [Held { len: to_u64(out_len), truncated: out_t }, Held { len: to_u64(err_len), truncated: err_t }],
-            };
-            known.insert(id, (job, run));
-        }
+        let rows: Vec<SettleRow> = q.build_query_as().fetch_all(&mut **tx).await?;
+        known.extend(stored_runs(rows)?);
     }
     let (settled, updates) = plan.settle(&known);
     effects.extend(settled);
