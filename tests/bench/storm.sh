@@ -22,6 +22,6 @@ for _ in $(seq 1200); do [ -f "$ready" ] && break; kill -0 "$loadgen" 2>/dev/nul
 [ -f "$ready" ] || { echo "the simulated agents never all connected" >&2; exit 1; }
 kill -9 "$server_pid"
 wait "$server_pid" 2>/dev/null || true
-MUSTER_LOG=${SERVER_LOG:-warn} "$bin"/muster-server --data-dir "$dir" --listen "127.0.0.1:$PORT" 2>>"$dir/server.log" &
+MUSTER_LOG=${SERVER_LOG:-warn} "$bin"/muster-server --data-dir "$dir" "${db_flags[@]}" --listen "127.0.0.1:$PORT" 2>>"$dir/server.log" &
 server_pid=$!
 wait "$loadgen"
