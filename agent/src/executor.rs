@@ -66,9 +66,9 @@ struct Inner {
     trust: Arc<Trust>,
 }
 
-fn finished(run_id: &str, outcome: Outcome, error: Option<String>) -> RunFinished {
+fn finished(run_id: &RunId, outcome: Outcome, error: Option<String>) -> RunFinished {
     RunFinished {
-        run_id: run_id.to_owned(),
+        run_id: run_id.clone(),
         outcome,
         exit_code: None,
         signal: None,
@@ -229,7 +229,7 @@ impl Executor {
     }
 
     /// The server stored the result: forget the run.
-    pub fn ack(&self, run_id: &str) {
+    pub fn ack(&self, run_id: &RunId) {
         let removed = lock(&self.inner.runs).remove(run_id);
         if removed.is_some()
             && let Err(e) = lock(&self.inner.ledger).forget(run_id)
@@ -284,7 +284,7 @@ impl Executor {
             // std drops the supplementary groups (setgroups(0)) before setuid when root.
             cmd.uid(uid).gid(gid);
         }
-        cmd.envs(&launch.env).env("MUSTER_RUN_ID", &run.run_id).env("MUSTER_JOB_ID", &run.job_id);
+        cmd.envs(&launch.env).env("MUSTER_RUN_ID", run.run_id.as_str()).env("MUSTER_JOB_ID", run.job_id.as_str());
         if let Some(id) = lock(&self.inner.agent_id).as_ref() {
             cmd.env("MUSTER_AGENT_ID", id.as_str());
         }

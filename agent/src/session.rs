@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use shared::RunId;
 use shared::protocol::{self, AgentMessage, Heartbeat, Hello, ServerMessage, Welcome, close};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -28,9 +29,9 @@ const PUMP_BUDGET: usize = 64;
 /// What this session has told the server about each run (a new session tells it again).
 #[derive(Default)]
 struct Reported {
-    accepted: std::collections::HashSet<String>,
-    started: std::collections::HashSet<String>,
-    finished: std::collections::HashSet<String>,
+    accepted: std::collections::HashSet<RunId>,
+    started: std::collections::HashSet<RunId>,
+    finished: std::collections::HashSet<RunId>,
 }
 
 impl Reported {

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use shared::protocol::Run;
 use shared::signing::{CLOCK_SKEW_MS, KeyRevocation, MAX_VALIDITY_MS, PublicKey};
-use shared::{AgentId, Labels, Timestamp};
+use shared::{AgentId, JobId, Labels, Timestamp};
 
 const SEEN_FILE: &str = "signed-jobs";
 const REVOKED_FILE: &str = "revoked-keys.json";
@@ -23,7 +23,7 @@ pub struct Trust {
     keys: BTreeSet<PublicKey>,
     labels: Labels,
     dir: PathBuf,
-    seen: Mutex<BTreeMap<String, i64>>,
+    seen: Mutex<BTreeMap<JobId, i64>>,
     revoked: Mutex<Vec<KeyRevocation>>,
 }
 
@@ -46,10 +46,11 @@ impl Trust {
         if let Ok(text) = std::fs::read_to_string(state_dir.join(SEEN_FILE)) {
             for line in text.lines() {
                 if let Some((id, exp)) = line.split_once(' ')
+                    && let Ok(id) = JobId::parse(id)
                     && let Ok(exp) = exp.parse::<i64>()
                     && exp.saturating_add(CLOCK_SKEW_MS) >= now
                 {
-                    seen.insert(id.to_owned(), exp);
+                    seen.insert(id, exp);
                 }
             }
         }
@@ -193,8 +194,8 @@ mod tests {
         let set = AgentSet::new([me]);
         let statement = shared::signing::job_statement(job, &command, &set.root(), 1, expires, None);
         Run {
-            run_id: "00000000000000aa".into(),
-            job_id: job.into(),
+            run_id: "00000000000000aa".parse().unwrap(),
+            job_id: job.parse().unwrap(),
             command,
             timeout_ms: 1000,
             output_limit: 1024,

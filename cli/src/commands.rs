@@ -208,7 +208,7 @@ pub async fn agent(client: &Client, args: &AgentArgs, out: Out<'_>) -> anyhow::R
             .iter()
             .map(|r| {
                 let ended = crate::run::ending(r.state, r.exit_code, r.signal);
-                vec![r.job_id.clone(), ended, r.created_at.to_string(), r.command.summary()]
+                vec![r.job_id.to_string(), ended, r.created_at.to_string(), r.command.summary()]
             })
             .collect();
         write!(out, "{}", table(&["JOB", "RESULT", "CREATED", "COMMAND"], &rows))?;

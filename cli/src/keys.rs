@@ -101,7 +101,7 @@ pub fn new_job_id() -> anyhow::Result<JobId> {
     let mut bytes = [0u8; 16];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
         .map_err(|_| anyhow::anyhow!("no randomness for a job id"))?;
-    Ok(hex::encode(bytes))
+    Ok(JobId::from_client_bytes(bytes))
 }
 
 /// How long a signature stays valid: the job's ttl and timeout, plus a margin for clocks,
@@ -145,7 +145,7 @@ mod tests {
             secret_env: Default::default(),
         };
         let id = new_job_id().unwrap();
-        assert!(shared::job::is_client_job_id(&id));
+        assert!(id.is_client_chosen());
         let exp = expiry(Duration::from_secs(600), Duration::from_secs(60));
         let sig = signer.sign_job(&id, &command, &agents, exp, None).unwrap();
         let set = AgentSet::new(&agents);

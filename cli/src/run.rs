@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use futures_util::StreamExt;
 use reqwest::Method;
 use shared::Timestamp;
-use shared::job::{CommandSpec, CreateJob, DryRun, JobDetail, JobEvent, JobSummary, Program, RunInfo, RunState, Stream, Target};
+use shared::job::{CommandSpec, CreateJob, DryRun, JobDetail, JobEvent, JobSummary, Program, RunId, RunInfo, RunState, Stream, Target};
 
 use crate::args::{JobAction, JobArgs, RunArgs};
 use crate::client::{Client, check};
@@ -196,7 +196,7 @@ async fn follow(client: &Client, id: &str, live: bool, out: Out<'_>) -> anyhow::
 }
 
 /// Streams of runs whose output the snapshot carried only the head of: (run, stream, from).
-fn missing_output(job: &JobDetail) -> Vec<(String, Stream, u64)> {
+fn missing_output(job: &JobDetail) -> Vec<(RunId, Stream, u64)> {
     let mut missing = Vec::new();
     for r in &job.runs {
         for (stream, text, len) in [(Stream::Stdout, &r.stdout, r.stdout_len), (Stream::Stderr, &r.stderr, r.stderr_len)] {
@@ -270,7 +270,7 @@ struct RunView {
 struct View {
     live: bool,
     progress: bool,
-    runs: HashMap<String, RunView>,
+    runs: HashMap<RunId, RunView>,
 }
 
 impl View {
@@ -470,7 +470,7 @@ pub async fn jobs(client: &Client, limit: u32, as_json: bool, out: Out<'_>) -> a
             };
             let ok = j.counts.get(&RunState::Succeeded).copied().unwrap_or(0);
             vec![
-                j.id.clone(),
+                j.id.to_string(),
                 crate::output::age(j.created_at.age(now)),
                 state.into(),
                 format!("{ok}/{}", j.total),

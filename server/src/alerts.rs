@@ -121,7 +121,7 @@ pub struct Alert {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub job_id: Option<String>,
+    pub job_id: Option<shared::JobId>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub counts: Option<StateCounts>,
 }

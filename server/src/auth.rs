@@ -95,6 +95,13 @@ pub fn random_id() -> Result<String, getrandom::Error> {
     random_hex(ID_LEN / 2)
 }
 
+/// The 8 random bytes of a new job, run or agent id.
+pub fn random_id_bytes() -> Result<[u8; ID_LEN / 2], getrandom::Error> {
+    let mut buf = [0u8; ID_LEN / 2];
+    getrandom::fill(&mut buf)?;
+    Ok(buf)
+}
+
 pub fn hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::job::{JobEvent, RunId, RunState};
+use shared::job::{JobEvent, JobId, RunId, RunState};
 use shared::protocol::{Run, ServerMessage};
 use shared::signing::{AgentSet, RunSignature};
 use shared::{AgentId, Timestamp};
@@ -44,10 +44,10 @@ pub struct Dispatcher {
     pub events: Events,
     pub fleet: FleetEvents,
     /// When each job's progress last went to the fleet stream, and with which counts.
-    pub progress: Arc<std::sync::Mutex<std::collections::HashMap<String, (tokio::time::Instant, shared::job::StateCounts)>>>,
+    pub progress: Arc<std::sync::Mutex<std::collections::HashMap<JobId, (tokio::time::Instant, shared::job::StateCounts)>>>,
     /// The signed set of agents of each open signed job, built once from the store: every run
     /// carries its agent's proof from it.
-    pub signed: Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<AgentSet>>>>,
+    pub signed: Arc<std::sync::Mutex<std::collections::HashMap<JobId, Arc<AgentSet>>>>,
     pub kick: Arc<Notify>,
     /// Held while runs are marked dispatched and queued, and while a job is cancelled.
     pub sending: Arc<tokio::sync::Mutex<()>>,
@@ -76,12 +76,12 @@ impl Dispatcher {
         }
     }
 
-    fn announce_progress(&self, job_id: &str, counts: &shared::job::StateCounts, status: shared::job::JobStatus) {
+    fn announce_progress(&self, job_id: &JobId, counts: &shared::job::StateCounts, status: shared::job::JobStatus) {
         let mut progress = self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = tokio::time::Instant::now();
         let due = progress.get(job_id).is_none_or(|(t, last)| last != counts && now.duration_since(*t) >= PROGRESS_EVERY);
         if due {
-            progress.insert(job_id.to_owned(), (now, counts.clone()));
+            progress.insert(job_id.clone(), (now, counts.clone()));
             self.fleet.publish(shared::api::FleetEvent::JobProgress {
                 job_id: job_id.to_owned(),
                 counts: counts.clone(),
@@ -103,7 +103,7 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn publish_states(&self, job_id: &str, runs: &[OpenRun], changed: &[RunId], state: RunState, error: Option<&str>) {
+    fn publish_states(&self, job_id: &JobId, runs: &[OpenRun], changed: &[RunId], state: RunState, error: Option<&str>) {
         let changed: HashSet<&RunId> = changed.iter().collect();
         for r in runs.iter().filter(|r| changed.contains(&r.id)) {
             self.events.publish(
@@ -120,7 +120,7 @@ impl Dispatcher {
     }
 
     /// Ends `runs` with a final state and announces the ones that changed.
-    pub async fn end(&self, job_id: &str, runs: &[OpenRun], state: RunState, why: &str) -> Result<(), StoreError> {
+    pub async fn end(&self, job_id: &JobId, runs: &[OpenRun], state: RunState, why: &str) -> Result<(), StoreError> {
         if runs.is_empty() {
             return Ok(());
         }
@@ -133,7 +133,7 @@ impl Dispatcher {
     pub async fn round(&self) -> Result<(), StoreError> {
         let now = Timestamp::now();
         let jobs = self.store.active_jobs().await?;
-        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        let ids: Vec<JobId> = jobs.iter().map(|j| j.id.clone()).collect();
         let counts = self.store.run_counts(&ids).await?;
         for job in &jobs {
             let c = counts.get(&job.id).cloned().unwrap_or_default();
@@ -148,7 +148,7 @@ impl Dispatcher {
                             actor: crate::store::sqlite::SERVER_ACTOR.into(),
                             address: None,
                             action: "job.finish".into(),
-                            target: Some(job.id.clone()),
+                            target: Some(job.id.to_string()),
                             detail: serde_json::json!({
                                 "counts": c,
                                 "cancelled": job.cancelled_at.is_some(),
@@ -202,7 +202,7 @@ impl Dispatcher {
 
     /// Cancels a job: pending runs end `cancelled`, and every run already sent is told to stop.
     /// `None` if there is no such job.
-    pub async fn cancel(&self, job_id: &str, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>, StoreError> {
+    pub async fn cancel(&self, job_id: &JobId, at: Timestamp) -> Result<Option<(Vec<OpenRun>, Vec<OpenRun>)>, StoreError> {
         let _sending = self.sending.lock().await;
         let Some((ended, on_agents)) = self.store.cancel_job(job_id, at).await? else { return Ok(None) };
         for r in &on_agents {
@@ -309,13 +309,13 @@ impl Dispatcher {
         Ok(())
     }
 
-    async fn signed_set(&self, job_id: &str) -> Result<Arc<AgentSet>, StoreError> {
+    async fn signed_set(&self, job_id: &JobId) -> Result<Arc<AgentSet>, StoreError> {
         if let Some(set) = self.signed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(job_id) {
             return Ok(set.clone());
         }
         let ids = self.store.signed_agents(job_id).await?;
         let set = Arc::new(AgentSet::new(&ids));
-        self.signed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.to_owned(), set.clone());
+        self.signed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(job_id.clone(), set.clone());
         Ok(set)
     }
 

@@ -27,9 +27,9 @@ impl Default for Events {
 }
 
 impl Events {
-    pub fn publish(&self, job_id: &str, event: JobEvent) {
+    pub fn publish(&self, job_id: &JobId, event: JobEvent) {
         // No subscribers is fine: nobody is watching.
-        let _ = self.tx.send(BusEvent { job_id: job_id.to_owned(), event });
+        let _ = self.tx.send(BusEvent { job_id: job_id.clone(), event });
     }
 
     /// A receiver that sees every event published from now on; one that falls more than

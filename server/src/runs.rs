@@ -132,7 +132,7 @@ mod tests {
 
     fn finished(outcome: Outcome, stdout_len: u64, stderr_len: u64) -> RunFinished {
         RunFinished {
-            run_id: "r1".into(),
+            run_id: "r1".parse().unwrap(),
             outcome,
             exit_code: Some(0),
             signal: None,

@@ -271,12 +271,12 @@ pub async fn report(store: &dyn Store, agent: &AgentId, record: Progress<'_>) {
     use crate::store::Record;
     let at = Timestamp::now();
     let record = match record {
-        Progress::Accepted(run_id) => Record::RunAccepted { agent_id: agent.clone(), run_id: run_id.into(), at },
-        Progress::Started(run_id) => Record::RunStarted { agent_id: agent.clone(), run_id: run_id.into(), at },
+        Progress::Accepted(run_id) => Record::RunAccepted { agent_id: agent.clone(), run_id: run_id.parse().unwrap(), at },
+        Progress::Started(run_id) => Record::RunStarted { agent_id: agent.clone(), run_id: run_id.parse().unwrap(), at },
         Progress::Finished(run_id, outcome) => {
             let exit_code = Some(i32::from(outcome != shared::protocol::Outcome::Succeeded));
             let finished = shared::protocol::RunFinished {
-                run_id: run_id.into(),
+                run_id: run_id.parse().unwrap(),
                 outcome,
                 exit_code,
                 signal: None,

@@ -447,7 +447,7 @@ pub enum FleetEvent {
         disk_total_bytes: u64,
     },
     JobCreated {
-        job_id: String,
+        job_id: crate::JobId,
         command: String,
         target: String,
         total: u64,
@@ -457,14 +457,14 @@ pub enum FleetEvent {
     },
     /// Run counts of a running job, at most once a second per job.
     JobProgress {
-        job_id: String,
+        job_id: crate::JobId,
         counts: crate::job::StateCounts,
         status: crate::job::JobStatus,
         /// Runs that are failures ([`crate::job::RunState::is_failure`]).
         failed: u64,
     },
     JobFinished {
-        job_id: String,
+        job_id: crate::JobId,
         counts: crate::job::StateCounts,
         status: crate::job::JobStatus,
         /// Runs that are failures ([`crate::job::RunState::is_failure`]).

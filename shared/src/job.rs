@@ -13,9 +13,7 @@ pub const DEFAULT_OUTPUT_LIMIT: u64 = 1024 * 1024;
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_TTL_SECS: u64 = 600;
 
-/// A job's identity: 16 lowercase hex digits. Run ids have the same form.
-pub type JobId = String;
-pub type RunId = String;
+pub use crate::id::{JobId, RunId};
 
 /// Which agents a job is for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -187,11 +185,6 @@ pub struct CreateJob {
     /// was signed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signature: Option<crate::signing::JobSignature>,
-}
-
-/// A job id chosen by a client: 32 lowercase hex digits.
-pub fn is_client_job_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Where a run is. The first three are in progress; the rest are final.
@@ -539,7 +532,7 @@ mod tests {
                 max_errors: Some(1),
                 output_limit: None,
                 dry_run: false,
-                id: Some("0123456789abcdef0123456789abcdef".into()),
+                id: Some("0123456789abcdef0123456789abcdef".parse().unwrap()),
                 signature: None,
             };
             let json = serde_json::to_string(&job).unwrap();
@@ -575,7 +568,7 @@ mod tests {
     #[test]
     fn job_events_round_trip() {
         let e = JobEvent::Output {
-            run_id: "00000000000000aa".into(),
+            run_id: "00000000000000aa".parse().unwrap(),
             agent_id: AgentId::parse("0123456789abcdef").unwrap(),
             stream: Stream::Stderr,
             offset: 12,
@@ -618,8 +611,8 @@ mod tests {
     #[test]
     fn agent_runs_round_trip() {
         let run = AgentRun {
-            job_id: "00000000000000ab".into(),
-            run_id: "00000000000000aa".into(),
+            job_id: "00000000000000ab".parse().unwrap(),
+            run_id: "00000000000000aa".parse().unwrap(),
             created_at: Timestamp::from_unix_millis(1_763_776_000_000),
             created_by: "token ci".into(),
             command: CommandSpec {

@@ -16,7 +16,7 @@ pub mod signing;
 pub mod time;
 pub mod whole;
 
-pub use id::AgentId;
+pub use id::{AgentId, JobId, RunId};
 pub use labels::Labels;
 pub use selector::Selector;
 pub use time::Timestamp;

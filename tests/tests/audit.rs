@@ -84,7 +84,7 @@ async fn every_change_is_audited_with_who_from_where_and_no_secret() {
     for (action, target) in [
         ("token.revoke", made.info.id.clone()),
         ("enroll_token.create", enroll[4..20].to_owned()),
-        ("job.create", created.id.clone()),
+        ("job.create", created.id.to_string()),
         ("agent.revoke", agent_id.to_string()),
     ] {
         let e = one(action);

@@ -272,7 +272,7 @@ async fn admins_accept_agents_rotate_credentials_see_clones_and_approve_jobs_fro
             ("MUSTER_TOKEN", second.token.clone()),
             ("MUSTER_PENDING", pending.to_string()),
             ("MUSTER_CLONED", cloned.to_string()),
-            ("MUSTER_JOB", big.id.clone()),
+            ("MUSTER_JOB", big.id.to_string()),
             ("MUSTER_CHROMIUM", chromium),
         ],
     )

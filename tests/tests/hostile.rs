@@ -584,7 +584,7 @@ async fn an_agent_over_its_byte_budget_is_slowed_to_it_and_loses_nothing() {
         None
     });
     let chunk = AgentMessage::RunOutput(RunOutput {
-        run_id: "0000000000000001".into(),
+        run_id: "0000000000000001".parse().unwrap(),
         stream: Stream::Stdout,
         offset: 0,
         data: "b".repeat(16 * 1024),

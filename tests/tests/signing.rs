@@ -98,11 +98,11 @@ async fn a_signed_job_runs_on_the_agents_it_names_whose_own_labels_match() {
 
     // The same id twice is refused by the API.
     let mut again = job(Target::Agents(vec![a.clone()]), shell("true"));
-    again.id = Some(id.clone());
+    again.id = Some(id.parse().unwrap());
     let resp = fleet.server.api.raw_post("/jobs", &again).await;
     assert_eq!(resp.status(), 409);
     // A signature that does not verify is refused by the API too (agents would refuse it).
-    again.id = Some("ab".repeat(16));
+    again.id = Some("ab".repeat(16).parse().unwrap());
     again.signature = Some(shared::signing::JobSignature {
         key: shared::signing::PublicKey::parse(&fleet.public).unwrap(),
         signature: shared::signing::Signature([7; 64]),

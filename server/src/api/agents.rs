@@ -193,9 +193,9 @@ pub async fn revoke(State(app): State<AppState>, caller: Caller, AgentPath(id): 
     // Its runs cannot report any more: end them now, with the reason, instead of leaving them
     // to expire or be called lost.
     let open = app.store.open_runs_for_agent(&id).await?;
-    let mut by_job: std::collections::BTreeMap<&str, Vec<crate::store::OpenRun>> = Default::default();
+    let mut by_job: std::collections::BTreeMap<&shared::JobId, Vec<crate::store::OpenRun>> = Default::default();
     for r in &open {
-        by_job.entry(r.job_id.as_str()).or_default().push(r.clone());
+        by_job.entry(&r.job_id).or_default().push(r.clone());
     }
     for (job_id, runs) in by_job {
         app.dispatcher.end(job_id, &runs, shared::job::RunState::Cancelled, "the agent's credential was revoked").await?;

@@ -17,12 +17,12 @@ use shared::job::{
     CreateJob, DEFAULT_OUTPUT_LIMIT, DEFAULT_TIMEOUT_SECS, DEFAULT_TTL_SECS, DryRun, DryRunAgent, JobDetail, JobEvent, JobSummary, Program,
     RunInfo, RunState, StateCounts, Target,
 };
-use shared::{AgentId, Timestamp};
+use shared::{AgentId, JobId, RunId, Timestamp};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::caller::Caller;
 use super::error::{Error, Result};
-use super::path::PathId;
+use super::path::JobPath;
 use crate::app::AppState;
 use crate::auth;
 use crate::store::{AgentTarget, JobRow};
@@ -89,7 +89,7 @@ fn validate(req: &CreateJob) -> Result<()> {
         return bad("max_errors must be at least 1; leave it out for no limit");
     }
     if let Some(id) = &req.id
-        && !shared::job::is_client_job_id(id)
+        && !id.is_client_chosen()
     {
         return bad("id must be 32 lowercase hex digits (128 random bits)");
     }
@@ -159,8 +159,8 @@ async fn resolve(app: &AppState, caller: &Caller, target: &Target) -> Result<Vec
     }
 }
 
-fn new_id() -> Result<String> {
-    auth::random_id().map_err(|e| Error::Internal(format!("no randomness: {e}")))
+fn new_id() -> Result<[u8; 8]> {
+    auth::random_id_bytes().map_err(|e| Error::Internal(format!("no randomness: {e}")))
 }
 
 pub async fn create(
@@ -202,7 +202,7 @@ pub async fn create(
     let job = JobRow {
         id: match &req.id {
             Some(id) => id.clone(),
-            None => new_id()?,
+            None => JobId::from_bytes(new_id()?),
         },
         created_at: now,
         created_by: caller.actor(),
@@ -222,11 +222,11 @@ pub async fn create(
         approval: needs_approval(&app, matched.len())
             .then(|| crate::store::JobApproval { creator_token: caller.token_id.clone(), approved: None }),
     };
-    let runs = matched.iter().map(|a| Ok((new_id()?, a.id.clone()))).collect::<Result<Vec<_>>>()?;
+    let runs = matched.iter().map(|a| Ok((RunId::from_bytes(new_id()?), a.id.clone()))).collect::<Result<Vec<_>>>()?;
     app.store.create_job(&job, &runs).await?;
     app.audit(caller.entry(
         "job.create",
-        Some(job.id.clone()),
+        Some(job.id.to_string()),
         serde_json::json!({
             "target": job.target,
             "command": crate::audit::command_detail(&job.command),
@@ -264,7 +264,7 @@ fn needs_approval(app: &AppState, matched: usize) -> bool {
 
 /// `POST /api/v1/jobs/{id}/approve`: a second admin releases a job that waits for approval.
 /// The admin who created it cannot (403); one that is not waiting is a 409.
-pub async fn approve(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobSummary>> {
+pub async fn approve(State(app): State<AppState>, caller: Caller, JobPath(id): JobPath) -> Result<Json<JobSummary>> {
     caller.require(Role::Admin)?;
     let job = visible_job(&app, &caller, &id).await?;
     let Some(approval) = &job.approval else {
@@ -284,7 +284,7 @@ pub async fn approve(State(app): State<AppState>, caller: Caller, PathId(id): Pa
         return Err(Error::Conflict(format!("job {id} changed meanwhile; read it again")));
     }
     tracing::info!(job = %id, by = %caller.actor(), "job approved");
-    app.audit(caller.entry("job.approve", Some(id.clone()), serde_json::json!({ "created_by": job.created_by }))).await;
+    app.audit(caller.entry("job.approve", Some(id.to_string()), serde_json::json!({ "created_by": job.created_by }))).await;
     app.dispatcher.kick.notify_one();
     let job = visible_job(&app, &caller, &id).await?;
     let counts = app.store.run_counts(std::slice::from_ref(&job.id)).await?.remove(&job.id).unwrap_or_default();
@@ -351,7 +351,7 @@ pub async fn list(
     // A scoped caller sees fewer than `limit` when others' jobs are among the newest.
     let jobs: Vec<JobRow> =
         app.store.list_jobs(limit).await?.into_iter().filter(|j| crate::scope::covers(caller.scope.as_ref(), j.scope.as_ref())).collect();
-    let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+    let ids: Vec<JobId> = jobs.iter().map(|j| j.id.clone()).collect();
     let mut counts = app.store.run_counts(&ids).await?;
     Ok(Json(jobs.iter().map(|j| summary(j, counts.remove(&j.id).unwrap_or_default())).collect()))
 }
@@ -369,7 +369,7 @@ pub struct OutputQuery {
 pub async fn output(
     State(app): State<AppState>,
     caller: Caller,
-    PathId(id): PathId,
+    JobPath(id): JobPath,
     query: std::result::Result<Query<OutputQuery>, QueryRejection>,
 ) -> Result<Json<shared::job::OutputPage>> {
     caller.require(Role::Viewer)?;
@@ -404,14 +404,14 @@ pub async fn output(
     }))
 }
 
-pub async fn get(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobDetail>> {
+pub async fn get(State(app): State<AppState>, caller: Caller, JobPath(id): JobPath) -> Result<Json<JobDetail>> {
     caller.require(Role::Viewer)?;
     Ok(Json(load(&app, &caller, &id).await?))
 }
 
 /// `POST /api/v1/jobs/{id}/cancel`: runs not started end `cancelled`; running ones are told to
 /// stop (SIGTERM, then SIGKILL) and report how they ended.
-pub async fn cancel(State(app): State<AppState>, caller: Caller, PathId(id): PathId) -> Result<Json<JobDetail>> {
+pub async fn cancel(State(app): State<AppState>, caller: Caller, JobPath(id): JobPath) -> Result<Json<JobDetail>> {
     caller.require(Role::Operator)?;
     let now = Timestamp::now();
     // A finished job has nothing left to stop, and stays as it ended: marking it cancelled
@@ -422,7 +422,7 @@ pub async fn cancel(State(app): State<AppState>, caller: Caller, PathId(id): Pat
     let (ended, on_agents) = app.dispatcher.cancel(&id, now).await?.ok_or_else(|| Error::NotFound(format!("no job {id}")))?;
     app.audit(caller.entry(
         "job.cancel",
-        Some(id.clone()),
+        Some(id.to_string()),
         serde_json::json!({ "not_started": ended.len(), "signalled": on_agents.len() }),
     ))
     .await;
@@ -447,7 +447,7 @@ fn sse(event: &JobEvent) -> Event {
 pub async fn events(
     State(app): State<AppState>,
     caller: Caller,
-    PathId(id): PathId,
+    JobPath(id): JobPath,
 ) -> Result<Sse<impl Stream<Item = std::result::Result<Event, Infallible>>>> {
     caller.require(Role::Viewer)?;
     let (end, guard) = caller.watch(&app);
@@ -462,7 +462,7 @@ pub async fn events(
     struct St {
         first: std::vec::IntoIter<Event>,
         rx: tokio::sync::broadcast::Receiver<crate::events::BusEvent>,
-        id: String,
+        id: JobId,
         done: bool,
         shutdown: tokio_util::sync::CancellationToken,
         _watch: tokio_util::sync::DropGuard,

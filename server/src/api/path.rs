@@ -5,11 +5,12 @@
 
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
-use shared::AgentId;
+use shared::{AgentId, JobId};
 
 use super::error::Error;
 
-/// A well-formed id from the path; whether it names anything is the handler's business (404).
+/// A well-formed token id from the path; whether it names anything is the handler's business
+/// (404). Token ids have the form of agent ids.
 #[derive(Clone, Debug)]
 pub struct PathId(pub String);
 
@@ -17,22 +18,23 @@ pub struct PathId(pub String);
 #[derive(Clone, Debug)]
 pub struct AgentPath(pub AgentId);
 
-/// An agent id has the form of every id, so it is what both extractors parse.
-async fn parse<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<AgentId, Error> {
+/// The same, for routes under `/jobs/{id}`: only the forms the server and clients issue.
+#[derive(Clone, Debug)]
+pub struct JobPath(pub JobId);
+
+/// The id from the path, parsed by `parse`; `expected` says what it should have been.
+async fn id<S: Send + Sync, T>(parts: &mut Parts, state: &S, parse: fn(&str) -> Option<T>, expected: &str) -> Result<T, Error> {
     let Path(id) = Path::<String>::from_request_parts(parts, state).await?;
-    AgentId::parse(&id).map_err(|_| Error::BadRequest(format!("invalid id {id:?}: expected 16 lowercase hex digits")))
+    parse(&id).ok_or_else(|| Error::BadRequest(format!("invalid id {id:?}: expected {expected}")))
 }
+
+const SIXTEEN: &str = "16 lowercase hex digits";
 
 impl<S: Send + Sync> FromRequestParts<S> for PathId {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Path(id) = Path::<String>::from_request_parts(parts, state).await?;
-        if AgentId::parse(&id).is_ok() || shared::job::is_client_job_id(&id) {
-            Ok(PathId(id))
-        } else {
-            Err(Error::BadRequest(format!("invalid id {id:?}: expected 16 (or, for a job, 32) lowercase hex digits")))
-        }
+        id(parts, state, |s| AgentId::parse(s).ok(), SIXTEEN).await.map(|id| PathId(id.into()))
     }
 }
 
@@ -40,6 +42,15 @@ impl<S: Send + Sync> FromRequestParts<S> for AgentPath {
     type Rejection = Error;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        parse(parts, state).await.map(AgentPath)
+        id(parts, state, |s| AgentId::parse(s).ok(), SIXTEEN).await.map(AgentPath)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for JobPath {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let parse = |s: &str| shared::id::is_issued_form(s).then(|| JobId::parse(s).ok()).flatten();
+        id(parts, state, parse, "16 (or, for a job a client named, 32) lowercase hex digits").await.map(JobPath)
     }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use shared::job::{RunState, StateCounts};
+use shared::job::{RunId, RunState, StateCounts};
 use shared::protocol::{Outcome, ServerMessage};
 use shared::{AgentId, Timestamp};
 use tokio::sync::mpsc;
@@ -21,13 +21,13 @@ async fn job(app: &TestApp, id: &str, ttl_secs: i64, shape: impl FnOnce(&mut Job
     let mut job = crate::store::conformance::job_row(id, now.unix_millis());
     job.expires_at = Timestamp::from_unix_millis(now.unix_millis() + ttl_secs * 1000);
     shape(&mut job);
-    let runs: Vec<(RunId, AgentId)> = runs.iter().map(|(r, a)| ((*r).to_owned(), (*a).clone())).collect();
+    let runs: Vec<(RunId, AgentId)> = runs.iter().map(|(r, a)| (r.parse().unwrap(), (*a).clone())).collect();
     app.store().create_job(&job, &runs).await.unwrap();
     job
 }
 
 async fn counts(app: &TestApp, job_id: &str) -> StateCounts {
-    app.store().run_counts(&[job_id.to_owned()]).await.unwrap().remove(job_id).unwrap_or_default()
+    app.store().run_counts(&[job_id.parse().unwrap()]).await.unwrap().remove(job_id).unwrap_or_default()
 }
 
 async fn state(app: &TestApp, run_id: &str) -> (RunState, Option<String>) {
@@ -47,7 +47,7 @@ async fn fleet(app: &TestApp, n: u8) -> Vec<(AgentId, mpsc::Receiver<ServerMessa
 }
 
 /// Every run sent to these sessions since the last call, with the agent it went to.
-fn sent(sessions: &mut [(AgentId, mpsc::Receiver<ServerMessage>)]) -> Vec<(AgentId, String)> {
+fn sent(sessions: &mut [(AgentId, mpsc::Receiver<ServerMessage>)]) -> Vec<(AgentId, RunId)> {
     sessions.iter_mut().flat_map(|(id, rx)| runs_sent(rx).into_iter().map(|r| (id.clone(), r.run_id)).collect::<Vec<_>>()).collect()
 }
 
@@ -100,13 +100,13 @@ async fn a_run_sent_back_to_pending_after_its_job_was_cancelled_never_starts() {
     let now = Timestamp::now();
     let mut job = crate::store::conformance::job_row("00000000000000d1", now.unix_millis());
     job.expires_at = now.saturating_add(Duration::from_secs(600));
-    store.create_job(&job, &[("r1".into(), agent.id.clone())]).await.unwrap();
+    store.create_job(&job, &[("r1".parse().unwrap(), agent.id.clone())]).await.unwrap();
     let d = dispatcher(store.clone());
-    store.mark_dispatched(&["r1".into()], now).await.unwrap();
+    store.mark_dispatched(&["r1".parse().unwrap()], now).await.unwrap();
     let (ended, on_agents) = d.cancel(&job.id, now).await.unwrap().unwrap();
     assert!(ended.is_empty() && on_agents.len() == 1);
     // The agent reconnects without the run: reconciliation puts it back to pending.
-    store.redeliver(&["r1".into()]).await.unwrap();
+    store.redeliver(&["r1".parse().unwrap()]).await.unwrap();
     assert_eq!(store.run("r1").await.unwrap().unwrap().state, RunState::Pending);
     d.round().await.unwrap();
     let run = store.run("r1").await.unwrap().unwrap();
@@ -222,7 +222,7 @@ async fn a_lost_run_counts_against_max_errors() {
     .await;
     let d = &app.state.dispatcher;
     d.round().await.unwrap();
-    assert_eq!(sent(&mut sessions), [(a.clone(), "r1".to_owned())]);
+    assert_eq!(sent(&mut sessions), [(a.clone(), "r1".parse().unwrap())]);
     report(app.store(), &a, Progress::Started("r1")).await;
     // The agent comes back without it.
     d.reconcile(&a, &[]).await.unwrap();
@@ -298,7 +298,7 @@ async fn a_reconnected_agent_gets_back_the_runs_it_never_accepted_and_the_ones_i
     // The agent comes back on a new connection (which replaces the old session), and its
     // hello lists what its ledger holds.
     let mut rx = app.connect(&agent);
-    let held = d.reconcile(&agent, &["running-held".into(), "accepted-held".into()]).await.unwrap();
+    let held = d.reconcile(&agent, &["running-held".parse().unwrap(), "accepted-held".parse().unwrap()]).await.unwrap();
     let mut held: Vec<&str> = held.iter().map(|r| r.id.as_str()).collect();
     held.sort();
     assert_eq!(held, ["accepted-held", "running-held"]);
@@ -325,9 +325,9 @@ async fn a_run_unreported_past_its_timeout_and_the_grace_ends_lost() {
     let long_ago = now.saturating_sub(Duration::from_millis(j.timeout_ms) + REPORT_GRACE + Duration::from_secs(1));
     let just_in_time = now.saturating_sub(Duration::from_millis(j.timeout_ms) + REPORT_GRACE - Duration::from_secs(5));
     let store = app.store();
-    store.mark_dispatched(&["overdue".into(), "started-long-ago".into()], long_ago).await.unwrap();
-    store.mark_dispatched(&["in-time".into()], just_in_time).await.unwrap();
-    let started = crate::store::Record::RunStarted { agent_id: c.clone(), run_id: "started-long-ago".into(), at: long_ago };
+    store.mark_dispatched(&["overdue".parse().unwrap(), "started-long-ago".parse().unwrap()], long_ago).await.unwrap();
+    store.mark_dispatched(&["in-time".parse().unwrap()], just_in_time).await.unwrap();
+    let started = crate::store::Record::RunStarted { agent_id: c.clone(), run_id: "started-long-ago".parse().unwrap(), at: long_ago };
     store.record(&[started]).await.unwrap();
 
     let mut events = app.state.events.subscribe();
@@ -435,7 +435,7 @@ async fn the_running_dispatcher_sends_a_job_created_through_the_api_to_its_conne
     let job_id = created.json()["id"].as_str().unwrap().to_owned();
     let msg = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("no run within 5s").unwrap();
     let ServerMessage::Run(run) = msg else { panic!("expected a run, got {msg:?}") };
-    assert_eq!(run.job_id, job_id);
+    assert_eq!(run.job_id.as_str(), job_id.as_str());
     assert_eq!(state(&app, &run.run_id).await.0, RunState::Dispatched, "marked before it was sent");
     cancel.cancel();
     tokio::time::timeout(Duration::from_secs(5), running).await.expect("the dispatcher did not stop").unwrap();

@@ -181,7 +181,7 @@ impl<'a> Plan<'a> {
 
     /// Settles each result against the stored run (fetched by the backend, with its job id):
     /// the effects to announce, and the results to write.
-    pub fn settle(&self, stored: &HashMap<String, (JobId, StoredRun)>) -> (Vec<Effect>, Vec<ResultRow<'a>>) {
+    pub fn settle(&self, stored: &HashMap<RunId, (JobId, StoredRun)>) -> (Vec<Effect>, Vec<ResultRow<'a>>) {
         let mut effects = Vec::new();
         let mut rows = Vec::new();
         for &Finished { agent_id, finished: f, at } in &self.finished {
@@ -201,7 +201,11 @@ impl<'a> Plan<'a> {
                 }
                 Settlement::Store(result) => {
                     effects.push(Effect::RunState {
-                        job_id: known.map(|(job, _)| job.clone()).unwrap_or_default(),
+                        // `settle` stores only a run it was given, so `known` is there.
+                        job_id: match known {
+                            Some((job, _)) => job.clone(),
+                            None => continue,
+                        },
                         run_id: f.run_id.clone(),
                         agent_id: agent_id.clone(),
                         state: result.state,
@@ -229,10 +233,10 @@ impl<'a> Plan<'a> {
 /// What a backend fetches for each run a batch's results name: id, job id, agent id, state,
 /// the job's output limit, dispatched_at, then held length and truncated flag of stdout and
 /// stderr.
-pub type SettleRow = (String, String, String, String, i64, Option<i64>, i64, bool, i64, bool);
+pub type SettleRow = (RunId, JobId, String, String, i64, Option<i64>, i64, bool, i64, bool);
 
 /// The fetched rows as [`Plan::settle`] takes them.
-pub fn stored_runs(rows: Vec<SettleRow>) -> super::Result<HashMap<String, (JobId, StoredRun)>> {
+pub fn stored_runs(rows: Vec<SettleRow>) -> super::Result<HashMap<RunId, (JobId, StoredRun)>> {
     use super::rows::{parse_agent_id, parse_run_state, to_u64};
     use crate::output::Held;
     let mut known = HashMap::with_capacity(rows.len());

@@ -235,7 +235,7 @@ pub(crate) fn heartbeat(a: &AgentId, seq: u64, at: i64, hostname: &str, cpu: f64
 pub(crate) fn job_row(id: &str, created_at: i64) -> JobRow {
     use shared::job::{CommandSpec, Program, Target};
     JobRow {
-        id: id.into(),
+        id: id.parse().unwrap(),
         created_at: ts(created_at),
         created_by: "t".into(),
         target: Target::All,
@@ -262,7 +262,7 @@ pub(crate) fn job_row(id: &str, created_at: i64) -> JobRow {
 
 /// Output of `run` from agent `a`.
 pub(crate) fn chunk(a: &AgentId, run: &str, stream: Stream, offset: u64, data: &str) -> Record {
-    Record::RunOutput { agent_id: a.clone(), run_id: run.into(), stream, offset, data: data.into() }
+    Record::RunOutput { agent_id: a.clone(), run_id: run.parse().unwrap(), stream, offset, data: data.into() }
 }
 
 /// A result of `run` from agent `a`: `outcome`, with the stream lengths the agent kept.
@@ -270,7 +270,7 @@ pub(crate) fn finished(a: &AgentId, run: &str, outcome: Outcome, stdout_len: u64
     Record::RunFinished {
         agent_id: a.clone(),
         finished: Box::new(RunFinished {
-            run_id: run.into(),
+            run_id: run.parse().unwrap(),
             outcome,
             exit_code: matches!(outcome, Outcome::Succeeded).then_some(0),
             signal: None,
@@ -297,5 +297,5 @@ pub(crate) fn sorted(mut ids: Vec<RunId>) -> Vec<RunId> {
 
 /// Run ids `prefix0`, `prefix1`, ... for `agents`, one each.
 pub(crate) fn runs_for(prefix: &str, agents: &[NewAgent]) -> Vec<(RunId, AgentId)> {
-    agents.iter().enumerate().map(|(i, a)| (format!("{prefix}{i}"), a.id.clone())).collect()
+    agents.iter().enumerate().map(|(i, a)| (format!("{prefix}{i}").parse().unwrap(), a.id.clone())).collect()
 }

@@ -18,7 +18,7 @@ use shared::audit::{Fields, GENESIS, PRUNED, canonical_json, entry_hash};
 use shared::job::{AgentRun, RunId, RunState, Stream};
 use shared::protocol::Metrics;
 use shared::signing::{KeyRevocation, PublicKey, Signature};
-use shared::{AgentId, Labels, Timestamp};
+use shared::{AgentId, JobId, Labels, Timestamp};
 use sqlx::FromRow;
 
 use super::{
@@ -411,7 +411,7 @@ pub(crate) fn chain(id: i64, e: &AuditEntry, prev_hash: &str) -> Chained {
 
 #[derive(FromRow)]
 pub(crate) struct JobDb {
-    id: String,
+    id: JobId,
     created_at: i64,
     created_by: String,
     target: String,
@@ -489,8 +489,8 @@ pub(crate) fn key_revocation((key, by, sig): (String, String, String)) -> Result
 
 #[derive(FromRow)]
 pub(crate) struct AgentRunDb {
-    job_id: String,
-    run_id: String,
+    job_id: JobId,
+    run_id: RunId,
     created_at: i64,
     created_by: String,
     command: String,
@@ -527,8 +527,8 @@ pub(crate) const RUN_COLUMNS: &str = "r.id, r.job_id, r.agent_id, a.hostname, r.
 
 #[derive(FromRow)]
 pub(crate) struct RunDb {
-    id: String,
-    job_id: String,
+    id: RunId,
+    job_id: JobId,
     agent_id: String,
     hostname: Option<String>,
     state: String,
@@ -574,8 +574,8 @@ pub(crate) const OPEN_RUN_COLUMNS: &str = "id, job_id, agent_id, state, accepted
 
 #[derive(FromRow)]
 pub(crate) struct OpenRunDb {
-    id: String,
-    job_id: String,
+    id: RunId,
+    job_id: JobId,
     agent_id: String,
     state: String,
     accepted: bool,
@@ -667,9 +667,9 @@ mod tests {
     #[test]
     fn heads_and_pages_end_on_character_boundaries() {
         let mut heads = Heads::new(4, 100);
-        heads.push("r1".into(), 0, 0, "aé");
-        heads.push("r1".into(), 0, 3, "€b");
-        heads.push("r2".into(), 1, 5, "gap");
+        heads.push("r1".parse().unwrap(), 0, 0, "aé");
+        heads.push("r1".parse().unwrap(), 0, 3, "€b");
+        heads.push("r2".parse().unwrap(), 1, 5, "gap");
         let out = heads.finish();
         // "aé" is 3 bytes; the euro sign (3 bytes) does not fit in the fourth.
         assert_eq!(out["r1"].stdout, "aé");

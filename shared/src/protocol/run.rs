@@ -109,8 +109,8 @@ mod tests {
     #[test]
     fn server_run_messages_round_trip() {
         let run = Run {
-            run_id: "00000000000000aa".into(),
-            job_id: "00000000000000bb".into(),
+            run_id: "00000000000000aa".parse().unwrap(),
+            job_id: "00000000000000bb".parse().unwrap(),
             command: CommandSpec {
                 program: Program::Shell("uname -r".into()),
                 cwd: Some("/tmp".into()),
@@ -140,22 +140,27 @@ mod tests {
             })),
             "key_revoked",
         );
-        round_trip(&ServerMessage::Cancel(Cancel { run_id: "a".into() }), "cancel");
-        round_trip(&ServerMessage::ResultAck(ResultAck { run_id: "a".into() }), "result_ack");
-        round_trip(&ServerMessage::Resend(Resend { run_id: "a".into(), stdout_from: 10, stderr_from: 0 }), "resend");
+        round_trip(&ServerMessage::Cancel(Cancel { run_id: "a".parse().unwrap() }), "cancel");
+        round_trip(&ServerMessage::ResultAck(ResultAck { run_id: "a".parse().unwrap() }), "result_ack");
+        round_trip(&ServerMessage::Resend(Resend { run_id: "a".parse().unwrap(), stdout_from: 10, stderr_from: 0 }), "resend");
     }
 
     #[test]
     fn agent_run_messages_round_trip() {
-        round_trip(&AgentMessage::RunAccepted(RunAccepted { run_id: "a".into() }), "run_accepted");
-        round_trip(&AgentMessage::RunStarted(RunStarted { run_id: "a".into() }), "run_started");
+        round_trip(&AgentMessage::RunAccepted(RunAccepted { run_id: "a".parse().unwrap() }), "run_accepted");
+        round_trip(&AgentMessage::RunStarted(RunStarted { run_id: "a".parse().unwrap() }), "run_started");
         round_trip(
-            &AgentMessage::RunOutput(RunOutput { run_id: "a".into(), stream: Stream::Stdout, offset: 0, data: "6.1.0-18\n".into() }),
+            &AgentMessage::RunOutput(RunOutput {
+                run_id: "a".parse().unwrap(),
+                stream: Stream::Stdout,
+                offset: 0,
+                data: "6.1.0-18\n".into(),
+            }),
             "run_output",
         );
         round_trip(
             &AgentMessage::RunFinished(RunFinished {
-                run_id: "a".into(),
+                run_id: "a".parse().unwrap(),
                 outcome: Outcome::Failed,
                 exit_code: Some(2),
                 signal: None,

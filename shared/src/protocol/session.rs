@@ -90,7 +90,7 @@ mod tests {
             hostname: "pos-0042".into(),
             labels: Labels::from_pairs(["site=paris"]).unwrap(),
             heartbeat_interval_ms: 10_000,
-            open_runs: vec!["00000000000000aa".into()],
+            open_runs: vec!["00000000000000aa".parse().unwrap()],
             trusted_keys: vec![crate::signing::PublicKey::from_bytes([7; 32])],
         });
         round_trip(&msg, "hello");

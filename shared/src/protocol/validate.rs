@@ -18,8 +18,6 @@ pub const MAX_MOUNT: usize = 1024;
 pub const MAX_DISKS: usize = 64;
 /// Longest `error` of a `run_finished`.
 pub const MAX_ERROR_TEXT: usize = 4096;
-/// Longest run id.
-pub const MAX_RUN_ID: usize = 64;
 /// Most operator keys one agent may report trusting in `hello`.
 pub const MAX_TRUSTED_KEYS: usize = 32;
 /// Largest load average taken as real.
@@ -57,19 +55,9 @@ pub fn check_hostname(field: &'static str, s: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn check_run_id(s: &str) -> Result<(), Invalid> {
-    if s.is_empty() || s.len() > MAX_RUN_ID || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(invalid("run_id", "1 to 64 letters, digits, '-' or '_'"));
-    }
-    Ok(())
-}
-
 fn check_hello(h: &Hello) -> Result<(), Invalid> {
     check_hostname("hostname", &h.hostname)?;
     check_text("agent_version", &h.agent_version, 64)?;
-    for r in &h.open_runs {
-        check_run_id(r)?;
-    }
     if h.trusted_keys.len() > MAX_TRUSTED_KEYS {
         return Err(invalid("trusted_keys", format!("at most {MAX_TRUSTED_KEYS} keys")));
     }
@@ -170,7 +158,6 @@ impl Metrics {
 }
 
 fn check_output(o: &RunOutput) -> Result<(), Invalid> {
-    check_run_id(&o.run_id)?;
     if o.data.len() > MAX_OUTPUT_CHUNK {
         return Err(invalid("data", format!("at most {MAX_OUTPUT_CHUNK} bytes per chunk")));
     }
@@ -181,7 +168,6 @@ fn check_output(o: &RunOutput) -> Result<(), Invalid> {
 }
 
 fn check_finished(f: &RunFinished) -> Result<(), Invalid> {
-    check_run_id(&f.run_id)?;
     if let Some(e) = &f.error {
         // Errors may span lines (a command's own message); escaping is the printer's job.
         if e.len() > MAX_ERROR_TEXT {
@@ -200,8 +186,8 @@ impl AgentMessage {
         match self {
             AgentMessage::Hello(h) => check_hello(h),
             AgentMessage::Heartbeat(hb) => hb.metrics.validate(),
-            AgentMessage::RunAccepted(m) => check_run_id(&m.run_id),
-            AgentMessage::RunStarted(m) => check_run_id(&m.run_id),
+            // Run ids are checked as they are decoded (`RunId`).
+            AgentMessage::RunAccepted(_) | AgentMessage::RunStarted(_) => Ok(()),
             AgentMessage::RunOutput(o) => check_output(o),
             AgentMessage::RunFinished(f) => check_finished(f),
             AgentMessage::CredentialRequest(_) => Ok(()),
@@ -280,7 +266,7 @@ mod tests {
     #[test]
     fn output_chunks_are_at_most_16_kib_and_cannot_overflow_offsets() {
         let chunk = |offset: u64, len: usize| {
-            AgentMessage::RunOutput(RunOutput { run_id: "r1".into(), stream: Stream::Stdout, offset, data: "x".repeat(len) })
+            AgentMessage::RunOutput(RunOutput { run_id: "r1".parse().unwrap(), stream: Stream::Stdout, offset, data: "x".repeat(len) })
         };
         assert_eq!(chunk(0, MAX_OUTPUT_CHUNK).validate(), Ok(()));
         assert_eq!(chunk(0, MAX_OUTPUT_CHUNK + 1).validate().unwrap_err().field, "data");

@@ -41,10 +41,10 @@ impl RunInfo {
 
 /// What a backend fetches for each run the chunks name: id, job id, agent id, the job's output
 /// limit, held length and truncated flag of stdout and stderr, state.
-pub type InfoRow = (String, String, String, i64, i64, bool, i64, bool, String);
+pub type InfoRow = (RunId, JobId, String, i64, i64, bool, i64, bool, String);
 
 /// The fetched rows as [`plan`] takes them.
-pub fn run_infos(rows: Vec<InfoRow>) -> Result<HashMap<String, RunInfo>> {
+pub fn run_infos(rows: Vec<InfoRow>) -> Result<HashMap<RunId, RunInfo>> {
     use crate::store::rows::{parse_run_state, to_u64};
     let mut out = HashMap::with_capacity(rows.len());
     for (id, job_id, agent_id, limit, out_len, out_t, err_len, err_t, state) in rows {
@@ -60,7 +60,7 @@ pub const ROW_BYTES: usize = 64 * 1024;
 /// One row to write: consecutive appends to a stream in one batch become one row. A piece
 /// that extends a stored row replaces it (same key: run, stream, offset).
 pub struct Piece {
-    pub run_id: String,
+    pub run_id: RunId,
     /// 0 stdout, 1 stderr: the stored `stream` column.
     pub stream: usize,
     pub offset: u64,
@@ -70,7 +70,7 @@ pub struct Piece {
 /// What the chunks change: rows to insert or replace, and each changed run's streams.
 pub struct OutputPlan {
     pub pieces: Vec<Piece>,
-    pub held: Vec<(String, [Held; 2])>,
+    pub held: Vec<(RunId, [Held; 2])>,
 }
 
 /// The reads judging a chunk may need, inside the batch's transaction.
@@ -93,13 +93,13 @@ static CONFLICTS: crate::logging::Throttle = crate::logging::Throttle::new(std::
 pub async fn plan<R: OutputReads>(
     reads: &mut R,
     chunks: &[Chunk<'_>],
-    runs: &mut HashMap<String, RunInfo>,
+    runs: &mut HashMap<RunId, RunInfo>,
     effects: &mut Vec<Effect>,
 ) -> Result<OutputPlan> {
     let mut pieces: Vec<Piece> = Vec::new();
-    let mut last_piece: HashMap<(String, usize), usize> = HashMap::new();
-    let mut changed: HashSet<String> = HashSet::new();
-    let mut resent: HashSet<String> = HashSet::new();
+    let mut last_piece: HashMap<(RunId, usize), usize> = HashMap::new();
+    let mut changed: HashSet<RunId> = HashSet::new();
+    let mut resent: HashSet<RunId> = HashSet::new();
     for &Chunk { agent_id, run_id, stream, offset, data } in chunks {
         let Some(info) = runs.get_mut(run_id.as_str()) else {
             crate::telemetry::output_refused("unknown_run");

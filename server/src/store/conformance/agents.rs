@@ -262,7 +262,7 @@ pub(crate) async fn revoking_an_agent_works_once_and_keeps_its_row(store: Arc<dy
 
 pub(crate) async fn an_unknown_agent_has_no_row_credential_runs_or_history(store: Arc<dyn Store>) {
     let a = enrolled(&*store).await;
-    store.create_job(&job_row("00000000000000j1", 1), &[("r1".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&job_row("00000000000000j1", 1), &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
     store.record(&[heartbeat(&a.id, 1, 2_000, "h", 1.0)]).await.unwrap();
     let unknown = AgentId::from_bytes([0xee; 8]);
     assert!(store.agent(&unknown).await.unwrap().is_none());

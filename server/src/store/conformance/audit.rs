@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use shared::audit::{Break, GENESIS, GENESIS_PREV, PRUNED, Start, Verifier};
-use shared::job::{RunState, Stream};
+use shared::job::{JobId, RunId, RunState, Stream};
 use shared::protocol::Outcome;
 
 use super::{chunk, fleet, job_row, ts};
@@ -172,7 +172,7 @@ pub(crate) async fn retention_removes_old_finished_jobs_with_their_runs_and_outp
     let agents = fleet(&*store, 1).await;
     let agent = &agents[0].id;
     for (id, finished) in [("00000000000000a1", Some(1_000)), ("00000000000000a2", Some(50_000)), ("00000000000000a3", None)] {
-        let run = format!("r{id}");
+        let run: RunId = format!("r{id}").parse().unwrap();
         store.create_job(&job_row(id, 0), &[(run.clone(), agent.clone())]).await.unwrap();
         store.record(&[chunk(agent, &run, Stream::Stdout, 0, "out")]).await.unwrap();
         if let Some(t) = finished {
@@ -187,10 +187,10 @@ pub(crate) async fn retention_removes_old_finished_jobs_with_their_runs_and_outp
     assert!(store.agent_runs(agent, 10).await.unwrap().iter().all(|r| r.job_id != "00000000000000a1"));
     for kept in ["00000000000000a2", "00000000000000a3"] {
         let heads = store.run_output_heads(kept, 100, 100).await.unwrap();
-        assert_eq!(heads[&format!("r{kept}")].stdout, "out", "a kept job keeps its output");
+        assert_eq!(heads[format!("r{kept}").as_str()].stdout, "out", "a kept job keeps its output");
     }
     // Its output went with it: a run given the same id later starts with none.
-    store.create_job(&job_row("00000000000000b1", 60_000), &[("r00000000000000a1".into(), agent.clone())]).await.unwrap();
+    store.create_job(&job_row("00000000000000b1", 60_000), &[("r00000000000000a1".parse().unwrap(), agent.clone())]).await.unwrap();
     let heads = store.run_output_heads("00000000000000b1", 100, 100).await.unwrap();
     assert!(heads.values().all(|h| h.stdout.is_empty() && h.stderr.is_empty()), "{heads:?}");
     // However old, an open job stays.
@@ -204,13 +204,13 @@ pub(crate) async fn retention_takes_at_most_max_jobs_the_longest_finished_first(
     let agents = fleet(&*store, 1).await;
     // Created in one order, finished in another: retention goes by when they finished.
     for (n, finished) in [3_000, 1_000, 2_000, 9_000].into_iter().enumerate() {
-        let (id, run) = (format!("00000000000000f{n}"), format!("f{n}"));
+        let (id, run): (String, RunId) = (format!("00000000000000f{n}"), format!("f{n}").parse().unwrap());
         store.create_job(&job_row(&id, n as i64), &[(run.clone(), agents[0].id.clone())]).await.unwrap();
         store.record(&[super::finished(&agents[0].id, &run, Outcome::Succeeded, 0, 0, finished)]).await.unwrap();
         assert!(store.finish_job_if_done(&id, ts(finished)).await.unwrap());
     }
     assert_eq!(store.prune_jobs(ts(5_000), 2).await.unwrap(), 2);
-    let left: Vec<String> = store.list_jobs(10).await.unwrap().into_iter().map(|j| j.id).collect();
+    let left: Vec<JobId> = store.list_jobs(10).await.unwrap().into_iter().map(|j| j.id).collect();
     assert_eq!(left, ["00000000000000f3", "00000000000000f0"], "those finished at 1,000 and 2,000 went first");
     assert_eq!(store.prune_jobs(ts(5_000), 2).await.unwrap(), 1);
     assert_eq!(store.prune_jobs(ts(5_000), 2).await.unwrap(), 0);

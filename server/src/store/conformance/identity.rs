@@ -243,13 +243,13 @@ pub(crate) async fn a_signed_job_keeps_the_agents_it_was_signed_for(store: Arc<d
     let mut signed = job_row("00000000000000s1", 1);
     signed.target = Target::Agents(vec![b.id.clone(), a.id.clone()]);
     signed.signature = Some(signature.clone());
-    store.create_job(&signed, &[("s1b".into(), b.id.clone()), ("s1a".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&signed, &[("s1b".parse().unwrap(), b.id.clone()), ("s1a".parse().unwrap(), a.id.clone())]).await.unwrap();
     assert_eq!(store.signed_agents("00000000000000s1").await.unwrap(), [b.id.clone(), a.id.clone()], "as signed");
     assert_eq!(store.job("00000000000000s1").await.unwrap().unwrap().signature, Some(signature));
 
     let mut unsigned = job_row("00000000000000u1", 2);
     unsigned.target = Target::Agents(vec![a.id.clone()]);
-    store.create_job(&unsigned, &[("u1a".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&unsigned, &[("u1a".parse().unwrap(), a.id.clone())]).await.unwrap();
     assert!(store.signed_agents("00000000000000u1").await.unwrap().is_empty());
     assert!(store.signed_agents("00000000000000x1").await.unwrap().is_empty());
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use shared::job::{CommandSpec, Concurrency, Program, RunId, RunState, Target};
+use shared::job::{CommandSpec, Concurrency, JobId, Program, RunId, RunState, Target};
 use shared::protocol::Outcome;
 use shared::signing::{JobSignature, PublicKey, Signature};
 use shared::{AgentId, Selector};
@@ -19,15 +19,15 @@ const J3: &str = "00000000000000j3";
 const J4: &str = "00000000000000j4";
 
 fn started(a: &AgentId, run: &str, at: i64) -> Record {
-    Record::RunStarted { agent_id: a.clone(), run_id: run.into(), at: ts(at) }
+    Record::RunStarted { agent_id: a.clone(), run_id: run.parse().unwrap(), at: ts(at) }
 }
 
 fn accepted(a: &AgentId, run: &str, at: i64) -> Record {
-    Record::RunAccepted { agent_id: a.clone(), run_id: run.into(), at: ts(at) }
+    Record::RunAccepted { agent_id: a.clone(), run_id: run.parse().unwrap(), at: ts(at) }
 }
 
 fn id_list(ids: &[&str]) -> Vec<RunId> {
-    ids.iter().map(|s| s.to_string()).collect()
+    ids.iter().map(|s| s.parse().unwrap()).collect()
 }
 
 async fn state(store: &dyn Store, run: &str) -> RunState {
@@ -61,7 +61,11 @@ pub(crate) async fn a_job_is_stored_with_everything_it_was_created_with(store: A
     });
     job.scope = Some(Selector::parse("site=lab,role!=db").unwrap());
     job.approval = Some(JobApproval { creator_token: "00000000000000t1".into(), approved: None });
-    let runs = [("ra".to_owned(), agents[2].id.clone()), ("rb".to_owned(), agents[0].id.clone()), ("rc".to_owned(), agents[1].id.clone())];
+    let runs = [
+        ("ra".parse().unwrap(), agents[2].id.clone()),
+        ("rb".parse().unwrap(), agents[0].id.clone()),
+        ("rc".parse().unwrap(), agents[1].id.clone()),
+    ];
     store.create_job(&job, &runs).await.unwrap();
 
     let read = store.job(J1).await.unwrap().unwrap();
@@ -83,10 +87,10 @@ pub(crate) async fn a_job_is_stored_with_everything_it_was_created_with(store: A
 
 pub(crate) async fn a_job_id_chosen_twice_is_a_duplicate_and_changes_nothing(store: Arc<dyn Store>) {
     let agents = fleet(&*store, 2).await;
-    store.create_job(&job_row(J1, 1), &[("r1".into(), agents[0].id.clone())]).await.unwrap();
+    store.create_job(&job_row(J1, 1), &[("r1".parse().unwrap(), agents[0].id.clone())]).await.unwrap();
     let mut again = job_row(J1, 2);
     again.created_by = "someone else".into();
-    let err = store.create_job(&again, &[("r2".into(), agents[1].id.clone())]).await;
+    let err = store.create_job(&again, &[("r2".parse().unwrap(), agents[1].id.clone())]).await;
     assert!(matches!(err, Err(StoreError::Duplicate)), "{err:?}");
     assert_eq!(store.job(J1).await.unwrap().unwrap().created_by, "t");
     assert_eq!(store.runs(J1).await.unwrap().iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r1"]);
@@ -96,13 +100,13 @@ pub(crate) async fn a_job_id_chosen_twice_is_a_duplicate_and_changes_nothing(sto
 
 pub(crate) async fn a_job_that_cannot_store_all_its_runs_stores_nothing(store: Arc<dyn Store>) {
     let agents = fleet(&*store, 3).await;
-    store.create_job(&job_row(J1, 1), &[("taken".into(), agents[0].id.clone())]).await.unwrap();
+    store.create_job(&job_row(J1, 1), &[("taken".parse().unwrap(), agents[0].id.clone())]).await.unwrap();
     // Its last run's id is another job's.
-    let runs = [("fresh".to_owned(), agents[1].id.clone()), ("taken".to_owned(), agents[2].id.clone())];
+    let runs = [("fresh".parse().unwrap(), agents[1].id.clone()), ("taken".parse().unwrap(), agents[2].id.clone())];
     let err = store.create_job(&job_row(J2, 2), &runs).await;
     assert!(matches!(err, Err(StoreError::Duplicate)), "{err:?}");
     // Two runs for one agent.
-    let runs = [("x1".to_owned(), agents[1].id.clone()), ("x2".to_owned(), agents[1].id.clone())];
+    let runs = [("x1".parse().unwrap(), agents[1].id.clone()), ("x2".parse().unwrap(), agents[1].id.clone())];
     assert!(store.create_job(&job_row(J3, 3), &runs).await.is_err());
     for job in [J2, J3] {
         assert!(store.job(job).await.unwrap().is_none(), "{job} left nothing");
@@ -131,12 +135,13 @@ pub(crate) async fn a_large_job_keeps_its_runs_in_dispatch_order(store: Arc<dyn 
         agents.push(a.id);
     }
     // Ids that sort otherwise than the order given.
-    let runs: Vec<(RunId, AgentId)> = agents.into_iter().enumerate().map(|(i, a)| (format!("r{:04}", (i * 7919) % 10_000), a)).collect();
+    let runs: Vec<(RunId, AgentId)> =
+        agents.into_iter().enumerate().map(|(i, a)| (format!("r{:04}", (i * 7919) % 10_000).parse().unwrap(), a)).collect();
     store.create_job(&job_row(J1, 1), &runs).await.unwrap();
     let want: Vec<&str> = runs.iter().map(|(r, _)| r.as_str()).collect();
     assert_eq!(store.runs(J1).await.unwrap().iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), want);
     assert_eq!(ids(&store.pending_runs(J1).await.unwrap()), want);
-    assert_eq!(store.run_counts(&[J1.into()]).await.unwrap()[J1][&RunState::Pending], u64::from(N));
+    assert_eq!(store.run_counts(&[J1.parse().unwrap()]).await.unwrap()[J1][&RunState::Pending], u64::from(N));
     let all: Vec<RunId> = runs.iter().map(|(r, _)| r.clone()).collect();
     assert_eq!(store.mark_dispatched(&all, ts(10)).await.unwrap().len(), runs.len());
     assert_eq!(store.end_runs(&all, RunState::Expired, "ttl", ts(20)).await.unwrap().len(), runs.len());
@@ -153,7 +158,7 @@ pub(crate) async fn jobs_are_listed_newest_first_within_the_limit_and_active_one
     assert_eq!(list(2).await, [J4, J2]);
     assert_eq!(list(10).await, [J4, J2, J3, J1]);
     assert!(store.finish_job_if_done(J2, ts(10)).await.unwrap(), "a job with no runs is done");
-    let active: Vec<String> = store.active_jobs().await.unwrap().into_iter().map(|j| j.id).collect();
+    let active: Vec<JobId> = store.active_jobs().await.unwrap().into_iter().map(|j| j.id).collect();
     assert_eq!(active, [J1, J3, J4], "unfinished, oldest first");
     assert_eq!(list(10).await.len(), 4, "finished jobs are listed too");
 }
@@ -172,8 +177,8 @@ pub(crate) async fn run_counts_and_state_totals_count_runs_by_state(store: Arc<d
         .await
         .unwrap();
 
-    let mut asked: Vec<String> = (0..600).map(|i| format!("unknown{i}")).collect();
-    asked.extend([J1.to_owned(), J2.to_owned(), J3.to_owned()]);
+    let mut asked: Vec<JobId> = (0..600).map(|i| format!("unknown{i}").parse().unwrap()).collect();
+    asked.extend([J1, J2, J3].map(|j| j.parse().unwrap()));
     let counts = store.run_counts(&asked).await.unwrap();
     use RunState::{Dispatched, Failed, Pending, Succeeded};
     assert_eq!(counts.len(), 2, "only jobs with runs: {counts:?}");
@@ -191,7 +196,7 @@ pub(crate) async fn an_agents_runs_are_listed_newest_job_first_with_their_comman
     let a = enrolled(&*store).await;
     let other = enroll(&*store, 2).await;
     for (n, id) in [J1, J2, J3].into_iter().enumerate() {
-        let runs = [(format!("r{n}a"), a.id.clone()), (format!("r{n}b"), other.id.clone())];
+        let runs = [(format!("r{n}a").parse().unwrap(), a.id.clone()), (format!("r{n}b").parse().unwrap(), other.id.clone())];
         store.create_job(&job_row(id, n as i64), &runs).await.unwrap();
     }
     let runs = store.agent_runs(&a.id, 2).await.unwrap();
@@ -220,12 +225,18 @@ pub(crate) async fn an_agents_runs_are_listed_newest_job_first_with_their_comman
 pub(crate) async fn pending_runs_come_in_dispatch_order_and_marking_returns_only_the_runs_that_moved(store: Arc<dyn Store>) {
     let agents = fleet(&*store, 4).await;
     store.create_job(&job_row(J1, 1), &runs_for("r", &agents)).await.unwrap();
-    store.create_job(&job_row(J2, 2), &[("other".into(), agents[0].id.clone())]).await.unwrap();
+    store.create_job(&job_row(J2, 2), &[("other".parse().unwrap(), agents[0].id.clone())]).await.unwrap();
     let pending = store.pending_runs(J1).await.unwrap();
     assert_eq!(ids(&pending), ["r0", "r1", "r2", "r3"]);
     assert_eq!(
         pending[1],
-        OpenRun { id: "r1".into(), job_id: J1.into(), agent_id: agents[1].id.clone(), state: RunState::Pending, accepted: false }
+        OpenRun {
+            id: "r1".parse().unwrap(),
+            job_id: J1.parse().unwrap(),
+            agent_id: agents[1].id.clone(),
+            state: RunState::Pending,
+            accepted: false
+        }
     );
 
     assert_eq!(sorted(store.mark_dispatched(&id_list(&["r3", "r1"]), ts(10)).await.unwrap()), ["r1", "r3"]);
@@ -243,7 +254,7 @@ pub(crate) async fn pending_runs_come_in_dispatch_order_and_marking_returns_only
     assert_eq!(store.run("r2").await.unwrap().unwrap().dispatched_at, Some(ts(30)));
     assert_eq!(state(&*store, "other").await, RunState::Pending, "another job's run");
     // Only pending runs move: a run that ended is not sent.
-    store.create_job(&job_row(J3, 3), &[("late".into(), agents[0].id.clone())]).await.unwrap();
+    store.create_job(&job_row(J3, 3), &[("late".parse().unwrap(), agents[0].id.clone())]).await.unwrap();
     store.end_runs(&id_list(&["late"]), RunState::Expired, "ttl", ts(50)).await.unwrap();
     assert!(store.mark_dispatched(&id_list(&["late"]), ts(60)).await.unwrap().is_empty());
     assert!(store.mark_job_dispatched(J3, ts(60)).await.unwrap().is_empty());
@@ -285,7 +296,13 @@ pub(crate) async fn an_agents_open_runs_are_its_pending_dispatched_and_running_o
     let a = enrolled(&*store).await;
     let b = enroll(&*store, 2).await;
     for (n, job) in [J1, J2, J3, J4].into_iter().enumerate() {
-        store.create_job(&job_row(job, n as i64), &[(format!("a{n}"), a.id.clone()), (format!("b{n}"), b.id.clone())]).await.unwrap();
+        store
+            .create_job(
+                &job_row(job, n as i64),
+                &[(format!("a{n}").parse().unwrap(), a.id.clone()), (format!("b{n}").parse().unwrap(), b.id.clone())],
+            )
+            .await
+            .unwrap();
     }
     store.mark_dispatched(&id_list(&["a1", "a2", "a3"]), ts(10)).await.unwrap();
     store.record(&[started(&a.id, "a2", 20), finished(&a.id, "a3", Outcome::Succeeded, 0, 0, 30)]).await.unwrap();
@@ -317,7 +334,13 @@ pub(crate) async fn a_run_is_overdue_once_its_timeout_and_grace_have_passed(stor
     let late = overdue(1_601).await;
     assert_eq!(
         late,
-        [OpenRun { id: "r0".into(), job_id: J1.into(), agent_id: agents[0].id.clone(), state: RunState::Dispatched, accepted: false }]
+        [OpenRun {
+            id: "r0".parse().unwrap(),
+            job_id: J1.parse().unwrap(),
+            agent_id: agents[0].id.clone(),
+            state: RunState::Dispatched,
+            accepted: false
+        }]
     );
     assert_eq!(ids(&overdue(2_500).await), ["r0"]);
     let both = overdue(2_501).await;

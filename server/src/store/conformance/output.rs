@@ -32,7 +32,7 @@ pub(crate) async fn output_is_stored_once_within_the_limit_whatever_the_offsets(
     let a = enrolled(&*store).await;
     let mut job = job_row(JOB, 1);
     job.output_limit = 8 * 1024;
-    store.create_job(&job, &[("r1".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&job, &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
     let out = |offset: u64, data: &str| chunk(&a.id, "r1", Stream::Stdout, offset, data);
     // (0,"ab") then (0,"abcd"): the new tail is stitched on; a differing overlap is refused.
     store.record(&[out(0, "ab")]).await.unwrap();
@@ -58,7 +58,7 @@ pub(crate) async fn output_is_stored_once_within_the_limit_whatever_the_offsets(
 
 pub(crate) async fn output_chunks_are_stitched_by_offset_through_repeats_overlaps_and_gaps(store: Arc<dyn Store>) {
     let a = enrolled(&*store).await;
-    store.create_job(&job_row(JOB, 1), &[("r1".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&job_row(JOB, 1), &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
     let out = |offset: u64, data: &str| chunk(&a.id, "r1", Stream::Stdout, offset, data);
     let err = |offset: u64, data: &str| chunk(&a.id, "r1", Stream::Stderr, offset, data);
 
@@ -74,7 +74,7 @@ pub(crate) async fn output_chunks_are_stitched_by_offset_through_repeats_overlap
     // Two chunks past the end: one request to send again, from what each stream holds.
     let effects = store.record(&[out(20, "x"), out(30, "y"), out(9, "ld")]).await.unwrap();
     let resends: Vec<&Effect> = effects.iter().filter(|e| matches!(e, Effect::Resend { .. })).collect();
-    assert_eq!(resends, [&Effect::Resend { agent_id: a.id.clone(), run_id: "r1".into(), stdout_from: 9, stderr_from: 4 }]);
+    assert_eq!(resends, [&Effect::Resend { agent_id: a.id.clone(), run_id: "r1".parse().unwrap(), stdout_from: 9, stderr_from: 4 }]);
     assert_eq!(outputs(&effects), [(Stream::Stdout, 9, "ld".into())], "a chunk at the end is taken after a gap");
 
     // A chunk that differs from what is stored where they overlap is refused whole.
@@ -93,7 +93,7 @@ pub(crate) async fn output_is_cut_at_the_limit_on_a_character_boundary(store: Ar
     let a = enrolled(&*store).await;
     let mut job = job_row(JOB, 1);
     job.output_limit = 5;
-    store.create_job(&job, &[("r1".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&job, &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
     let out = |offset: u64, data: &str| chunk(&a.id, "r1", Stream::Stdout, offset, data);
     // "abcdé" is 6 bytes; the fifth would split the é.
     let effects = store.record(&[out(0, "abcdé")]).await.unwrap();
@@ -111,7 +111,7 @@ pub(crate) async fn output_is_cut_at_the_limit_on_a_character_boundary(store: Ar
                 j.output_limit = 3;
                 j
             },
-            &[("r2".into(), a.id.clone())],
+            &[("r2".parse().unwrap(), a.id.clone())],
         )
         .await
         .unwrap();
@@ -126,19 +126,19 @@ pub(crate) async fn output_is_refused_for_unknown_runs_other_agents_and_settled_
     let agents = fleet(&*store, 2).await;
     let [a, b] = [&agents[0].id, &agents[1].id];
     store.create_job(&job_row(JOB, 1), &runs_for("r", &agents)).await.unwrap();
-    store.create_job(&job_row("00000000000000j2", 2), &[("lost".into(), a.clone())]).await.unwrap();
+    store.create_job(&job_row("00000000000000j2", 2), &[("lost".parse().unwrap(), a.clone())]).await.unwrap();
     assert!(store.record(&[chunk(a, "nope", Stream::Stdout, 0, "x"), chunk(a, "r1", Stream::Stdout, 0, "x")]).await.unwrap().is_empty());
     assert_eq!(store.run("r1").await.unwrap().unwrap().stdout_len, 0, "another agent's run");
 
     // A succeeded run's output is settled; a lost one may still hear from its agent.
     store.record(&[finished(b, "r1", Outcome::Succeeded, 0, 0, 10)]).await.unwrap();
-    store.mark_dispatched(&["lost".into()], ts(10)).await.unwrap();
-    store.end_runs(&["lost".into()], RunState::Lost, "no report", ts(20)).await.unwrap();
+    store.mark_dispatched(&["lost".parse().unwrap()], ts(10)).await.unwrap();
+    store.end_runs(&["lost".parse().unwrap()], RunState::Lost, "no report", ts(20)).await.unwrap();
     let effects = store.record(&[chunk(b, "r1", Stream::Stdout, 0, "late"), chunk(a, "lost", Stream::Stdout, 0, "late")]).await.unwrap();
     assert_eq!(outputs(&effects), [(Stream::Stdout, 0, "late".into())]);
     assert_eq!(store.run("r1").await.unwrap().unwrap().stdout_len, 0);
     let effects = store.record(&[finished(a, "lost", Outcome::Succeeded, 4, 0, 30)]).await.unwrap();
-    assert!(effects.contains(&Effect::Ack { agent_id: a.clone(), run_id: "lost".into() }));
+    assert!(effects.contains(&Effect::Ack { agent_id: a.clone(), run_id: "lost".parse().unwrap() }));
     assert_eq!(text(&*store, "lost", Stream::Stdout).await, "late");
     assert_eq!(store.run("lost").await.unwrap().unwrap().state, RunState::Succeeded);
 }
@@ -146,7 +146,7 @@ pub(crate) async fn output_is_refused_for_unknown_runs_other_agents_and_settled_
 pub(crate) async fn output_heads_give_each_stream_its_head_within_the_total(store: Arc<dyn Store>) {
     let agents = fleet(&*store, 3).await;
     store.create_job(&job_row(JOB, 1), &runs_for("r", &agents)).await.unwrap();
-    store.create_job(&job_row("00000000000000j2", 2), &[("other".into(), agents[0].id.clone())]).await.unwrap();
+    store.create_job(&job_row("00000000000000j2", 2), &[("other".parse().unwrap(), agents[0].id.clone())]).await.unwrap();
     let full = [("r0", "0123456789", "éééé"), ("r1", "abcdefghij", "")];
     let mut batch = Vec::new();
     for (i, (run, out, err)) in full.iter().enumerate() {
@@ -185,7 +185,7 @@ pub(crate) async fn output_heads_give_each_stream_its_head_within_the_total(stor
 
 pub(crate) async fn output_pages_end_on_a_character_boundary_and_the_next_begins_there(store: Arc<dyn Store>) {
     let a = enrolled(&*store).await;
-    store.create_job(&job_row(JOB, 1), &[("r1".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&job_row(JOB, 1), &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
     let whole = "aé€😀bc€d";
     let mut batch = Vec::new();
     let (mut at, mut rest) = (0, whole);

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use shared::AgentId;
-use shared::job::{RunState, Stream};
+use shared::job::{RunId, RunState, Stream};
 use shared::protocol::Outcome;
 
 use super::{chunk, connected, enrolled, finished, fleet, job_row, runs_for, ts};
@@ -14,19 +14,19 @@ use crate::store::{Effect, Record, Store};
 const JOB: &str = "00000000000000j1";
 
 fn accepted(a: &AgentId, run: &str, at: i64) -> Record {
-    Record::RunAccepted { agent_id: a.clone(), run_id: run.into(), at: ts(at) }
+    Record::RunAccepted { agent_id: a.clone(), run_id: run.parse().unwrap(), at: ts(at) }
 }
 
 fn started(a: &AgentId, run: &str, at: i64) -> Record {
-    Record::RunStarted { agent_id: a.clone(), run_id: run.into(), at: ts(at) }
+    Record::RunStarted { agent_id: a.clone(), run_id: run.parse().unwrap(), at: ts(at) }
 }
 
 fn ack(a: &AgentId, run: &str) -> Effect {
-    Effect::Ack { agent_id: a.clone(), run_id: run.into() }
+    Effect::Ack { agent_id: a.clone(), run_id: run.parse().unwrap() }
 }
 
 /// The run states a batch announced, as (run, state).
-fn states(effects: &[Effect]) -> Vec<(String, RunState)> {
+fn states(effects: &[Effect]) -> Vec<(RunId, RunState)> {
     effects
         .iter()
         .filter_map(|e| match e {
@@ -76,7 +76,7 @@ pub(crate) async fn run_progress_moves_a_run_forward_only_and_only_for_its_agent
     let agents = fleet(&*store, 3).await;
     let [a, b, c] = [&agents[0].id, &agents[1].id, &agents[2].id];
     store.create_job(&job_row(JOB, 1), &runs_for("r", &agents)).await.unwrap();
-    store.mark_dispatched(&["r0".into()], ts(5)).await.unwrap();
+    store.mark_dispatched(&["r0".parse().unwrap()], ts(5)).await.unwrap();
     // Another agent cannot move a run.
     assert!(store.record(&[accepted(b, "r0", 8), started(b, "r0", 9)]).await.unwrap().is_empty());
     let r0 = store.run("r0").await.unwrap().unwrap();
@@ -90,8 +90,8 @@ pub(crate) async fn run_progress_moves_a_run_forward_only_and_only_for_its_agent
     assert_eq!(
         effects,
         [Effect::RunState {
-            job_id: JOB.into(),
-            run_id: "r0".into(),
+            job_id: JOB.parse().unwrap(),
+            run_id: "r0".parse().unwrap(),
             agent_id: a.clone(),
             state: RunState::Running,
             exit_code: None,
@@ -109,11 +109,11 @@ pub(crate) async fn run_progress_moves_a_run_forward_only_and_only_for_its_agent
     let r1 = store.run("r1").await.unwrap().unwrap();
     assert_eq!((r1.state, r1.accepted, r1.dispatched_at), (RunState::Dispatched, true, Some(ts(50))));
     // A pending run that starts is running, sent when it started.
-    assert_eq!(states(&store.record(&[started(c, "r2", 60)]).await.unwrap()), [("r2".to_owned(), RunState::Running)]);
+    assert_eq!(states(&store.record(&[started(c, "r2", 60)]).await.unwrap()), [("r2".parse().unwrap(), RunState::Running)]);
     let r2 = store.run("r2").await.unwrap().unwrap();
     assert_eq!((r2.state, r2.accepted, r2.dispatched_at, r2.started_at), (RunState::Running, true, Some(ts(60)), Some(ts(60))));
     // A final run stays final.
-    store.end_runs(&["r1".into()], RunState::Expired, "ttl", ts(70)).await.unwrap();
+    store.end_runs(&["r1".parse().unwrap()], RunState::Expired, "ttl", ts(70)).await.unwrap();
     assert!(store.record(&[accepted(b, "r1", 80), started(b, "r1", 80)]).await.unwrap().is_empty());
     assert_eq!(store.run("r1").await.unwrap().unwrap().state, RunState::Expired);
     // Unknown runs are ignored.
@@ -122,8 +122,8 @@ pub(crate) async fn run_progress_moves_a_run_forward_only_and_only_for_its_agent
 
 pub(crate) async fn a_result_is_stored_once_with_its_state_change_and_acked(store: Arc<dyn Store>) {
     let a = enrolled(&*store).await;
-    store.create_job(&job_row(JOB, 1), &[("r1".into(), a.id.clone())]).await.unwrap();
-    store.mark_dispatched(&["r1".into()], ts(100)).await.unwrap();
+    store.create_job(&job_row(JOB, 1), &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
+    store.mark_dispatched(&["r1".parse().unwrap()], ts(100)).await.unwrap();
     let mut result = finished(&a.id, "r1", Outcome::Failed, 3, 0, 400);
     if let Record::RunFinished { finished, .. } = &mut result {
         finished.exit_code = Some(2);
@@ -132,8 +132,8 @@ pub(crate) async fn a_result_is_stored_once_with_its_state_change_and_acked(stor
     }
     let effects = store.record(&[started(&a.id, "r1", 150), chunk(&a.id, "r1", Stream::Stdout, 0, "out"), result.clone()]).await.unwrap();
     let state = Effect::RunState {
-        job_id: JOB.into(),
-        run_id: "r1".into(),
+        job_id: JOB.parse().unwrap(),
+        run_id: "r1".parse().unwrap(),
         agent_id: a.id.clone(),
         state: RunState::Failed,
         exit_code: Some(2),
@@ -142,7 +142,7 @@ pub(crate) async fn a_result_is_stored_once_with_its_state_change_and_acked(stor
     };
     assert!(effects.contains(&state), "{effects:?}");
     assert!(effects.contains(&ack(&a.id, "r1")), "{effects:?}");
-    assert_eq!(states(&effects), [("r1".to_owned(), RunState::Failed)], "a start in the result's batch is not announced apart");
+    assert_eq!(states(&effects), [("r1".parse().unwrap(), RunState::Failed)], "a start in the result's batch is not announced apart");
     let pos = |e: &Effect| effects.iter().position(|x| x == e);
     assert!(pos(&state) < pos(&ack(&a.id, "r1")), "the ack follows what it acknowledges");
 
@@ -162,8 +162,8 @@ pub(crate) async fn a_result_is_stored_once_with_its_state_change_and_acked(stor
 
 pub(crate) async fn a_nul_in_an_agents_error_text_is_stored_replaced_and_fails_no_batch(store: Arc<dyn Store>) {
     let a = enrolled(&*store).await;
-    store.create_job(&job_row(JOB, 1), &[("r1".into(), a.id.clone())]).await.unwrap();
-    store.mark_dispatched(&["r1".into()], ts(100)).await.unwrap();
+    store.create_job(&job_row(JOB, 1), &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
+    store.mark_dispatched(&["r1".parse().unwrap()], ts(100)).await.unwrap();
     let mut result = finished(&a.id, "r1", Outcome::Failed, 0, 0, 400);
     if let Record::RunFinished { finished, .. } = &mut result {
         finished.error = Some("exec: bad\0name".into());
@@ -179,10 +179,10 @@ pub(crate) async fn a_result_replaces_lost_and_cancelled_but_no_other_final_stat
     let agents = fleet(&*store, 4).await;
     let [a, b, c, d] = [&agents[0].id, &agents[1].id, &agents[2].id, &agents[3].id];
     store.create_job(&job_row(JOB, 1), &runs_for("r", &agents)).await.unwrap();
-    store.mark_dispatched(&["r0".into(), "r2".into(), "r3".into()], ts(10)).await.unwrap();
-    store.end_runs(&["r0".into()], RunState::Lost, "the agent came back without it", ts(20)).await.unwrap();
-    store.end_runs(&["r2".into()], RunState::Expired, "ttl", ts(20)).await.unwrap();
-    store.end_runs(&["r3".into()], RunState::TimedOut, "no report", ts(20)).await.unwrap();
+    store.mark_dispatched(&["r0".parse().unwrap(), "r2".parse().unwrap(), "r3".parse().unwrap()], ts(10)).await.unwrap();
+    store.end_runs(&["r0".parse().unwrap()], RunState::Lost, "the agent came back without it", ts(20)).await.unwrap();
+    store.end_runs(&["r2".parse().unwrap()], RunState::Expired, "ttl", ts(20)).await.unwrap();
+    store.end_runs(&["r3".parse().unwrap()], RunState::TimedOut, "no report", ts(20)).await.unwrap();
     // r1 was never sent: cancelling ends it.
     let (ended, _) = store.cancel_job(JOB, ts(25)).await.unwrap().unwrap();
     assert_eq!(super::ids(&ended), ["r1"]);
@@ -198,7 +198,11 @@ pub(crate) async fn a_result_replaces_lost_and_cancelled_but_no_other_final_stat
         .unwrap();
     let mut announced = states(&effects);
     announced.sort();
-    assert_eq!(announced, [("r0".to_owned(), RunState::Succeeded), ("r1".to_owned(), RunState::Failed)], "what actually happened wins");
+    assert_eq!(
+        announced,
+        [("r0".parse().unwrap(), RunState::Succeeded), ("r1".parse().unwrap(), RunState::Failed)],
+        "what actually happened wins"
+    );
     for (agent, run) in [(a, "r0"), (b, "r1"), (c, "r2"), (d, "r3")] {
         assert!(effects.contains(&ack(agent, run)), "{run} is acked: {effects:?}");
     }
@@ -234,13 +238,13 @@ pub(crate) async fn results_for_unknown_runs_or_other_agents_runs_are_acked_and_
 
 pub(crate) async fn a_result_whose_output_has_a_gap_asks_for_the_rest_before_it_is_stored(store: Arc<dyn Store>) {
     let a = enrolled(&*store).await;
-    store.create_job(&job_row(JOB, 1), &[("r1".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&job_row(JOB, 1), &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
     let out = |offset: u64, data: &str| chunk(&a.id, "r1", Stream::Stdout, offset, data);
     let finish = finished(&a.id, "r1", Outcome::Succeeded, 11, 0, 9);
     // Bytes 3..6 were lost on the way: the server asks for them and keeps the run open.
     let effects = store.record(&[out(0, "one"), out(6, "ree"), finish.clone()]).await.unwrap();
     assert!(
-        effects.contains(&Effect::Resend { agent_id: a.id.clone(), run_id: "r1".into(), stdout_from: 3, stderr_from: 0 }),
+        effects.contains(&Effect::Resend { agent_id: a.id.clone(), run_id: "r1".parse().unwrap(), stdout_from: 3, stderr_from: 0 }),
         "{effects:?}"
     );
     assert!(!effects.contains(&ack(&a.id, "r1")), "no ack before the result is stored: {effects:?}");
@@ -261,13 +265,13 @@ pub(crate) async fn a_result_waits_only_for_the_output_kept_within_the_limit(sto
     let a = enrolled(&*store).await;
     let mut job = job_row(JOB, 1);
     job.output_limit = 8;
-    store.create_job(&job, &[("r1".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&job, &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
     // The server keeps 8 of the 10 bytes and drops the rest: stdout is complete. Of stderr
     // it has nothing yet.
     store.record(&[chunk(&a.id, "r1", Stream::Stdout, 0, "0123456789")]).await.unwrap();
     let finish = finished(&a.id, "r1", Outcome::Succeeded, 10, 2, 50);
     let effects = store.record(std::slice::from_ref(&finish)).await.unwrap();
-    assert_eq!(effects, [Effect::Resend { agent_id: a.id.clone(), run_id: "r1".into(), stdout_from: 8, stderr_from: 0 }]);
+    assert_eq!(effects, [Effect::Resend { agent_id: a.id.clone(), run_id: "r1".parse().unwrap(), stdout_from: 8, stderr_from: 0 }]);
     let effects = store.record(&[chunk(&a.id, "r1", Stream::Stderr, 0, "e!"), finish]).await.unwrap();
     assert!(effects.contains(&ack(&a.id, "r1")), "{effects:?}");
     let run = store.run("r1").await.unwrap().unwrap();
@@ -278,10 +282,10 @@ pub(crate) async fn a_result_waits_only_for_the_output_kept_within_the_limit(sto
 
     // The agent's own truncation is kept, and so is reporting more than the limit: the
     // server holds exactly the limit here, without having dropped a byte itself.
-    store.create_job(&job_row("00000000000000j2", 2), &[("r2".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&job_row("00000000000000j2", 2), &[("r2".parse().unwrap(), a.id.clone())]).await.unwrap();
     let mut j3 = job_row("00000000000000j3", 3);
     j3.output_limit = 4;
-    store.create_job(&j3, &[("r3".into(), a.id.clone())]).await.unwrap();
+    store.create_job(&j3, &[("r3".parse().unwrap(), a.id.clone())]).await.unwrap();
     let mut cut = finished(&a.id, "r2", Outcome::Succeeded, 2, 0, 60);
     if let Record::RunFinished { finished, .. } = &mut cut {
         finished.stdout_truncated = true;
@@ -303,8 +307,8 @@ pub(crate) async fn a_result_waits_only_for_the_output_kept_within_the_limit(sto
 
 pub(crate) async fn concurrent_results_for_one_run_store_it_once(store: Arc<dyn Store>) {
     let a = enrolled(&*store).await;
-    store.create_job(&job_row(JOB, 1), &[("r1".into(), a.id.clone())]).await.unwrap();
-    store.mark_dispatched(&["r1".into()], ts(10)).await.unwrap();
+    store.create_job(&job_row(JOB, 1), &[("r1".parse().unwrap(), a.id.clone())]).await.unwrap();
+    store.mark_dispatched(&["r1".parse().unwrap()], ts(10)).await.unwrap();
     let tasks: Vec<_> = (0..8)
         .map(|n| {
             let (store, id) = (store.clone(), a.id.clone());

@@ -95,7 +95,7 @@ pub(super) async fn active_jobs(pool: &PgPool) -> Result<Vec<JobRow>> {
 }
 
 pub(super) async fn run_counts(pool: &PgPool, job_ids: &[JobId]) -> Result<HashMap<JobId, StateCounts>> {
-    let rows: Vec<(String, String, i64)> =
+    let rows: Vec<(JobId, String, i64)> =
         sqlx::query_as("SELECT job_id, state, COUNT(*) FROM runs WHERE job_id = ANY($1) GROUP BY job_id, state")
             .bind(job_ids)
             .fetch_all(pool)
@@ -137,7 +137,7 @@ pub(super) async fn run_output_heads(pool: &PgPool, job_id: &str, head: u64, tot
     use futures_util::TryStreamExt;
     // Rows come in order and are read as a stream, so a job with a great deal of output
     // costs this read no more than `total` bytes (plus one row).
-    let mut rows = sqlx::query_as::<_, (String, i64, i64, Vec<u8>)>(
+    let mut rows = sqlx::query_as::<_, (RunId, i64, i64, Vec<u8>)>(
         "SELECT o.run_id, o.stream, o.\"offset\", o.data FROM run_output o JOIN runs r ON r.id = o.run_id \
          WHERE r.job_id = $1 AND o.\"offset\" < $2 ORDER BY o.run_id, o.stream, o.\"offset\"",
     )
@@ -185,7 +185,7 @@ pub(super) async fn pending_runs(pool: &PgPool, job_id: &str) -> Result<Vec<Open
 // redelivering the same run at once: one changes it and returns it, the other gets nothing.
 
 pub(super) async fn mark_dispatched(pool: &PgPool, run_ids: &[RunId], at: Timestamp) -> Result<Vec<RunId>> {
-    let rows: Vec<(String,)> =
+    let rows: Vec<(RunId,)> =
         sqlx::query_as("UPDATE runs SET state = 'dispatched', dispatched_at = $1 WHERE state = 'pending' AND id = ANY($2) RETURNING id")
             .bind(at.unix_millis())
             .bind(run_ids)
@@ -195,7 +195,7 @@ pub(super) async fn mark_dispatched(pool: &PgPool, run_ids: &[RunId], at: Timest
 }
 
 pub(super) async fn mark_job_dispatched(pool: &PgPool, job_id: &str, at: Timestamp) -> Result<Vec<RunId>> {
-    let rows: Vec<(String,)> =
+    let rows: Vec<(RunId,)> =
         sqlx::query_as("UPDATE runs SET state = 'dispatched', dispatched_at = $1 WHERE job_id = $2 AND state = 'pending' RETURNING id")
             .bind(at.unix_millis())
             .bind(job_id)
@@ -206,7 +206,7 @@ pub(super) async fn mark_job_dispatched(pool: &PgPool, job_id: &str, at: Timesta
 
 pub(super) async fn end_runs(pool: &PgPool, run_ids: &[RunId], state: RunState, error: &str, at: Timestamp) -> Result<Vec<RunId>> {
     let sql = format!("UPDATE runs SET state = $1, error = $2, finished_at = $3 WHERE state IN {OPEN} AND id = ANY($4) RETURNING id");
-    let rows: Vec<(String,)> =
+    let rows: Vec<(RunId,)> =
         sqlx::query_as(AssertSqlSafe(sql)).bind(state.as_str()).bind(error).bind(at.unix_millis()).bind(run_ids).fetch_all(pool).await?;
     Ok(sorted(rows))
 }
@@ -220,7 +220,7 @@ pub(super) async fn redeliver(pool: &PgPool, run_ids: &[RunId]) -> Result<()> {
 }
 
 /// The ids an `UPDATE ... RETURNING` changed, in id order (RETURNING has none).
-fn sorted(rows: Vec<(String,)>) -> Vec<RunId> {
+fn sorted(rows: Vec<(RunId,)>) -> Vec<RunId> {
     let mut ids: Vec<RunId> = rows.into_iter().map(|(id,)| id).collect();
     ids.sort_unstable();
     ids

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use shared::job::Stream;
+use shared::job::{RunId, Stream};
 use sqlx::{Postgres, QueryBuilder};
 
 use super::records::{ROWS_PER_STATEMENT, update_from};
@@ -50,7 +50,7 @@ pub(super) async fn insert_outputs(
 
 /// The runs the chunks name, locked in id order to commit: held lengths are read, judged and
 /// written back, and another node may be appending to the same run.
-async fn run_infos(tx: &mut sqlx::Transaction<'_, Postgres>, ids: &[&str]) -> Result<HashMap<String, RunInfo>> {
+async fn run_infos(tx: &mut sqlx::Transaction<'_, Postgres>, ids: &[&str]) -> Result<HashMap<RunId, RunInfo>> {
     let rows: Vec<InfoRow> = sqlx::query_as(
         "SELECT r.id, r.job_id, r.agent_id, j.output_limit, r.stdout_held, r.stdout_truncated, r.stderr_held, r.stderr_truncated, \
          r.state FROM runs r JOIN jobs j ON j.id = r.job_id WHERE r.id = ANY($1) ORDER BY r.id FOR UPDATE OF r",

@@ -4,7 +4,7 @@
 //! before they are read: another node may be writing the same run (an agent that moved).
 
 use shared::api::AgentStatus;
-use shared::job::RunState;
+use shared::job::{JobId, RunId, RunState};
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
 use super::output::insert_outputs;
@@ -115,7 +115,7 @@ async fn write_run_progress(tx: &mut sqlx::Transaction<'_, Postgres>, plan: &Pla
             ") AS v WHERE runs.id = v.column2 AND runs.agent_id = v.column1 AND runs.state IN {guard} \
              RETURNING runs.id, runs.job_id, runs.agent_id"
         ));
-        let rows: Vec<(String, String, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
+        let rows: Vec<(RunId, JobId, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
         for (run_id, job_id, agent_id) in rows {
             effects.push(Effect::RunState {
                 job_id,

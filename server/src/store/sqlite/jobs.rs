@@ -91,7 +91,7 @@ pub(super) async fn run_counts(pool: &SqlitePool, job_ids: &[JobId]) -> Result<H
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT job_id, state, COUNT(*) FROM runs WHERE job_id IN ");
         push_in_list(&mut q, chunk);
         q.push(" GROUP BY job_id, state");
-        let rows: Vec<(String, String, i64)> = q.build_query_as().fetch_all(pool).await?;
+        let rows: Vec<(JobId, String, i64)> = q.build_query_as().fetch_all(pool).await?;
         for (job, state, n) in rows {
             out.entry(job).or_default().insert(parse_run_state(&state)?, to_u64(n));
         }
@@ -124,7 +124,7 @@ pub(super) async fn run_output_heads(pool: &SqlitePool, job_id: &str, head: u64,
     use futures_util::TryStreamExt;
     // Rows come in order and are read as a stream, so a job with a great deal of output
     // costs this read no more than `total` bytes (plus one row).
-    let mut rows = sqlx::query_as::<_, (String, i64, i64, String)>(
+    let mut rows = sqlx::query_as::<_, (RunId, i64, i64, String)>(
         "SELECT o.run_id, o.stream, o.offset, o.data FROM run_output o JOIN runs r ON r.id = o.run_id \
          WHERE r.job_id = ? AND o.offset < ? ORDER BY o.run_id, o.stream, o.offset",
     )
@@ -178,7 +178,7 @@ pub(super) async fn mark_dispatched(pool: &SqlitePool, run_ids: &[RunId], at: Ti
 }
 
 pub(super) async fn mark_job_dispatched(pool: &SqlitePool, job_id: &str, at: Timestamp) -> Result<Vec<RunId>> {
-    let rows: Vec<(String,)> =
+    let rows: Vec<(RunId,)> =
         sqlx::query_as("UPDATE runs SET state = 'dispatched', dispatched_at = ? WHERE job_id = ? AND state = 'pending' RETURNING id")
             .bind(at.unix_millis())
             .bind(job_id)
@@ -305,7 +305,7 @@ where
         q.push(" AND id IN ");
         push_in_list(&mut q, chunk);
         q.push(" RETURNING id");
-        let rows: Vec<(String,)> = q.build_query_as().fetch_all(pool).await?;
+        let rows: Vec<(RunId,)> = q.build_query_as().fetch_all(pool).await?;
         changed.extend(rows.into_iter().map(|(id,)| id));
     }
     changed.sort_unstable();

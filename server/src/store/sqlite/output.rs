@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use shared::job::Stream;
+use shared::job::{RunId, Stream};
 use sqlx::{QueryBuilder, Sqlite};
 
 use super::{ROWS_PER_STATEMENT, push_in_list, stream_code, to_i64, to_u64, update_from};
@@ -39,7 +39,7 @@ pub(super) async fn insert_outputs(tx: &mut sqlx::Transaction<'_, Sqlite>, chunk
     .await
 }
 
-async fn run_infos(tx: &mut sqlx::Transaction<'_, Sqlite>, ids: &[&str]) -> Result<HashMap<String, RunInfo>> {
+async fn run_infos(tx: &mut sqlx::Transaction<'_, Sqlite>, ids: &[&str]) -> Result<HashMap<RunId, RunInfo>> {
     let mut out = HashMap::new();
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use shared::api::AgentStatus;
-use shared::job::{JobId, RunState};
+use shared::job::{JobId, RunId, RunState};
 use sqlx::{QueryBuilder, Sqlite, SqlitePool};
 
 use super::output::insert_outputs;
@@ -115,7 +115,7 @@ async fn write_run_progress(tx: &mut sqlx::Transaction<'_, Sqlite>, plan: &Plan<
             ") AS v WHERE runs.id = v.column2 AND runs.agent_id = v.column1 AND runs.state IN {guard} \
              RETURNING runs.id, runs.job_id, runs.agent_id"
         ));
-        let rows: Vec<(String, String, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
+        let rows: Vec<(RunId, JobId, String)> = q.build_query_as().fetch_all(&mut **tx).await?;
         for (run_id, job_id, agent_id) in rows {
             effects.push(Effect::RunState {
                 job_id,
@@ -137,7 +137,7 @@ async fn finish_runs(tx: &mut sqlx::Transaction<'_, Sqlite>, plan: &Plan<'_>, ef
     if plan.finished.is_empty() {
         return Ok(());
     }
-    let mut known: HashMap<String, (JobId, StoredRun)> = HashMap::new();
+    let mut known: HashMap<RunId, (JobId, StoredRun)> = HashMap::new();
     for chunk in plan.finished_ids().chunks(ROWS_PER_STATEMENT) {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
             "SELECT r.id, r.job_id, r.agent_id, r.state, j.output_limit, r.dispatched_at, \
